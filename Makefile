@@ -1,0 +1,44 @@
+# Two entry points: `make run` and `make test`. Both create .venv when it is missing.
+# torch is installed first, from the pinned CPU build, and constraints.txt keeps every
+# later install from pulling another (CUDA) build onto a CPU machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+MODEL_DIR ?= .cache/models/tiny-llama
+
+.PHONY: install run test lint typecheck unit bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -c constraints.txt torch==2.13.0
+	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+$(MODEL_DIR)/config.json: $(STAMP)
+	$(VENV)/bin/adrenaline model make-tiny $(MODEL_DIR)
+
+run: $(MODEL_DIR)/config.json
+	$(VENV)/bin/adrenaline generate --model $(MODEL_DIR) --prompt "Hello, Adrenaline" --max-tokens 32
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+typecheck: $(STAMP)
+	$(PY) -m mypy
+
+unit: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+test: lint typecheck unit
+
+bench: $(MODEL_DIR)/config.json
+	$(PY) -m benchmarks.engine
+
+clean:
+	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache
