@@ -1,0 +1,22 @@
+"""Engine configuration: one frozen dataclass, validated on construction, naming the bad field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16  # tokens per KV block
+    kv_cache_bytes: int = 256 * 2**20  # memory budget of the KV pool (K and V of every layer)
+    max_num_seqs: int = 64  # requests in one batch at most
+    max_num_batched_tokens: int = 4096  # prompt tokens in one prefill batch at most (one long prompt may exceed it alone)
+    device: str = "cpu"
+    dtype: str | None = None  # None serves the checkpoint's own dtype
+    attention_backend: str | None = None  # None picks triton on CUDA, torch elsewhere
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")

@@ -1,0 +1,238 @@
+"""One process's engine: continuous batching over a paged KV cache.
+
+Each `step()` runs one batch: new (or preempted) requests' prompts if any can be admitted,
+otherwise one decode token for every running request. Requests join and leave between steps.
+When the cache cannot take every running request's next token, the most recently admitted
+request is preempted: its blocks are freed and it is recomputed later from its tokens, so a
+full cache slows requests down but never fails or corrupts them.
+
+The services build on this: the prefill service runs only `_prefill`, the decode service
+only `_decode` with part of the attention elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.block_manager import BlockManager
+from common.config import EngineConfig
+from common.errors import InvalidRequestError
+from common.kv_pool import KVLayout, KVPool
+from common.model.loader import load_model
+from common.model.model import CausalLM
+from common.model.spec import ModelSpec
+from common.paged_attention import PagedAttention, decode_metadata, prefill_metadata
+from common.request import FinishReason, Request, Status
+from common.sampling import SamplingParams, sample
+from kernels.backend import default_backend_name, get_backend
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    token_id: int
+    logprob: float | None
+    top_logprobs: list[tuple[int, float]] | None
+    finish_reason: FinishReason | None  # set on the request's last step
+
+
+class Engine:
+    def __init__(self, model: CausalLM, config: EngineConfig) -> None:
+        self.model = model
+        self.spec = model.spec
+        self.config = config
+        self.device = torch.device(config.device)
+        spec = self.spec
+        self.layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, config.block_size, spec.dtype)
+        num_blocks = self.layout.blocks_for_budget(config.kv_cache_bytes)
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.pool = KVPool(self.layout, num_blocks, self.device)
+        backend = get_backend(config.attention_backend or default_backend_name(self.device))
+        self.attention = PagedAttention(backend, self.pool, model.scale)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.generator = torch.Generator().manual_seed(0)
+        self.num_preemptions = 0
+        self._generated = 0
+
+    @classmethod
+    def from_folder(cls, path: str | Path, config: EngineConfig | None = None) -> Engine:
+        config = config or EngineConfig()
+        spec = ModelSpec.from_folder(path, dtype=config.dtype)
+        return cls(load_model(spec, config.device), config)
+
+    # ---- requests --------------------------------------------------------------------------
+    @property
+    def capacity_tokens(self) -> int:
+        return self.blocks.num_blocks * self.blocks.block_size
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise `InvalidRequestError` naming the field if this request can never be served."""
+        if not prompt_token_ids:
+            raise InvalidRequestError("prompt", "is empty")
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < self.spec.vocab_size]
+        if bad:
+            raise InvalidRequestError("prompt", f"token ids {bad[:5]} are outside the vocabulary [0, {self.spec.vocab_size})")
+        limit = self.spec.max_model_len
+        if len(prompt_token_ids) >= limit:
+            raise InvalidRequestError("prompt", f"has {len(prompt_token_ids)} tokens; the model's context is {limit}")
+        total = len(prompt_token_ids) + params.max_new_tokens
+        if total > limit:
+            raise InvalidRequestError(
+                "max_new_tokens",
+                f"{len(prompt_token_ids)} prompt tokens + {params.max_new_tokens} new tokens exceed the context of {limit}",
+            )
+        if total > self.capacity_tokens:
+            raise InvalidRequestError(
+                "max_new_tokens", f"{total} tokens exceed the KV cache's capacity of {self.capacity_tokens} tokens"
+            )
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+        if request_id in self.requests:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
+        self.validate(prompt_token_ids, params)
+        params = dataclasses.replace(params, eos_token_ids=self.spec.eos_token_ids)
+        request = Request(request_id, list(prompt_token_ids), params)
+        self.requests[request_id] = request
+        self.waiting.append(request)
+        return request
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request wherever it is and free its blocks; False if it is unknown or done."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return False
+        if request.status is Status.WAITING:
+            self.waiting.remove(request)
+        self._finish(request, FinishReason.ABORT)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- the loop --------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        batch = self._admit()
+        if batch:
+            return self._run(batch, self._prefill(batch))
+        if not self.running:
+            return []
+        self._reserve_next_slots()
+        return self._run(list(self.running), self._decode(self.running))
+
+    def generate(self, prompts: Iterable[list[int]], params: SamplingParams) -> list[Request]:
+        """Run prompts to completion; a convenience for scripts and tests."""
+        requests = []
+        for prompt in prompts:
+            self._generated += 1
+            requests.append(self.add_request(f"generate-{self._generated}", prompt, params))
+        while self.has_unfinished():
+            self.step()
+        return requests
+
+    def _admit(self) -> list[Request]:
+        """Move waiting requests into a prefill batch, FIFO, while seats, tokens and blocks allow."""
+        batch: list[Request] = []
+        tokens = 0
+        while self.waiting and len(self.running) + len(batch) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            n = request.num_tokens
+            if batch and tokens + n > self.config.max_num_batched_tokens:
+                break
+            # Keep one block in reserve per admitted request so that admission does not force
+            # a preemption on the very next decode step.
+            reserve = len(self.running) + len(batch)
+            if self.blocks.blocks_for(n) + reserve > self.blocks.num_free_blocks:
+                break
+            self.blocks.allocate(request.request_id, n)
+            self.waiting.popleft()
+            batch.append(request)
+            tokens += n
+        return batch
+
+    def _reserve_next_slots(self) -> None:
+        """Give every running request a slot for its next token, preempting the newest if needed."""
+        index = 0
+        while index < len(self.running):
+            request = self.running[index]
+            if self.blocks.can_append(request.request_id, request.num_tokens):
+                self.blocks.append(request.request_id, request.num_tokens)
+                index += 1
+                continue
+            victim = self.running.pop()  # the most recently admitted request
+            self.blocks.free(victim.request_id)
+            victim.status = Status.WAITING
+            self.waiting.appendleft(victim)
+            self.num_preemptions += 1
+
+    def _prefill(self, batch: list[Request]) -> torch.Tensor:
+        owners = [r.request_id for r in batch]
+        lengths = [r.num_tokens for r in batch]
+        meta = prefill_metadata(self.blocks, owners, lengths, self.device)
+        tokens = torch.tensor([t for r in batch for t in r.all_token_ids], device=self.device)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
+        hidden = self.model(tokens, positions, self.attention.prefill_fn(meta))
+        last = meta.cu_seqlens[1:].long() - 1
+        for request in batch:
+            request.status = Status.RUNNING
+        self.running.extend(batch)
+        return self.model.logits(hidden[last])
+
+    def _decode(self, batch: list[Request]) -> torch.Tensor:
+        owners = [r.request_id for r in batch]
+        lengths = [r.num_tokens for r in batch]
+        meta = decode_metadata(self.blocks, owners, lengths, self.device)
+        tokens = torch.tensor([r.output_token_ids[-1] for r in batch], device=self.device)
+        positions = torch.tensor([n - 1 for n in lengths], device=self.device)
+        return self.model.logits(self.model(tokens, positions, self.attention.decode_fn(meta)))
+
+    def _run(self, batch: list[Request], logits: torch.Tensor) -> list[StepOutput]:
+        result = sample(logits.cpu(), [r.params for r in batch], [len(r.output_token_ids) for r in batch], self.generator)
+        outputs = []
+        for i, request in enumerate(batch):
+            token = result.token_ids[i]
+            request.output_token_ids.append(token)
+            logprob = result.logprobs[i] if result.logprobs is not None else None
+            top = result.top_logprobs[i] if result.top_logprobs is not None else None
+            if request.params.logprobs is not None and logprob is not None and top is not None:
+                request.output_logprobs.append(logprob)
+                request.top_logprobs.append(top)
+            reason = self._finish_reason(request, token)
+            if reason is not None:
+                self._finish(request, reason)
+            outputs.append(StepOutput(request.request_id, token, logprob, top, reason))
+        return outputs
+
+    def _finish_reason(self, request: Request, token: int) -> FinishReason | None:
+        if request.params.stops_at(token):
+            return FinishReason.STOP
+        if len(request.output_token_ids) >= request.params.max_new_tokens:
+            return FinishReason.LENGTH
+        if request.num_tokens >= self.spec.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, request: Request, reason: FinishReason) -> None:
+        if request in self.running:
+            self.running.remove(request)
+        self.blocks.free(request.request_id)
+        request.status = Status.FINISHED
+        request.finish_reason = reason
+        self.requests.pop(request.request_id, None)
+
+    def check_integrity(self) -> None:
+        """The block manager's own invariants, and exactly the running requests hold blocks."""
+        self.blocks.check_integrity()
+        holders = set(self.blocks.owners())
+        running = {r.request_id for r in self.running}
+        if holders != running:
+            raise RuntimeError(f"blocks held by {sorted(map(str, holders - running))}, running without: {sorted(running - holders)}")

@@ -1,0 +1,125 @@
+"""Per-request sampling for a whole batch in one pass.
+
+Seeded requests draw their randomness from `(seed, step)` alone, never from a generator
+that lives in one process: the prefill instance samples a request's first token and a decode
+instance the rest, and a seeded request must give the same text whichever instances serve it
+and whatever it is batched with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from common.errors import InvalidRequestError
+
+MAX_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 16  # tokens to generate at most, the first (from prefill) included
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0  # nucleus mass kept, in (0, 1]
+    top_k: int = 0  # tokens kept; 0 or -1 keeps all
+    seed: int | None = None  # makes a sampled request reproducible
+    stop_token_ids: tuple[int, ...] = ()  # end the request when one is generated (it is kept)
+    ignore_eos: bool = False  # do not stop at the model's end-of-sequence tokens
+    logprobs: int | None = None  # None: none; 0: the chosen token's; n: and the n most likely
+    eos_token_ids: tuple[int, ...] = field(default=(), repr=False)  # filled in by the engine
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise InvalidRequestError("max_new_tokens", f"must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not _is_number(self.temperature) or not 0.0 <= self.temperature <= 100.0:
+            raise InvalidRequestError("temperature", f"must be in [0, 100], got {self.temperature!r}")
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequestError("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            raise InvalidRequestError("top_k", f"must be -1, 0 (all tokens) or a positive integer, got {self.top_k!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            raise InvalidRequestError("seed", f"must be an integer in [0, 2**63), got {self.seed!r}")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise InvalidRequestError("stop_token_ids", f"must be non-negative integers, got {self.stop_token_ids!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise InvalidRequestError("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def stops_at(self, token_id: int) -> bool:
+        return token_id in self.stop_token_ids or (not self.ignore_eos and token_id in self.eos_token_ids)
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and x == x  # rejects NaN
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    token_ids: list[int]  # one per row
+    logprobs: list[float] | None  # the chosen token's log-probability, per row; None if no row asked
+    top_logprobs: list[list[tuple[int, float]]] | None  # the n most likely per row (empty where not asked)
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    # splitmix-style mixing keeps (seed, step) pairs from colliding for nearby values.
+    mixed = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9) % (2**63)
+    return torch.Generator().manual_seed(mixed)
+
+
+def sample(
+    logits: torch.Tensor,  # [B, vocab], float32
+    params: list[SamplingParams],
+    steps: list[int],  # per row: how many tokens the request has generated so far
+    generator: torch.Generator | None = None,  # randomness for unseeded rows
+) -> SampleResult:
+    """Choose one token per row. Greedy rows take the argmax of the raw logits."""
+    batch, vocab = logits.shape
+    logits = logits.float()
+    chosen = logits.argmax(dim=-1)
+    sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled_rows:
+        rows = torch.tensor(sampled_rows)
+        scaled = logits[rows] / torch.tensor([params[i].temperature for i in sampled_rows])[:, None]
+        scaled = _top_k_top_p(scaled, [params[i].top_k for i in sampled_rows], [params[i].top_p for i in sampled_rows])
+        probs = torch.softmax(scaled, dim=-1)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) samples from p, and lets each row
+        # take its noise from its own generator without a per-row multinomial call.
+        noise = torch.empty_like(probs)
+        for j, i in enumerate(sampled_rows):
+            seed = params[i].seed
+            gen = _step_generator(seed, steps[i]) if seed is not None else generator
+            noise[j].exponential_(generator=gen)
+        chosen[rows] = (probs / noise).argmax(dim=-1)
+    token_ids = chosen.tolist()
+    if all(p.logprobs is None for p in params):
+        return SampleResult(token_ids, None, None)
+    logp = torch.log_softmax(logits, dim=-1)
+    chosen_logp = logp.gather(1, chosen[:, None]).squeeze(1).tolist()
+    top_n = max(p.logprobs or 0 for p in params)
+    top: list[list[tuple[int, float]]] = [[] for _ in range(batch)]
+    if top_n:
+        values, indices = logp.topk(min(top_n, vocab), dim=-1)
+        for i, p in enumerate(params):
+            n = p.logprobs or 0
+            top[i] = list(zip(indices[i, :n].tolist(), values[i, :n].tolist(), strict=True))
+    return SampleResult(token_ids, chosen_logp, top)
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """Mask logits outside each row's top-k and nucleus; vectorized over rows."""
+    vocab = logits.shape[-1]
+    if all(k <= 0 or k >= vocab for k in top_k) and all(p >= 1.0 for p in top_p):
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab)[None, :]
+    k = torch.tensor([kk if 0 < kk < vocab else vocab for kk in top_k])[:, None]
+    drop = ranks >= k
+    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each one
+    drop |= mass_before >= torch.tensor(top_p)[:, None]
+    drop[:, 0] = False  # the most likely token always survives
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
