@@ -10,7 +10,9 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV block
     kv_cache_bytes: int = 256 * 2**20  # memory budget of the KV pool (K and V of every layer)
     max_num_seqs: int = 64  # requests in one batch at most
-    max_num_batched_tokens: int = 4096  # prompt tokens in one prefill batch at most (one long prompt may exceed it alone)
+    max_num_batched_tokens: int = (
+        4096  # prompt tokens in one prefill batch at most (one long prompt may exceed it alone)
+    )
     device: str = "cpu"
     dtype: str | None = None  # None serves the checkpoint's own dtype
     attention_backend: str | None = None  # None picks triton on CUDA, torch elsewhere

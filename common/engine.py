@@ -81,7 +81,9 @@ class Engine:
             raise InvalidRequestError("prompt", "is empty")
         bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < self.spec.vocab_size]
         if bad:
-            raise InvalidRequestError("prompt", f"token ids {bad[:5]} are outside the vocabulary [0, {self.spec.vocab_size})")
+            raise InvalidRequestError(
+                "prompt", f"token ids {bad[:5]} are outside the vocabulary [0, {self.spec.vocab_size})"
+            )
         limit = self.spec.max_model_len
         if len(prompt_token_ids) >= limit:
             raise InvalidRequestError("prompt", f"has {len(prompt_token_ids)} tokens; the model's context is {limit}")
@@ -89,11 +91,13 @@ class Engine:
         if total > limit:
             raise InvalidRequestError(
                 "max_new_tokens",
-                f"{len(prompt_token_ids)} prompt tokens + {params.max_new_tokens} new tokens exceed the context of {limit}",
+                f"{len(prompt_token_ids)} prompt tokens + {params.max_new_tokens} new tokens "
+                f"exceed the context of {limit}",
             )
         if total > self.capacity_tokens:
             raise InvalidRequestError(
-                "max_new_tokens", f"{total} tokens exceed the KV cache's capacity of {self.capacity_tokens} tokens"
+                "max_new_tokens",
+                f"{total} tokens exceed the KV cache's capacity of {self.capacity_tokens} tokens",
             )
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
@@ -196,7 +200,9 @@ class Engine:
         return self.model.logits(self.model(tokens, positions, self.attention.decode_fn(meta)))
 
     def _run(self, batch: list[Request], logits: torch.Tensor) -> list[StepOutput]:
-        result = sample(logits.cpu(), [r.params for r in batch], [len(r.output_token_ids) for r in batch], self.generator)
+        result = sample(
+            logits.cpu(), [r.params for r in batch], [len(r.output_token_ids) for r in batch], self.generator
+        )
         outputs = []
         for i, request in enumerate(batch):
             token = result.token_ids[i]
@@ -235,4 +241,6 @@ class Engine:
         holders = set(self.blocks.owners())
         running = {r.request_id for r in self.running}
         if holders != running:
-            raise RuntimeError(f"blocks held by {sorted(map(str, holders - running))}, running without: {sorted(running - holders)}")
+            raise RuntimeError(
+                f"blocks held by {sorted(map(str, holders - running))}, running without: {sorted(running - holders)}"
+            )

@@ -42,7 +42,9 @@ def decode_metadata(
     padded = [t + [0] * (width - len(t)) for t in tables]
     return DecodeMetadata(
         slot_mapping=torch.tensor(
-            [blocks.slot(o, n - 1) for o, n in zip(owners, context_lens, strict=True)], dtype=torch.int64, device=device
+            [blocks.slot(o, n - 1) for o, n in zip(owners, context_lens, strict=True)],
+            dtype=torch.int64,
+            device=device,
         ),
         block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
         context_lens=torch.tensor(list(context_lens), dtype=torch.int32, device=device),
@@ -56,11 +58,15 @@ class PagedAttention:
         self.pool = pool
         self.scale = scale
 
-    def prefill(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: PrefillMetadata) -> torch.Tensor:
+    def prefill(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: PrefillMetadata
+    ) -> torch.Tensor:
         self.backend.store_kv(k, v, self.pool.k[layer], self.pool.v[layer], meta.slot_mapping)
         return self.backend.prefill_attention(q, k, v, meta, self.scale)
 
-    def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: DecodeMetadata) -> torch.Tensor:
+    def decode(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: DecodeMetadata
+    ) -> torch.Tensor:
         self.backend.store_kv(k, v, self.pool.k[layer], self.pool.v[layer], meta.slot_mapping)
         return self.backend.paged_decode_attention(q, self.pool.k[layer], self.pool.v[layer], meta, self.scale)
 

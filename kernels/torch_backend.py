@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -35,7 +37,7 @@ class TorchBackend(AttentionBackend):
         # large SDPA call. A block-diagonal mask over the whole batch would cost O(T^2) memory.
         out = torch.empty_like(query)
         bounds = meta.cu_seqlens.tolist()
-        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        for start, end in itertools.pairwise(bounds):
             q = query[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, L, D]
             k = key[start:end].transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
             v = value[start:end].transpose(0, 1).unsqueeze(0)

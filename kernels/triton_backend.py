@@ -149,7 +149,11 @@ def _prefill_kernel(
         n = n_start + tl.arange(0, BLOCK_N)
         n_mask = n < seqlen
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + (start + n)[:, None] * stride_kt + kv_head * stride_kh + d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(
+            k_ptr + (start + n)[:, None] * stride_kt + kv_head * stride_kh + d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [M, N]
         visible = (m[:, None] >= n[None, :]) & n_mask[None, :]
         scores = tl.where(visible, scores, float("-inf"))
@@ -157,7 +161,11 @@ def _prefill_kernel(
         p = tl.exp(scores - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + (start + n)[:, None] * stride_vt + kv_head * stride_vh + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(
+            v_ptr + (start + n)[:, None] * stride_vt + kv_head * stride_vh + d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     out = acc / l_i[:, None]

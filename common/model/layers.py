@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -36,15 +37,18 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         cfg = spec.hf_config
         rope_type = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default")
-        if rope_type == "default":
-            base = cfg.rope_parameters["rope_theta"]
-            dim = spec.head_dim
-            inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-            scaling = 1.0
-        else:
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"))
+        with torch.device("cpu"):  # real numbers even when the model is being built on "meta"
+            inv_freq, scaling = self._frequencies(cfg, spec.head_dim, rope_type)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self.attention_scaling = float(scaling)
+
+    @staticmethod
+    def _frequencies(cfg: PretrainedConfig, dim: int, rope_type: str) -> tuple[torch.Tensor, float]:
+        if rope_type == "default":
+            base = cfg.rope_parameters["rope_theta"]
+            return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)), 1.0
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"))
+        return inv_freq, float(scaling)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] -> cos, sin [T, head_dim] in `dtype`."""

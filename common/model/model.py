@@ -32,6 +32,11 @@ class CausalLM(nn.Module):
         self.rotary = RotaryEmbedding(spec)
         self.scale = spec.head_dim**-0.5
 
+    @property
+    def decoder_layers(self) -> list[DecoderLayer]:
+        """The layers, typed (nn.ModuleList erases the element type)."""
+        return list(self.layers)  # type: ignore[arg-type]
+
     @torch.inference_mode()
     def forward(
         self,
@@ -41,7 +46,7 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:  # [T, hidden], after the final norm
         hidden = self.embed_tokens(token_ids)
         cos, sin = self.rotary(positions, hidden.dtype)
-        for index, layer in enumerate(self.layers):
+        for index, layer in enumerate(self.decoder_layers):
             q, k, v = layer.pre_attention(hidden, cos, sin)
             hidden = layer.post_attention(attention(index, q, k, v), hidden)
         normed: torch.Tensor = self.norm(hidden)

@@ -50,11 +50,54 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 ARCHS = ("llama", "mistral", "qwen2")
 
-_WORDS = (
-    "adrenaline attention batch block cache decode executor gateway kernel layer memory prefill "
-    "request scheduler stream token throughput latency offload bandwidth capacity engine model "
-    "the a of and to in is it that for on with as was by at from this be are or an which"
-).split()
+_WORDS = [
+    "adrenaline",
+    "attention",
+    "batch",
+    "block",
+    "cache",
+    "decode",
+    "executor",
+    "gateway",
+    "kernel",
+    "layer",
+    "memory",
+    "prefill",
+    "request",
+    "scheduler",
+    "stream",
+    "token",
+    "throughput",
+    "latency",
+    "offload",
+    "bandwidth",
+    "capacity",
+    "engine",
+    "model",
+    "the",
+    "a",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "it",
+    "that",
+    "for",
+    "on",
+    "with",
+    "as",
+    "was",
+    "by",
+    "at",
+    "from",
+    "this",
+    "be",
+    "are",
+    "or",
+    "an",
+    "which",
+]
 
 
 def _corpus(seed: int, lines: int = 2000) -> list[str]:

@@ -54,7 +54,9 @@ def make_paged(
     for table, n in zip(tables, context_lens, strict=True):
         dense_k.append(k_cache[table].reshape(-1, num_kv_heads, head_dim)[:n])
         dense_v.append(v_cache[table].reshape(-1, num_kv_heads, head_dim)[:n])
-    last = [t[(n - 1) // block_size] * block_size + (n - 1) % block_size for t, n in zip(tables, context_lens, strict=True)]
+    last = [
+        t[(n - 1) // block_size] * block_size + (n - 1) % block_size for t, n in zip(tables, context_lens, strict=True)
+    ]
     meta = DecodeMetadata(
         slot_mapping=torch.tensor(last, dtype=torch.int64),
         block_tables=block_tables,
@@ -74,7 +76,9 @@ def test_paged_decode_matches_dense(backend_name: str, block_size: int, num_head
     backend = get_backend(backend_name)
     head_dim = 32
     context_lens = [1, 5, 16, 17, 40, 63]  # partial blocks, exact multiples, a single token
-    k_cache, v_cache, meta, dense_k, dense_v = make_paged(context_lens, block_size, num_kv_heads, head_dim, seed=block_size)
+    k_cache, v_cache, meta, dense_k, dense_v = make_paged(
+        context_lens, block_size, num_kv_heads, head_dim, seed=block_size
+    )
     query = torch.randn(len(context_lens), num_heads, head_dim, generator=torch.Generator().manual_seed(7))
     out = backend.paged_decode_attention(query, k_cache, v_cache, meta, scale=head_dim**-0.5)
     for i in range(len(context_lens)):

@@ -1,0 +1,83 @@
+"""The `adrenaline` command.
+
+adrenaline model make-tiny DIR      write the embedded default model (deterministic, offline)
+adrenaline generate --model DIR     run prompts through the single-process engine
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+from common.errors import AdrenalineError
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from common.model.tiny import make_tiny
+
+    path = make_tiny(args.dir, arch=args.arch, preset=args.preset, seed=args.seed)
+    print(f"wrote a {args.preset} {args.arch} model to {path}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from common.config import EngineConfig
+    from common.engine import Engine
+    from common.sampling import SamplingParams
+
+    engine = Engine.from_folder(args.model, EngineConfig(device=args.device))
+    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    prompts = [tokenizer(p).input_ids for p in args.prompt]
+    start = time.perf_counter()
+    requests = engine.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    for text, request in zip(args.prompt, requests, strict=True):
+        completion = tokenizer.decode(request.output_token_ids, skip_special_tokens=True)
+        print(f"{text!r} -> {completion!r} ({len(request.output_token_ids)} tokens, {request.finish_reason})")
+    total = sum(len(r.output_token_ids) for r in requests)
+    print(f"{total} tokens in {elapsed:.2f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adrenaline", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    model = commands.add_parser("model", help="model folders").add_subparsers(dest="model_command", required=True)
+    tiny = model.add_parser("make-tiny", help="write the embedded default model (random weights, BPE tokenizer)")
+    tiny.add_argument("dir")
+    tiny.add_argument("--arch", choices=("llama", "mistral", "qwen2"), default="llama")
+    tiny.add_argument("--preset", choices=("default", "test"), default="default")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=_make_tiny)
+
+    gen = commands.add_parser("generate", help="generate with the single-process engine")
+    gen.add_argument("--model", required=True, help="a local Hugging Face model folder")
+    gen.add_argument("--prompt", action="append", required=True, help="may be given several times")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--device", default="cpu")
+    gen.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except AdrenalineError as exc:
+        print(f"adrenaline: error: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
