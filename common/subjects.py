@@ -1,0 +1,37 @@
+"""Every NATS subject, in one place. Services never spell a subject themselves.
+
+A deployment prefix (`ADRENALINE_NATS_PREFIX`, default "adrenaline") lets several clusters share
+one NATS server without hearing each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Subjects:
+    prefix: str = "adrenaline"
+
+    @property
+    def submit(self) -> str:
+        """gateway -> scheduler, request/reply, queue group "scheduler"."""
+        return f"{self.prefix}.scheduler.submit"
+
+    @property
+    def load(self) -> str:
+        """instances -> scheduler: `InstanceLoad` heartbeats."""
+        return f"{self.prefix}.instances.load"
+
+    @property
+    def abort(self) -> str:
+        """`AbortRequest`, heard by every service that may hold the request."""
+        return f"{self.prefix}.requests.abort"
+
+    def tokens(self, gateway_id: str) -> str:
+        """decode/prefill -> the gateway that owns the request: `TokenBatch`."""
+        return f"{self.prefix}.gateway.{gateway_id}.tokens"
+
+    def instance(self, instance_id: str, verb: str) -> str:
+        """Work addressed to one instance, e.g. instance("prefill-0", "prefill")."""
+        return f"{self.prefix}.instance.{instance_id}.{verb}"
