@@ -110,6 +110,36 @@ class Engine:
         self.waiting.append(request)
         return request
 
+    def add_running(
+        self, request_id: str, prompt_token_ids: list[int], first_token_id: int, params: SamplingParams
+    ) -> Request:
+        """Admit a request prefilled elsewhere, with its first token already sampled.
+
+        Its prompt KV must already sit in this engine's blocks, allocated under `request_id`
+        (the decode service allocates, receives the KV, then calls this).
+        """
+        if request_id in self.requests:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
+        if self.blocks.num_tokens(request_id) != len(prompt_token_ids):
+            raise ValueError(
+                f"{request_id}: blocks hold {self.blocks.num_tokens(request_id)} tokens, prompt has "
+                f"{len(prompt_token_ids)}"
+            )
+        self.validate(prompt_token_ids, params)
+        params = dataclasses.replace(params, eos_token_ids=self.spec.eos_token_ids)
+        request = Request(request_id, list(prompt_token_ids), params, output_token_ids=[first_token_id])
+        request.status = Status.RUNNING
+        self.requests[request_id] = request
+        self.running.append(request)
+        return request
+
+    def detach(self, request_id: str) -> Request:
+        """Take a running request out of this engine (its KV has been copied elsewhere) and free its blocks."""
+        request = self.requests.pop(request_id)
+        self.running.remove(request)
+        self.blocks.free(request_id)
+        return request
+
     def abort(self, request_id: str) -> bool:
         """Stop a request wherever it is and free its blocks; False if it is unknown or done."""
         request = self.requests.get(request_id)

@@ -73,6 +73,7 @@ class InstanceLoad:
     instance_id: str
     role: str  # "prefill" | "decode" | "executor"
     ucx_address: bytes
+    block_size: int
     total_blocks: int
     free_blocks: int
     running: int
@@ -107,10 +108,79 @@ class AbortRequest:
     reason: str
 
 
+@dataclass(frozen=True)
+class PrefillTask:
+    """scheduler -> one prefill instance (request/reply): prefill this request, hand it to `decode_id`."""
+
+    request: SubmitRequest
+    decode_id: str
+    decode_address: bytes  # the decode instance's UCX worker address, from its heartbeats
+
+
+@dataclass(frozen=True)
+class Ack:
+    """A yes/no answer to a request/reply message, with the reason for a no."""
+
+    accepted: bool
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class KVHandoff:
+    """prefill -> decode (request/reply): a prefilled request, whose prompt KV follows over UCX.
+
+    The decode instance allocates blocks for `num_kv_tokens`, posts a receive for `tag` and acks;
+    only then does the prefill instance send one tensor `[num_layers, 2, num_kv_tokens, kv_heads,
+    head_dim]` in the model's dtype with that tag. A refusal (no room) fails the request cleanly.
+    """
+
+    request: SubmitRequest
+    first_token_id: int
+    num_kv_tokens: int
+    tag: int
+    prefill_address: bytes
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """decode -> scheduler: the request's KV has landed; a dead prefill instance no longer matters to it."""
+
+    request_id: str
+    decode_id: str
+
+
+@dataclass(frozen=True)
+class StatusRequest:
+    """anyone -> scheduler (request/reply): which instances are live."""
+
+
+@dataclass(frozen=True)
+class ClusterStatus:
+    """scheduler -> asker: live instance ids per role, and requests in flight."""
+
+    prefill: list[str]
+    decode: list[str]
+    inflight: int
+
+
 # ---- the codec --------------------------------------------------------------------------------
 _REGISTRY: dict[str, type[Any]] = {
     cls.__name__: cls
-    for cls in (Sampling, SubmitRequest, SubmitReply, InstanceLoad, TokenEvent, TokenBatch, AbortRequest)
+    for cls in (
+        Sampling,
+        SubmitRequest,
+        SubmitReply,
+        InstanceLoad,
+        TokenEvent,
+        TokenBatch,
+        AbortRequest,
+        PrefillTask,
+        Ack,
+        KVHandoff,
+        Admitted,
+        StatusRequest,
+        ClusterStatus,
+    )
 }
 M = TypeVar("M")
 

@@ -19,6 +19,11 @@ class Subjects:
         return f"{self.prefix}.scheduler.submit"
 
     @property
+    def status(self) -> str:
+        """anyone -> scheduler, request/reply: `StatusRequest` -> `ClusterStatus`."""
+        return f"{self.prefix}.scheduler.status"
+
+    @property
     def load(self) -> str:
         """instances -> scheduler: `InstanceLoad` heartbeats."""
         return f"{self.prefix}.instances.load"
@@ -27,6 +32,16 @@ class Subjects:
     def abort(self) -> str:
         """`AbortRequest`, heard by every service that may hold the request."""
         return f"{self.prefix}.requests.abort"
+
+    @property
+    def admitted(self) -> str:
+        """decode -> scheduler: `Admitted`, a request's KV has landed."""
+        return f"{self.prefix}.requests.admitted"
+
+    @property
+    def all_tokens(self) -> str:
+        """Every gateway's token subject, for the scheduler to see requests finish."""
+        return f"{self.prefix}.gateway.*.tokens"
 
     def tokens(self, gateway_id: str) -> str:
         """decode/prefill -> the gateway that owns the request: `TokenBatch`."""

@@ -24,7 +24,7 @@ def _raw(body: dict[str, object], name: str = "SubmitRequest", version: int = VE
 
 
 def test_every_message_round_trips() -> None:
-    load = InstanceLoad("decode-0", "decode", b"\x00\xffucx", 100, 40, 3, 1)
+    load = InstanceLoad("decode-0", "decode", b"\x00\xffucx", 16, 100, 40, 3, 1)
     batch = TokenBatch([TokenEvent("r-1", [5, 6], [-0.1, -2.0], [[(5, -0.1)], [(6, -2.0)]], "length")])
     for message in (SUBMIT, load, batch, AbortRequest("r-1", "client gone")):
         assert decode(encode(message), type(message)) == message
@@ -100,3 +100,12 @@ def test_integers_are_accepted_where_a_float_is_declared() -> None:
 def test_only_registered_types_encode() -> None:
     with pytest.raises(TypeError, match="not a registered message type"):
         encode({"request_id": "r"})
+
+
+def test_every_message_dataclass_is_registered() -> None:
+    import dataclasses
+
+    import common.messages as messages
+
+    declared = {n for n, v in vars(messages).items() if isinstance(v, type) and dataclasses.is_dataclass(v)}
+    assert declared == set(messages._REGISTRY)

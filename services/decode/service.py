@@ -1,0 +1,183 @@
+"""The decode instance: admits hand-offs whose KV has landed and decodes them in one continuous batch.
+
+A hand-off goes through three states, all changed on the event loop between steps:
+
+    KVHandoff arrives -> blocks allocated, receive posted, ack sent    (pending)
+    KV received       -> copied into the blocks, request joins the batch (running)
+    receive fails     -> blocks freed, request ends with an error
+
+An abort that arrives while the KV is in flight is deferred: the request is marked and its
+blocks are freed once the receive completes or times out, never while UCX may still write
+into them (the failure peers' users report: aborts racing transfers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import structlog
+import torch
+
+from common.bus import Bus, Reply
+from common.engine import Engine, StepOutput
+from common.errors import InvalidRequestError, NoFreeBlocksError
+from common.kv_transfer import kv_shape, scatter_kv
+from common.messages import AbortRequest, Ack, Admitted, InstanceLoad, KVHandoff, TokenBatch, TokenEvent
+from common.tensor_channel import TensorChannel, TransferError
+from services.runtime import InstanceSettings, heartbeat, to_params, token_event, wait_for_work
+
+log = structlog.get_logger("decode")
+
+
+@dataclass
+class _Pending:
+    handoff: KVHandoff
+    aborted: bool = False
+    kv: torch.Tensor | None = None  # set once received
+    failed: str = ""
+
+
+@dataclass
+class _Inbox:
+    handoffs: list[tuple[KVHandoff, Reply | None]] = field(default_factory=list)
+    landed: list[str] = field(default_factory=list)
+    aborts: list[str] = field(default_factory=list)
+
+
+class DecodeService:
+    def __init__(self, settings: InstanceSettings, engine: Engine, bus: Bus, channel: TensorChannel) -> None:
+        self.settings = settings
+        self.subjects = settings.subjects
+        self.engine = engine
+        self.bus = bus
+        self.channel = channel
+        self.pending: dict[str, _Pending] = {}
+        self.token_subjects: dict[str, str] = {}
+        self.inbox = _Inbox()
+        self.wake = asyncio.Event()
+        self.receives: set[asyncio.Task[None]] = set()
+
+    def load(self) -> InstanceLoad:
+        blocks = self.engine.blocks
+        return InstanceLoad(
+            instance_id=self.settings.instance_id,
+            role="decode",
+            ucx_address=self.channel.address,
+            block_size=blocks.block_size,
+            total_blocks=blocks.num_blocks,
+            free_blocks=blocks.num_free_blocks,
+            running=len(self.engine.running),
+            waiting=len(self.engine.waiting) + len(self.pending),
+        )
+
+    # ---- NATS handlers: queue, never touch the engine --------------------------------------
+    async def on_handoff(self, handoff: KVHandoff, reply: Reply | None) -> None:
+        self.inbox.handoffs.append((handoff, reply))
+        self.wake.set()
+
+    async def on_abort(self, abort: AbortRequest, reply: Reply | None) -> None:
+        self.inbox.aborts.append(abort.request_id)
+        self.wake.set()
+
+    # ---- between steps ---------------------------------------------------------------------
+    async def _apply_inbox(self) -> None:
+        handoffs, self.inbox.handoffs = self.inbox.handoffs, []
+        for handoff, reply in handoffs:
+            ack = self._accept(handoff)
+            if reply:
+                await reply(ack)
+        landed, self.inbox.landed = self.inbox.landed, []
+        for request_id in landed:
+            await self._admit(request_id)
+        aborts, self.inbox.aborts = self.inbox.aborts, []
+        for request_id in aborts:
+            if request_id in self.pending:
+                self.pending[request_id].aborted = True  # freed when the receive ends
+            elif self.engine.abort(request_id):
+                self.token_subjects.pop(request_id, None)
+
+    def _accept(self, handoff: KVHandoff) -> Ack:
+        request = handoff.request
+        rid = request.request_id
+        try:
+            if rid in self.pending or rid in self.engine.requests:
+                raise InvalidRequestError("request_id", f"{rid!r} is already here")
+            self.engine.validate(request.prompt_token_ids, to_params(request.sampling))
+            self.engine.blocks.allocate(rid, handoff.num_kv_tokens)
+        except (InvalidRequestError, NoFreeBlocksError) as exc:
+            return Ack(False, str(exc))
+        self.pending[rid] = _Pending(handoff)
+        receive = asyncio.create_task(self._receive(rid))
+        self.receives.add(receive)
+        receive.add_done_callback(self.receives.discard)
+        return Ack(True)
+
+    async def _receive(self, request_id: str) -> None:
+        entry = self.pending[request_id]
+        h = entry.handoff
+        kv = torch.empty(kv_shape(self.engine.layout, h.num_kv_tokens), dtype=self.engine.layout.dtype)
+        try:
+            await self.channel.recv_into(h.tag, [kv], timeout=self.settings.transfer_timeout_s)
+            entry.kv = kv
+        except TransferError as exc:
+            entry.failed = str(exc)
+        self.inbox.landed.append(request_id)
+        self.wake.set()
+
+    async def _admit(self, request_id: str) -> None:
+        entry = self.pending.pop(request_id)
+        request = entry.handoff.request
+        bound = log.bind(request_id=request_id)
+        if entry.aborted or entry.kv is None:
+            self.engine.blocks.free(request_id)
+            if entry.kv is None and not entry.aborted:
+                bound.warning("kv transfer failed", error=entry.failed)
+                event = TokenEvent(request_id, [], finish_reason="error", error=f"KV transfer failed: {entry.failed}")
+                await self.bus.publish(request.token_subject, TokenBatch([event]))
+            return
+        slots = torch.tensor(self.engine.blocks.slots(request_id, 0, entry.handoff.num_kv_tokens), dtype=torch.int64)
+        scatter_kv(self.engine.pool, slots.to(self.engine.device), entry.kv.to(self.engine.device))
+        self.engine.add_running(
+            request_id, request.prompt_token_ids, entry.handoff.first_token_id, to_params(request.sampling)
+        )
+        self.token_subjects[request_id] = request.token_subject
+        await self.bus.publish(self.subjects.admitted, Admitted(request_id, self.settings.instance_id))
+        bound.info("admitted", kv_tokens=entry.handoff.num_kv_tokens)
+
+    async def _publish(self, outputs: list[StepOutput]) -> None:
+        events: dict[str, list[TokenEvent]] = {}
+        for out in outputs:
+            subject = self.token_subjects.get(out.request_id)
+            if subject is None:
+                continue
+            finished = out.finish_reason is not None
+            events.setdefault(subject, []).append(token_event(out))
+            if finished:
+                del self.token_subjects[out.request_id]
+        for subject, batch in events.items():
+            await self.bus.publish(subject, TokenBatch(batch))
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        subs = [
+            await self.bus.subscribe(
+                self.subjects.instance(self.settings.instance_id, "handoff"), KVHandoff, self.on_handoff
+            ),
+            await self.bus.subscribe(self.subjects.abort, AbortRequest, self.on_abort),
+        ]
+        beat = asyncio.create_task(heartbeat(self.bus, self.subjects, self.load, self.settings.heartbeat_s))
+        log.info("decode instance ready", instance_id=self.settings.instance_id)
+        try:
+            while not stop.is_set():
+                await self._apply_inbox()
+                if not self.engine.has_unfinished():
+                    await wait_for_work(self.wake, stop)
+                    continue
+                outputs = await asyncio.to_thread(self.engine.step)
+                await self._publish(outputs)
+        finally:
+            beat.cancel()
+            for sub in subs:
+                await sub.unsubscribe()
+            for receive in self.receives:
+                receive.cancel()

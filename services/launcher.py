@@ -1,0 +1,103 @@
+"""Service processes on this machine: start them, watch them, stop them all.
+
+Used by `adrenaline up` and by the integration tests, so the tests exercise exactly the
+processes an operator runs. Every child gets its own process group, so stopping the cluster
+leaves nothing behind, and a child that ignores SIGTERM is killed after a grace period.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+
+@dataclass
+class ProcessGroup:
+    log_dir: Path | None = None  # each child's stdout+stderr go to <log_dir>/<name>.log; None inherits ours
+    children: list[Child] = field(default_factory=list)
+
+    def spawn(
+        self,
+        name: str,
+        module: str,
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        cpus: set[int] | None = None,
+    ) -> Child:
+        """Run `python -m module args` with extra environment `env`, optionally pinned to `cpus`."""
+        full_env = {**os.environ, **(env or {})}
+        out: IO[bytes] | int | None = None
+        log_path = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            log_path = self.log_dir / f"{name}.log"
+            out = log_path.open("ab")
+        process = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT if out is not None else None,
+            start_new_session=True,
+        )
+        if out is not None and not isinstance(out, int):
+            out.close()  # the child has its own descriptor
+        if cpus:
+            os.sched_setaffinity(process.pid, cpus)
+        child = Child(name, process, log_path)
+        self.children.append(child)
+        return child
+
+    def dead(self) -> list[Child]:
+        return [c for c in self.children if not c.alive]
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one child, as a crash would."""
+        for child in self.children:
+            if child.name == name and child.alive:
+                os.killpg(child.process.pid, signal.SIGKILL)
+                child.process.wait()
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM every child's process group, then SIGKILL what is still there after `grace_s`."""
+        for child in self.children:
+            if child.alive:
+                _signal_group(child.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for child in self.children:
+            try:
+                child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(child.process.pid, signal.SIGKILL)
+                child.process.wait()
+        self.children.clear()
+
+    def tail(self, name: str, lines: int = 30) -> str:
+        """The end of a child's log, for error messages."""
+        for child in self.children:
+            if child.name == name and child.log_path is not None and child.log_path.exists():
+                return "\n".join(child.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig)

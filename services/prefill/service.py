@@ -1,0 +1,163 @@
+"""The prefill instance: batches prompts, samples each first token, hands the KV to a decode instance.
+
+Engine state is touched only on the event loop between steps (NATS handlers queue work into
+`inbox`); the step itself runs in a worker thread so NATS and UCX keep being served while the
+model computes. After each step every prefilled request is detached: its prompt KV is gathered
+into one tensor, its blocks are freed, and a hand-off task sends it to the chosen decode
+instance, so the prefill pool only ever holds the batch being computed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from dataclasses import dataclass
+
+import structlog
+import torch
+
+from common.bus import Bus, Reply, ServiceUnavailable
+from common.engine import Engine, StepOutput
+from common.errors import AdrenalineError, InvalidRequestError
+from common.kv_transfer import gather_kv
+from common.messages import AbortRequest, Ack, InstanceLoad, KVHandoff, PrefillTask, TokenBatch, TokenEvent
+from common.tensor_channel import TensorChannel
+from services.runtime import InstanceSettings, heartbeat, to_params, token_event, wait_for_work
+
+log = structlog.get_logger("prefill")
+
+
+@dataclass
+class _Task:
+    task: PrefillTask
+    aborted: bool = False
+
+
+class PrefillService:
+    def __init__(self, settings: InstanceSettings, engine: Engine, bus: Bus, channel: TensorChannel) -> None:
+        self.settings = settings
+        self.subjects = settings.subjects
+        self.engine = engine
+        self.bus = bus
+        self.channel = channel
+        self.tasks: dict[str, _Task] = {}
+        self.inbox: list[PrefillTask] = []
+        self.aborts: list[str] = []
+        self.wake = asyncio.Event()
+        self.handoffs: set[asyncio.Task[None]] = set()
+        # Tags must not collide between prefill instances sending to one decode instance.
+        self._tags = itertools.count((os.getpid() & 0xFFFF) << 40)
+
+    def load(self) -> InstanceLoad:
+        blocks = self.engine.blocks
+        return InstanceLoad(
+            instance_id=self.settings.instance_id,
+            role="prefill",
+            ucx_address=self.channel.address,
+            block_size=blocks.block_size,
+            total_blocks=blocks.num_blocks,
+            free_blocks=blocks.num_free_blocks,
+            running=len(self.engine.running),
+            waiting=len(self.engine.waiting) + len(self.inbox),
+        )
+
+    async def on_task(self, task: PrefillTask, reply: Reply | None) -> None:
+        request = task.request
+        try:
+            self.engine.validate(request.prompt_token_ids, to_params(request.sampling))
+            if request.request_id in self.tasks:
+                raise InvalidRequestError("request_id", f"{request.request_id!r} is already in use")
+        except InvalidRequestError as exc:
+            if reply:
+                await reply(Ack(False, str(exc)))
+            return
+        self.tasks[request.request_id] = _Task(task)
+        self.inbox.append(task)
+        self.wake.set()
+        if reply:
+            await reply(Ack(True))
+
+    async def on_abort(self, abort: AbortRequest, reply: Reply | None) -> None:
+        if abort.request_id in self.tasks:
+            self.tasks[abort.request_id].aborted = True
+            self.aborts.append(abort.request_id)
+            self.wake.set()
+
+    def _apply_inbox(self) -> None:
+        for task in self.inbox:
+            r = task.request
+            if not self.tasks[r.request_id].aborted:
+                self.engine.add_request(r.request_id, r.prompt_token_ids, to_params(r.sampling))
+        self.inbox.clear()
+        for request_id in self.aborts:
+            self.engine.abort(request_id)
+            self.tasks.pop(request_id, None)
+        self.aborts.clear()
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        subs = [
+            await self.bus.subscribe(
+                self.subjects.instance(self.settings.instance_id, "prefill"), PrefillTask, self.on_task
+            ),
+            await self.bus.subscribe(self.subjects.abort, AbortRequest, self.on_abort),
+        ]
+        beat = asyncio.create_task(heartbeat(self.bus, self.subjects, self.load, self.settings.heartbeat_s))
+        log.info("prefill instance ready", instance_id=self.settings.instance_id)
+        try:
+            while not stop.is_set():
+                self._apply_inbox()
+                if not self.engine.has_unfinished():
+                    await wait_for_work(self.wake, stop)
+                    continue
+                outputs = await asyncio.to_thread(self.engine.step)
+                await self._after_step(outputs)
+        finally:
+            beat.cancel()
+            for sub in subs:
+                await sub.unsubscribe()
+            for handoff in self.handoffs:
+                handoff.cancel()
+
+    async def _after_step(self, outputs: list[StepOutput]) -> None:
+        events: dict[str, list[TokenEvent]] = {}
+        for out in outputs:
+            entry = self.tasks.get(out.request_id)
+            if entry is None:
+                continue
+            request = entry.task.request
+            finished = out.finish_reason is not None
+            events.setdefault(request.token_subject, []).append(token_event(out))
+            if finished:
+                self.tasks.pop(out.request_id, None)
+                continue
+            num_kv = len(request.prompt_token_ids)
+            slots = torch.tensor(self.engine.blocks.slots(out.request_id, 0, num_kv), dtype=torch.int64)
+            kv = gather_kv(self.engine.pool, slots.to(self.engine.device))
+            self.engine.detach(out.request_id)
+            handoff = asyncio.create_task(self._handoff(entry.task, out.token_id, kv))
+            self.handoffs.add(handoff)
+            handoff.add_done_callback(self.handoffs.discard)
+        for subject, batch in events.items():
+            await self.bus.publish(subject, TokenBatch(batch))
+
+    async def _handoff(self, task: PrefillTask, first_token: int, kv: torch.Tensor) -> None:
+        request = task.request
+        tag = next(self._tags)
+        bound = log.bind(request_id=request.request_id, decode_id=task.decode_id)
+        handoff = KVHandoff(request, first_token, kv.shape[2], tag, self.channel.address)
+        try:
+            subject = self.subjects.instance(task.decode_id, "handoff")
+            ack = await self.bus.request(subject, handoff, Ack, timeout=self.settings.transfer_timeout_s)
+            if not ack.accepted:
+                raise AdrenalineError(f"decode instance {task.decode_id} refused the request: {ack.error}")
+            peer = await self.channel.connect(task.decode_address)
+            sent = await self.channel.send(peer, tag, [kv], timeout=self.settings.transfer_timeout_s)
+            bound.info("kv handed off", bytes=sent, tokens=kv.shape[2])
+        except (AdrenalineError, ServiceUnavailable) as exc:
+            bound.warning("hand-off failed", error=str(exc))
+            event = TokenEvent(request.request_id, [], finish_reason="error", error=f"KV hand-off failed: {exc}")
+            await self.bus.publish(request.token_subject, TokenBatch([event]))
+            await self.bus.publish(self.subjects.abort, AbortRequest(request.request_id, "hand-off failed"))
+        finally:
+            self.tasks.pop(request.request_id, None)

@@ -1,0 +1,139 @@
+"""What every service process shares: its settings, signal handling, heartbeats, sampling conversion.
+
+Heartbeats are plain NATS publishes rather than a JetStream key-value bucket with per-key TTL:
+the load they carry changes every step, and the bucket's TTL has whole-second granularity
+(nats-py sends `Nats-TTL` as an integer), while we want a dead instance noticed in about two
+heartbeat intervals (1 s by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+import torch
+
+from common.bus import Bus
+from common.config import EngineConfig
+from common.engine import Engine, StepOutput
+from common.messages import InstanceLoad, Sampling, TokenEvent
+from common.sampling import SamplingParams
+from common.subjects import Subjects
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class InstanceSettings:
+    """Settings of one prefill or decode instance; each has an ADRENALINE_* environment variable."""
+
+    nats_url: str  # ADRENALINE_NATS_URL
+    model: str  # ADRENALINE_MODEL: a local Hugging Face folder
+    instance_id: str  # ADRENALINE_INSTANCE_ID: unique in the cluster
+    subjects_prefix: str = "adrenaline"  # ADRENALINE_SUBJECTS_PREFIX
+    kv_cache_bytes: int = 256 * 2**20  # ADRENALINE_KV_CACHE_BYTES: this instance's KV budget
+    block_size: int = 16  # ADRENALINE_BLOCK_SIZE
+    max_num_seqs: int = 64  # ADRENALINE_MAX_NUM_SEQS
+    device: str = "cpu"  # ADRENALINE_DEVICE
+    threads: int = 0  # ADRENALINE_THREADS: torch threads; 0 keeps torch's default
+    heartbeat_s: float = 0.25  # ADRENALINE_HEARTBEAT_S
+    transfer_timeout_s: float = 10.0  # ADRENALINE_TRANSFER_TIMEOUT_S: a KV transfer that takes longer fails
+
+    @property
+    def subjects(self) -> Subjects:
+        return Subjects(self.subjects_prefix)
+
+    @classmethod
+    def parse(cls, argv: list[str] | None, role: str) -> InstanceSettings:
+        env = os.environ.get
+        p = argparse.ArgumentParser(prog=f"python -m services.{role}")
+        p.add_argument("--nats-url", default=env("ADRENALINE_NATS_URL", "nats://127.0.0.1:4222"))
+        p.add_argument("--model", default=env("ADRENALINE_MODEL"), required=env("ADRENALINE_MODEL") is None)
+        p.add_argument("--instance-id", default=env("ADRENALINE_INSTANCE_ID", f"{role}-{os.getpid()}"))
+        p.add_argument("--subjects-prefix", default=env("ADRENALINE_SUBJECTS_PREFIX", "adrenaline"))
+        p.add_argument("--kv-cache-bytes", type=int, default=int(env("ADRENALINE_KV_CACHE_BYTES", 256 * 2**20)))
+        p.add_argument("--block-size", type=int, default=int(env("ADRENALINE_BLOCK_SIZE", 16)))
+        p.add_argument("--max-num-seqs", type=int, default=int(env("ADRENALINE_MAX_NUM_SEQS", 64)))
+        p.add_argument("--device", default=env("ADRENALINE_DEVICE", "cpu"))
+        p.add_argument("--threads", type=int, default=int(env("ADRENALINE_THREADS", 0)))
+        p.add_argument("--heartbeat-s", type=float, default=float(env("ADRENALINE_HEARTBEAT_S", 0.25)))
+        p.add_argument("--transfer-timeout-s", type=float, default=float(env("ADRENALINE_TRANSFER_TIMEOUT_S", 10.0)))
+        return cls(**vars(p.parse_args(argv)))
+
+    def apply_threads(self) -> None:
+        if self.threads > 0:
+            torch.set_num_threads(self.threads)
+
+
+def build_engine(settings: InstanceSettings) -> Engine:
+    config = EngineConfig(
+        block_size=settings.block_size,
+        kv_cache_bytes=settings.kv_cache_bytes,
+        max_num_seqs=settings.max_num_seqs,
+        device=settings.device,
+    )
+    return Engine.from_folder(settings.model, config)
+
+
+def token_event(out: StepOutput) -> TokenEvent:
+    """One engine step's output for one request, as the gateway receives it."""
+    return TokenEvent(
+        out.request_id,
+        [out.token_id],
+        [out.logprob] if out.logprob is not None else [],
+        [out.top_logprobs] if out.top_logprobs is not None else [],
+        str(out.finish_reason) if out.finish_reason is not None else None,
+    )
+
+
+async def wait_for_work(wake: asyncio.Event, stop: asyncio.Event) -> None:
+    """Sleep until there is work (`wake`) or the service is stopping."""
+    waiter = asyncio.create_task(wake.wait())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    stopper.cancel()
+    wake.clear()
+
+
+def to_params(sampling: Sampling) -> SamplingParams:
+    """The wire form of sampling parameters, validated (raises InvalidRequestError)."""
+    return SamplingParams(
+        max_new_tokens=sampling.max_new_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        seed=sampling.seed,
+        stop_token_ids=tuple(sampling.stop_token_ids),
+        ignore_eos=sampling.ignore_eos,
+        logprobs=sampling.logprobs,
+    )
+
+
+async def heartbeat(bus: Bus, subjects: Subjects, load: Callable[[], InstanceLoad], interval: float) -> None:
+    """Publish this instance's load every `interval` seconds until cancelled."""
+    while True:
+        try:
+            await bus.publish(subjects.load, load())
+        except Exception as exc:  # a reconnecting NATS client must not kill the instance
+            log.warning("heartbeat failed", error=str(exc))
+        await asyncio.sleep(interval)
+
+
+def run_until_signalled(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
+    """Run `main(stop)` where `stop` is set on SIGINT or SIGTERM, so the service can shut down cleanly."""
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    asyncio.run(runner())

@@ -1,0 +1,194 @@
+"""The scheduler: a registry of instances fed by their heartbeats, routing, and request lifecycle.
+
+It holds no KV and no model. For each request it picks the least-loaded prefill instance and
+the decode instance with the most free KV, asks the prefill instance to take it, and remembers
+the pair until the request finishes, so that when an instance stops heartbeating, the requests
+it held end with a clear error (and an abort that frees their blocks everywhere else) instead
+of waiting forever.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+
+import structlog
+
+from common.bus import Bus, Reply, ServiceUnavailable
+from common.messages import (
+    AbortRequest,
+    Ack,
+    Admitted,
+    ClusterStatus,
+    InstanceLoad,
+    PrefillTask,
+    StatusRequest,
+    SubmitReply,
+    SubmitRequest,
+    TokenBatch,
+    TokenEvent,
+)
+from common.subjects import Subjects
+
+log = structlog.get_logger("scheduler")
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    nats_url: str  # ADRENALINE_NATS_URL
+    subjects_prefix: str = "adrenaline"  # ADRENALINE_SUBJECTS_PREFIX
+    dead_after_s: float = 1.0  # ADRENALINE_DEAD_AFTER_S: an instance silent this long is gone
+    request_timeout_s: float = 5.0  # ADRENALINE_REQUEST_TIMEOUT_S: how long a prefill instance may take to ack
+
+    @classmethod
+    def parse(cls, argv: list[str] | None) -> SchedulerSettings:
+        env = os.environ.get
+        p = argparse.ArgumentParser(prog="python -m services.scheduler")
+        p.add_argument("--nats-url", default=env("ADRENALINE_NATS_URL", "nats://127.0.0.1:4222"))
+        p.add_argument("--subjects-prefix", default=env("ADRENALINE_SUBJECTS_PREFIX", "adrenaline"))
+        p.add_argument("--dead-after-s", type=float, default=float(env("ADRENALINE_DEAD_AFTER_S", 1.0)))
+        p.add_argument("--request-timeout-s", type=float, default=float(env("ADRENALINE_REQUEST_TIMEOUT_S", 5.0)))
+        return cls(**vars(p.parse_args(argv)))
+
+
+@dataclass
+class _Instance:
+    load: InstanceLoad
+    seen: float
+
+
+@dataclass
+class _InFlight:
+    prefill_id: str
+    decode_id: str
+    token_subject: str
+    kv_tokens: int  # what the decode instance must hold on admission
+    admitted: bool = False  # KV landed on the decode instance
+
+
+class Scheduler:
+    def __init__(self, settings: SchedulerSettings, bus: Bus) -> None:
+        self.settings = settings
+        self.subjects = Subjects(settings.subjects_prefix)
+        self.bus = bus
+        self.instances: dict[str, _Instance] = {}
+        self.inflight: dict[str, _InFlight] = {}
+
+    # ---- registry --------------------------------------------------------------------------
+    async def on_load(self, load: InstanceLoad, reply: Reply | None) -> None:
+        if load.instance_id not in self.instances:
+            log.info("instance joined", instance_id=load.instance_id, role=load.role)
+        self.instances[load.instance_id] = _Instance(load, time.monotonic())
+
+    def live(self, role: str) -> list[InstanceLoad]:
+        horizon = time.monotonic() - self.settings.dead_after_s
+        return [i.load for i in self.instances.values() if i.load.role == role and i.seen >= horizon]
+
+    async def reap(self) -> None:
+        """Forget instances that stopped heartbeating and fail the requests they held."""
+        horizon = time.monotonic() - self.settings.dead_after_s
+        dead = {iid for iid, inst in self.instances.items() if inst.seen < horizon}
+        for iid in dead:
+            log.warning("instance lost", instance_id=iid, role=self.instances[iid].load.role)
+            del self.instances[iid]
+        if not dead:
+            return
+        for rid, f in list(self.inflight.items()):
+            lost = (
+                f.decode_id if f.decode_id in dead else f.prefill_id if not f.admitted and f.prefill_id in dead else ""
+            )
+            if not lost:
+                continue
+            del self.inflight[rid]
+            error = f"instance {lost} stopped responding while serving this request"
+            await self.bus.publish(
+                f.token_subject, TokenBatch([TokenEvent(rid, [], finish_reason="error", error=error)])
+            )
+            await self.bus.publish(self.subjects.abort, AbortRequest(rid, error))
+
+    # ---- routing ---------------------------------------------------------------------------
+    def _free_tokens(self, load: InstanceLoad) -> int:
+        """Free KV tokens on a decode instance, less what requests routed there since will take."""
+        promised = sum(
+            f.kv_tokens for f in self.inflight.values() if f.decode_id == load.instance_id and not f.admitted
+        )
+        return load.free_blocks * load.block_size - promised
+
+    def _queued(self, load: InstanceLoad) -> int:
+        routed = sum(1 for f in self.inflight.values() if f.prefill_id == load.instance_id and not f.admitted)
+        return max(load.waiting + load.running, routed)
+
+    async def on_submit(self, submit: SubmitRequest, reply: Reply | None) -> None:
+        if reply is None:
+            return
+        rid = submit.request_id
+        prefills, decodes = self.live("prefill"), self.live("decode")
+        if not prefills or not decodes:
+            missing = "prefill" if not prefills else "decode"
+            await reply(SubmitReply(rid, False, 503, f"no {missing} instance is available"))
+            return
+        need = len(submit.prompt_token_ids) + 1
+        decode = max(decodes, key=self._free_tokens)
+        if self._free_tokens(decode) < need:
+            await reply(SubmitReply(rid, False, 429, "every decode instance's KV cache is full; retry later"))
+            return
+        prefill = min(prefills, key=self._queued)
+        task = PrefillTask(submit, decode.instance_id, decode.ucx_address)
+        self.inflight[rid] = _InFlight(prefill.instance_id, decode.instance_id, submit.token_subject, need)
+        try:
+            ack = await self.bus.request(
+                self.subjects.instance(prefill.instance_id, "prefill"), task, Ack, self.settings.request_timeout_s
+            )
+        except ServiceUnavailable as exc:
+            ack = Ack(False, str(exc))
+            status = 503
+        else:
+            status = 400
+        if not ack.accepted:
+            self.inflight.pop(rid, None)
+            await reply(SubmitReply(rid, False, status, ack.error))
+            return
+        log.info("routed", request_id=rid, prefill_id=prefill.instance_id, decode_id=decode.instance_id)
+        await reply(SubmitReply(rid, True, 200, "", prefill.instance_id, decode.instance_id))
+
+    async def on_admitted(self, admitted: Admitted, reply: Reply | None) -> None:
+        if admitted.request_id in self.inflight:
+            self.inflight[admitted.request_id].admitted = True
+
+    async def on_tokens(self, batch: TokenBatch, reply: Reply | None) -> None:
+        for event in batch.events:
+            if event.finish_reason is not None:
+                self.inflight.pop(event.request_id, None)
+
+    async def on_abort(self, abort: AbortRequest, reply: Reply | None) -> None:
+        self.inflight.pop(abort.request_id, None)
+
+    async def on_status(self, request: StatusRequest, reply: Reply | None) -> None:
+        if reply is not None:
+            prefill = sorted(i.instance_id for i in self.live("prefill"))
+            decode = sorted(i.instance_id for i in self.live("decode"))
+            await reply(ClusterStatus(prefill, decode, len(self.inflight)))
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        s = self.subjects
+        subs = [
+            await self.bus.subscribe(s.load, InstanceLoad, self.on_load),
+            await self.bus.subscribe(s.submit, SubmitRequest, self.on_submit, queue="scheduler"),
+            await self.bus.subscribe(s.admitted, Admitted, self.on_admitted),
+            await self.bus.subscribe(s.all_tokens, TokenBatch, self.on_tokens),
+            await self.bus.subscribe(s.abort, AbortRequest, self.on_abort),
+            await self.bus.subscribe(s.status, StatusRequest, self.on_status, queue="scheduler"),
+        ]
+        log.info("scheduler ready")
+        try:
+            while not stop.is_set():
+                await self.reap()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=self.settings.dead_after_s / 4)
+        finally:
+            for sub in subs:
+                await sub.unsubscribe()
