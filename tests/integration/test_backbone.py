@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from common.messages import Sampling
+from common.messages import AbortRequest, Sampling
 from tests.integration.cluster import BackendCluster, Client
 
 
@@ -57,3 +57,67 @@ def test_disaggregated_greedy_equals_transformers_on_every_replica(cluster: Back
     assert outputs == _hf_greedy(llama_dir, prompts, 24)
     assert prefills == {"prefill-0", "prefill-1"}
     assert decodes == {"decode-0", "decode-1"}
+
+
+@pytest.mark.timeout(120)
+def test_aborts_free_kv_everywhere_and_bad_requests_are_refused(cluster: BackendCluster) -> None:
+    long = Sampling(max_new_tokens=1500, temperature=0.0, ignore_eos=True)
+
+    async def scenario() -> None:
+        client = await Client.connect(cluster.nats.url)
+        await client.wait_ready(prefills=2, decodes=2)
+        # Aborted while decoding.
+        for i in range(3):
+            assert (await client.submit(f"a{i}", _prompts(1, seed=i)[0], long)).accepted
+        while not all(len(client.events[f"a{i}"]) >= 3 for i in range(3)):
+            await asyncio.sleep(0.01)
+        # Aborted before its first token: it may still be queued, prefilling, or its KV in flight.
+        assert (await client.submit("early", _prompts(1, seed=9)[0], long)).accepted
+        for rid in ("a0", "a1", "a2", "early"):
+            await client.bus.publish(client.subjects.abort, AbortRequest(rid, "client disconnected"))
+        await client.wait_all_free(["prefill-0", "prefill-1", "decode-0", "decode-1"])
+        assert not any(e.finish_reason == "length" for rid in ("a0", "a1", "a2") for e in client.events[rid])
+        # A request the model cannot serve is refused up front, naming the problem.
+        reply = await client.submit("bad", [5, 99999], Sampling(max_new_tokens=4))
+        assert not reply.accepted and reply.status == 400 and "vocabulary" in reply.error
+        await client.bus.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(180)
+def test_a_killed_decode_instance_fails_its_requests_and_the_cluster_goes_on(llama_dir: Path, tmp_path: Path) -> None:
+    cluster = BackendCluster(llama_dir, tmp_path, prefills=1, decodes=2)
+    cluster.start()
+    long = Sampling(max_new_tokens=1500, temperature=0.0, ignore_eos=True)
+    try:
+
+        async def scenario() -> None:
+            client = await Client.connect(cluster.nats.url)
+            await client.wait_ready(prefills=1, decodes=2)
+            replies = [await client.submit(f"k{i}", _prompts(1, seed=i)[0], long) for i in range(6)]
+            victims = {r.request_id for r in replies if r.decode_id == "decode-0"}
+            assert victims and len(victims) < 6
+            while not all(len(client.events[r.request_id]) >= 5 for r in replies):
+                await asyncio.sleep(0.01)
+            cluster.group.kill("decode-0")
+            killed_at = asyncio.get_running_loop().time()
+            for rid in victims:
+                _, last = await client.result(rid, timeout=10)
+                assert last.finish_reason == "error" and "decode-0" in last.error
+            assert asyncio.get_running_loop().time() - killed_at < 5.0
+            for r in replies:
+                if r.request_id not in victims:
+                    tokens, last = await client.result(r.request_id, timeout=120)
+                    assert last.finish_reason == "length" and len(tokens) == 1500
+            await client.wait_ready(prefills=1, decodes=1)
+            after = await client.submit("after", _prompts(1)[0], Sampling(max_new_tokens=8, temperature=0.0))
+            assert after.accepted and after.decode_id == "decode-1"
+            tokens, last = await client.result("after")
+            assert len(tokens) == 8 and last.finish_reason == "length"
+            await client.wait_all_free(["prefill-0", "decode-1"])
+            await client.bus.close()
+
+        asyncio.run(scenario())
+    finally:
+        cluster.stop()
