@@ -6,9 +6,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
-MODEL_DIR ?= .cache/models/tiny-llama
+MODEL_DIR ?= .cache/models/default
+PORT ?= 8000
 
-.PHONY: install run test lint typecheck unit bench clean
+.PHONY: install run test lint typecheck unit bench clean compose-config
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,8 +23,11 @@ install: $(STAMP)
 $(MODEL_DIR)/config.json: $(STAMP)
 	$(VENV)/bin/adrenaline model make-tiny $(MODEL_DIR)
 
+compose-config: $(STAMP)
+	$(VENV)/bin/docker-compose -f compose.yaml config --quiet
+
 run: $(MODEL_DIR)/config.json
-	$(VENV)/bin/adrenaline generate --model $(MODEL_DIR) --prompt "Hello, Adrenaline" --max-tokens 32
+	$(VENV)/bin/adrenaline up --model $(MODEL_DIR) --port $(PORT)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
@@ -35,7 +39,7 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
-test: lint typecheck unit
+test: lint typecheck compose-config unit
 
 bench: $(MODEL_DIR)/config.json
 	$(PY) -m benchmarks.engine

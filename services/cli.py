@@ -7,11 +7,39 @@ adrenaline generate --model DIR     run prompts through the single-process engin
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from common.errors import AdrenalineError
+
+
+def default_model_dir() -> Path:
+    """Where the embedded default model lives: $ADRENALINE_CACHE/models/default (~/.cache/adrenaline)."""
+    cache = Path(os.environ.get("ADRENALINE_CACHE", Path.home() / ".cache" / "adrenaline"))
+    return cache / "models" / "default"
+
+
+def _up(args: argparse.Namespace) -> int:
+    from common.model.tiny import make_tiny
+    from services.local_cluster import LocalCluster, parse_pin, parse_scale, run_until_signalled
+
+    model = Path(args.model) if args.model else default_model_dir()
+    if args.model is None and not (model / "config.json").is_file():
+        print(f"making the embedded default model in {model}", flush=True)
+        make_tiny(model, "llama", preset="default")
+    try:
+        scale, pin = parse_scale(args.scale), parse_pin(args.pin)
+    except ValueError as exc:
+        print(f"adrenaline up: error: {exc}", file=sys.stderr)
+        return 2
+    env = {}
+    if args.kv_cache_bytes:
+        env["ADRENALINE_KV_CACHE_BYTES"] = str(args.kv_cache_bytes)
+    cluster = LocalCluster(model, port=args.port, host=args.host, scale=scale, pin=pin, env=env)
+    return run_until_signalled(cluster)
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
@@ -49,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="adrenaline", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="run the cluster as local processes and serve the OpenAI API")
+    up.add_argument("--model", default=None, help="a local HF folder; default: the embedded default model")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--scale", action="append", default=[], metavar="ROLE=N", help="prefill=N or decode=N")
+    up.add_argument("--pin", action="append", default=[], metavar="ROLE=CPUS", help="e.g. decode=0 prefill=1")
+
+    up.set_defaults(func=_up)
 
     model = commands.add_parser("model", help="model folders").add_subparsers(dest="model_command", required=True)
     tiny = model.add_parser("make-tiny", help="write the embedded default model (random weights, BPE tokenizer)")

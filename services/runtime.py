@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import os
 import signal
+import socket
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -55,7 +56,9 @@ class InstanceSettings:
         p = argparse.ArgumentParser(prog=f"python -m services.{role}")
         p.add_argument("--nats-url", default=env("ADRENALINE_NATS_URL", "nats://127.0.0.1:4222"))
         p.add_argument("--model", default=env("ADRENALINE_MODEL"), required=env("ADRENALINE_MODEL") is None)
-        p.add_argument("--instance-id", default=env("ADRENALINE_INSTANCE_ID", f"{role}-{os.getpid()}"))
+        p.add_argument(
+            "--instance-id", default=env("ADRENALINE_INSTANCE_ID", f"{role}-{socket.gethostname()}-{os.getpid()}")
+        )
         p.add_argument("--subjects-prefix", default=env("ADRENALINE_SUBJECTS_PREFIX", "adrenaline"))
         p.add_argument("--kv-cache-bytes", type=int, default=int(env("ADRENALINE_KV_CACHE_BYTES", 256 * 2**20)))
         p.add_argument("--block-size", type=int, default=int(env("ADRENALINE_BLOCK_SIZE", 16)))

