@@ -13,6 +13,7 @@ import asyncio
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import structlog
 import torch
 
+from common import metrics
 from common.bus import Bus
 from common.config import EngineConfig
 from common.engine import Engine, StepOutput
@@ -45,6 +47,7 @@ class InstanceSettings:
     threads: int = 0  # ADRENALINE_THREADS: torch threads; 0 keeps torch's default
     heartbeat_s: float = 0.25  # ADRENALINE_HEARTBEAT_S
     transfer_timeout_s: float = 10.0  # ADRENALINE_TRANSFER_TIMEOUT_S: a KV transfer that takes longer fails
+    metrics_port: int = 0  # ADRENALINE_METRICS_PORT: Prometheus /metrics; 0 is off
 
     @property
     def subjects(self) -> Subjects:
@@ -67,11 +70,22 @@ class InstanceSettings:
         p.add_argument("--threads", type=int, default=int(env("ADRENALINE_THREADS", 0)))
         p.add_argument("--heartbeat-s", type=float, default=float(env("ADRENALINE_HEARTBEAT_S", 0.25)))
         p.add_argument("--transfer-timeout-s", type=float, default=float(env("ADRENALINE_TRANSFER_TIMEOUT_S", 10.0)))
+        p.add_argument("--metrics-port", type=int, default=int(env("ADRENALINE_METRICS_PORT", 0)))
         return cls(**vars(p.parse_args(argv)))
 
     def apply_threads(self) -> None:
         if self.threads > 0:
             torch.set_num_threads(self.threads)
+
+
+async def step(engine: Engine) -> list[StepOutput]:
+    """One engine step in a worker thread (so NATS and UCX keep being served), timed."""
+    batch = len(engine.running) or len(engine.waiting)
+    start = time.perf_counter()
+    outputs = await asyncio.to_thread(engine.step)
+    metrics.STEP_SECONDS.observe(time.perf_counter() - start)
+    metrics.BATCH_SIZE.observe(batch)
+    return outputs
 
 
 def build_engine(settings: InstanceSettings) -> Engine:
@@ -120,10 +134,12 @@ def to_params(sampling: Sampling) -> SamplingParams:
 
 
 async def heartbeat(bus: Bus, subjects: Subjects, load: Callable[[], InstanceLoad], interval: float) -> None:
-    """Publish this instance's load every `interval` seconds until cancelled."""
+    """Publish this instance's load every `interval` seconds until cancelled; mirror it in the gauges."""
     while True:
         try:
-            await bus.publish(subjects.load, load())
+            current = load()
+            metrics.observe_pool(current.total_blocks, current.free_blocks, current.running, current.waiting)
+            await bus.publish(subjects.load, current)
         except Exception as exc:  # a reconnecting NATS client must not kill the instance
             log.warning("heartbeat failed", error=str(exc))
         await asyncio.sleep(interval)

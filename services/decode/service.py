@@ -14,18 +14,20 @@ into them (the failure peers' users report: aborts racing transfers).
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 
 import structlog
 import torch
 
+from common import metrics
 from common.bus import Bus, Reply
 from common.engine import Engine, StepOutput
 from common.errors import InvalidRequestError, NoFreeBlocksError
 from common.kv_transfer import kv_shape, scatter_kv
 from common.messages import AbortRequest, Ack, Admitted, InstanceLoad, KVHandoff, TokenBatch, TokenEvent
 from common.tensor_channel import TensorChannel, TransferError
-from services.runtime import InstanceSettings, heartbeat, to_params, token_event, wait_for_work
+from services.runtime import InstanceSettings, heartbeat, step, to_params, token_event, wait_for_work
 
 log = structlog.get_logger("decode")
 
@@ -117,10 +119,14 @@ class DecodeService:
         entry = self.pending[request_id]
         h = entry.handoff
         kv = torch.empty(kv_shape(self.engine.layout, h.num_kv_tokens), dtype=self.engine.layout.dtype)
+        start = time.perf_counter()
         try:
-            await self.channel.recv_into(h.tag, [kv], timeout=self.settings.transfer_timeout_s)
+            received = await self.channel.recv_into(h.tag, [kv], timeout=self.settings.transfer_timeout_s)
             entry.kv = kv
+            metrics.TRANSFER_BYTES.labels("recv").inc(received)
+            metrics.TRANSFER_SECONDS.labels("recv").observe(time.perf_counter() - start)
         except TransferError as exc:
+            metrics.TRANSFER_FAILURES.inc()
             entry.failed = str(exc)
         self.inbox.landed.append(request_id)
         self.wake.set()
@@ -173,7 +179,7 @@ class DecodeService:
                 if not self.engine.has_unfinished():
                     await wait_for_work(self.wake, stop)
                     continue
-                outputs = await asyncio.to_thread(self.engine.step)
+                outputs = await step(self.engine)
                 await self._publish(outputs)
         finally:
             beat.cancel()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
+from common import metrics
 from common.bus import Bus
 from common.logging import configure
 from common.tensor_channel import TensorChannel
@@ -17,6 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     configure("prefill").bind(instance_id=settings.instance_id)
     settings.apply_threads()
     engine = build_engine(settings)
+    metrics.serve(settings.metrics_port)
 
     async def serve(stop: asyncio.Event) -> None:
         bus = await Bus.connect(settings.nats_url, settings.instance_id)

@@ -12,18 +12,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import time
 from dataclasses import dataclass
 
 import structlog
 import torch
 
+from common import metrics
 from common.bus import Bus, Reply, ServiceUnavailable
 from common.engine import Engine, StepOutput
 from common.errors import AdrenalineError, InvalidRequestError
 from common.kv_transfer import gather_kv
 from common.messages import AbortRequest, Ack, InstanceLoad, KVHandoff, PrefillTask, TokenBatch, TokenEvent
 from common.tensor_channel import TensorChannel
-from services.runtime import InstanceSettings, heartbeat, to_params, token_event, wait_for_work
+from services.runtime import InstanceSettings, heartbeat, step, to_params, token_event, wait_for_work
 
 log = structlog.get_logger("prefill")
 
@@ -110,7 +112,7 @@ class PrefillService:
                 if not self.engine.has_unfinished():
                     await wait_for_work(self.wake, stop)
                     continue
-                outputs = await asyncio.to_thread(self.engine.step)
+                outputs = await step(self.engine)
                 await self._after_step(outputs)
         finally:
             beat.cancel()
@@ -146,6 +148,7 @@ class PrefillService:
         tag = next(self._tags)
         bound = log.bind(request_id=request.request_id, decode_id=task.decode_id)
         handoff = KVHandoff(request, first_token, kv.shape[2], tag, self.channel.address)
+        start = time.perf_counter()
         try:
             subject = self.subjects.instance(task.decode_id, "handoff")
             ack = await self.bus.request(subject, handoff, Ack, timeout=self.settings.transfer_timeout_s)
@@ -153,8 +156,11 @@ class PrefillService:
                 raise AdrenalineError(f"decode instance {task.decode_id} refused the request: {ack.error}")
             peer = await self.channel.connect(task.decode_address)
             sent = await self.channel.send(peer, tag, [kv], timeout=self.settings.transfer_timeout_s)
+            metrics.TRANSFER_BYTES.labels("send").inc(sent)
+            metrics.TRANSFER_SECONDS.labels("send").observe(time.perf_counter() - start)
             bound.info("kv handed off", bytes=sent, tokens=kv.shape[2])
         except (AdrenalineError, ServiceUnavailable) as exc:
+            metrics.TRANSFER_FAILURES.inc()
             bound.warning("hand-off failed", error=str(exc))
             event = TokenEvent(request.request_id, [], finish_reason="error", error=f"KV hand-off failed: {exc}")
             await self.bus.publish(request.token_subject, TokenBatch([event]))

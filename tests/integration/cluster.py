@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from common.messages import (
     TokenBatch,
     TokenEvent,
 )
-from common.natsd import NatsServer
+from common.natsd import NatsServer, free_port
 from common.subjects import Subjects
 from services.launcher import ProcessGroup
 
@@ -42,9 +43,12 @@ class BackendCluster:
 
     def __post_init__(self) -> None:
         self.group = ProcessGroup(self.log_dir)
+        self.metrics_ports: dict[str, int] = {}
 
     def env(self, instance_id: str, kv_bytes: int) -> dict[str, str]:
+        self.metrics_ports[instance_id] = free_port()
         return {
+            "ADRENALINE_METRICS_PORT": str(self.metrics_ports[instance_id]),
             "ADRENALINE_NATS_URL": self.nats.url,
             "ADRENALINE_MODEL": str(self.model),
             "ADRENALINE_INSTANCE_ID": instance_id,
@@ -60,6 +64,12 @@ class BackendCluster:
             self.group.spawn(f"prefill-{i}", "services.prefill", env=self.env(f"prefill-{i}", 16 * 2**20))
         for i in range(self.decodes):
             self.group.spawn(f"decode-{i}", "services.decode", env=self.env(f"decode-{i}", self.decode_kv_bytes))
+
+    def metrics(self, instance_id: str) -> str:
+        url = f"http://127.0.0.1:{self.metrics_ports[instance_id]}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text: str = response.read().decode()
+            return text
 
     def stop(self) -> None:
         self.group.stop()

@@ -1,0 +1,56 @@
+"""Prometheus metrics of the engine-side services, named and documented in one place.
+
+Each prefill and decode process serves them on `ADRENALINE_METRICS_PORT` (0 turns the endpoint
+off); the gateway serves its own request-level metrics (TTFT, TPOT) on its `/metrics`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+KV_BLOCKS_TOTAL = Gauge("adrenaline_kv_blocks_total", "KV blocks in this instance's pool")
+KV_BLOCKS_USED = Gauge("adrenaline_kv_blocks_used", "KV blocks held by requests")
+RUNNING = Gauge("adrenaline_running_requests", "Requests in the running batch")
+WAITING = Gauge("adrenaline_waiting_requests", "Requests queued (or KV in flight) on this instance")
+STEP_SECONDS = Histogram(
+    "adrenaline_step_seconds",
+    "Time of one engine step (a prefill batch or a decode token for the whole batch)",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+BATCH_SIZE = Histogram(
+    "adrenaline_batch_size", "Requests in one engine step", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
+)
+TRANSFER_BYTES = Counter("adrenaline_kv_transfer_bytes_total", "KV bytes moved over UCX", ["direction"])
+TRANSFER_SECONDS = Histogram(
+    "adrenaline_kv_transfer_seconds",
+    "Time to move one request's KV (from the hand-off message to the last byte)",
+    ["direction"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
+TRANSFER_FAILURES = Counter("adrenaline_kv_transfer_failures_total", "KV transfers that failed or timed out")
+
+
+def serve(port: int) -> None:
+    """Serve /metrics on `port` in a background thread; 0 means off."""
+    if port:
+        start_http_server(port)
+
+
+@contextmanager
+def timed(histogram: Histogram) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        histogram.observe(time.perf_counter() - start)
+
+
+def observe_pool(total: int, free: int, running: int, waiting: int) -> None:
+    KV_BLOCKS_TOTAL.set(total)
+    KV_BLOCKS_USED.set(total - free)
+    RUNNING.set(running)
+    WAITING.set(waiting)
