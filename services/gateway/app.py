@@ -1,0 +1,173 @@
+"""The gateway's HTTP application: OpenAI-compatible routes over the cluster's NATS control plane.
+
+`create_app(settings)` loads the tokenizer and the context length from the model folder (the
+gateway tokenizes, so the backend only ever sees token ids) and returns a Litestar app that
+connects to NATS on start-up. Routes:
+
+    POST /v1/completions, POST /v1/chat/completions   generate, as JSON or server-sent events
+    GET  /v1/models                                    the one served model
+    GET  /health                                       200 while connected to NATS
+    GET  /metrics                                      Prometheus text
+    GET  /schema                                       the OpenAPI schema Litestar generates
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from litestar import Litestar, Request, Response, Router, get, post
+from litestar.connection import ASGIConnection
+from litestar.datastructures import State
+from litestar.handlers.base import BaseRouteHandler
+from litestar.openapi import OpenAPIConfig, ResponseSpec
+from litestar.types import Guard
+from prometheus_client import CONTENT_TYPE_LATEST
+from transformers import AutoTokenizer
+
+from common.errors import ModelLoadError
+from common.messages import Sampling
+from common.model.spec import ModelSpec
+from services.gateway import openai_types as oa
+from services.gateway.backend import BackendClient
+from services.gateway.errors import EXCEPTION_HANDLERS, APIError
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.prompts import PromptBuilder, stop_strings
+from services.gateway.serving import Job, Server
+from services.gateway.settings import GatewaySettings
+
+_GENERATE_DOC = "With `stream: true`, server-sent events (`data: <chunk>` ... `data: [DONE]`) in OpenAI's format."
+_ERRORS = {
+    status: ResponseSpec(oa.ErrorBody, description=description)
+    for status, description in (
+        (400, "An invalid request; `error.param` names the field"),
+        (401, "A missing or wrong API key, when keys are configured"),
+        (404, "Another model than the one served"),
+        (429, "The cluster is full; retry later"),
+        (502, "The backend failed the request"),
+        (503, "No scheduler is reachable"),
+        (504, "The backend stopped sending tokens"),
+    )
+}
+
+
+@post(
+    "/completions",
+    status_code=200,
+    description=_GENERATE_DOC,
+    responses={
+        200: ResponseSpec(oa.CompletionResponse, description="The completion (or its stream of chunks)"),
+        **_ERRORS,
+    },
+)
+async def completions(request: Request[Any, Any, Any], data: oa.CompletionRequest) -> Response[Any]:
+    server, prompts = _server(request), _prompts(request)
+    prompts.check_model(data.model)
+    if data.echo or (data.best_of or 1) != 1 or data.suffix:
+        param = "echo" if data.echo else "best_of" if (data.best_of or 1) != 1 else "suffix"
+        raise APIError(400, f"{param} is not supported", param=param)
+    prompt = prompts.completion_prompt(data)
+    sampling = prompts.sampling(data, len(prompt), data.max_tokens, data.logprobs)
+    return await server.serve(request, _job(data, False, prompts.served_model_name, prompt, sampling))
+
+
+@post(
+    "/chat/completions",
+    status_code=200,
+    description=_GENERATE_DOC,
+    responses={
+        200: ResponseSpec(oa.ChatCompletionResponse, description="The reply (or its stream of chunks)"),
+        **_ERRORS,
+    },
+)
+async def chat_completions(request: Request[Any, Any, Any], data: oa.ChatCompletionRequest) -> Response[Any]:
+    server, prompts = _server(request), _prompts(request)
+    prompts.check_model(data.model)
+    if data.top_logprobs is not None and not data.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+    logprobs = (data.top_logprobs or 0) if data.logprobs else None
+    prompt = prompts.chat_prompt(data)
+    max_tokens = data.max_completion_tokens if data.max_completion_tokens is not None else data.max_tokens
+    try:
+        sampling = prompts.sampling(data, len(prompt), max_tokens, logprobs)
+    except APIError as exc:
+        if exc.param == "logprobs":
+            exc.param = "top_logprobs"
+        raise
+    return await server.serve(request, _job(data, True, prompts.served_model_name, prompt, sampling))
+
+
+def _job(data: oa.SamplingFields, chat: bool, model: str, prompt: list[int], sampling: Sampling) -> Job:
+    include_usage = bool(data.stream_options and data.stream_options.include_usage)
+    return Job(chat, model, prompt, sampling, stop_strings(data.stop), bool(data.stream), include_usage)
+
+
+@get("/models")
+async def models(request: Request[Any, Any, Any]) -> oa.ModelList:
+    prompts = _prompts(request)
+    card = oa.ModelCard(prompts.served_model_name, oa.now(), prompts.max_model_len)
+    return oa.ModelList([card])
+
+
+@get("/health", include_in_schema=False)
+async def health(request: Request[Any, Any, Any]) -> Response[dict[str, str]]:
+    if _server(request).backend.connected:
+        return Response({"status": "ok"})
+    return Response({"status": "not connected to NATS"}, status_code=503)
+
+
+@get("/metrics", include_in_schema=False)
+async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
+    return Response(_server(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+# The app's objects live in its state rather than in globals, so one process can hold several apps.
+def _server(request: Request[Any, Any, Any]) -> Server:
+    server: Server = request.app.state.server
+    return server
+
+
+def _prompts(request: Request[Any, Any, Any]) -> PromptBuilder:
+    prompts: PromptBuilder = request.app.state.prompts
+    return prompts
+
+
+def _api_key_guard(keys: tuple[str, ...]) -> Guard:
+    """Require `Authorization: Bearer <key>` with one of `keys` (compared in constant time)."""
+
+    def guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+        scheme, _, given = connection.headers.get("authorization", "").partition(" ")
+        token = given.strip().encode()
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token, k.encode()) for k in keys):
+            raise APIError(
+                401, "Incorrect or missing API key: send `Authorization: Bearer <key>`.", code="invalid_api_key"
+            )
+
+    return guard
+
+
+def create_app(settings: GatewaySettings) -> Litestar:
+    spec = ModelSpec.from_folder(settings.model)  # first: its error names a missing or unsupported folder clearly
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(settings.model, local_files_only=True)
+    except Exception as exc:  # transformers raises many types for one cause: no usable tokenizer files
+        raise ModelLoadError(f"{settings.model}: no tokenizer can be loaded: {exc}") from exc
+    backend = BackendClient(settings)
+    gateway_metrics = GatewayMetrics()
+    server = Server(backend, tokenizer, gateway_metrics)
+    prompts = PromptBuilder(tokenizer, settings.served_model_name, spec.max_model_len, spec.vocab_size)
+    v1 = Router(
+        "/v1",
+        route_handlers=[completions, chat_completions, models],
+        guards=[_api_key_guard(settings.api_keys)] if settings.api_keys else [],
+    )
+    return Litestar(
+        route_handlers=[v1, health, metrics],
+        state=State({"server": server, "prompts": prompts}),
+        on_startup=[backend.start],
+        on_shutdown=[backend.close],
+        exception_handlers=EXCEPTION_HANDLERS,
+        middleware=[gateway_metrics.middleware],
+        openapi_config=OpenAPIConfig(title="Adrenaline gateway", version="1", description="OpenAI-compatible API"),
+        logging_config=None,  # structlog writes our lines; Litestar must not reconfigure the root logger
+    )

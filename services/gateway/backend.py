@@ -1,0 +1,152 @@
+"""The gateway's side of the control plane: submit a request, then receive its tokens.
+
+Token events for every request this gateway owns arrive on ONE subscription,
+`subjects.tokens(gateway_id)`, as `TokenBatch`es (one message per engine step, not one per
+request); each event is routed to its request's queue by id. Events for ids we no longer hold
+(a request that ended on a stop string, a client that left) are dropped: the backend may still
+send a step or two before our abort reaches it.
+
+A request never hangs: the scheduler must answer the submit within `submit_timeout`, and each
+token event must follow the previous one within `token_timeout`; either failure ends the request
+with an error and, once the request is accepted, an `AbortRequest` so the backend frees its KV.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+from nats.aio.subscription import Subscription
+
+from common.bus import Bus, Reply, ServiceUnavailable
+from common.messages import AbortRequest, Sampling, SubmitReply, SubmitRequest, TokenBatch, TokenEvent
+from services.gateway.errors import APIError
+from services.gateway.settings import GatewaySettings
+
+log = structlog.get_logger("gateway")
+
+
+class Generation:
+    """One accepted request's token events, in order; `close` it when done, whatever happened."""
+
+    def __init__(self, backend: BackendClient, request_id: str, queue: asyncio.Queue[TokenEvent]) -> None:
+        self.backend = backend
+        self.request_id = request_id
+        self._queue = queue
+        self.finished = False  # the backend ended the request (or we aborted it): no abort is owed
+
+    async def next(self) -> TokenEvent:
+        """The next event (the last one carries a finish_reason); APIError on a backend error or a silence.
+
+        A method rather than an async generator, so that a cancelled caller leaves no suspended
+        generator behind whose clean-up would run at some later garbage collection.
+        """
+        if self.finished:
+            raise RuntimeError(f"{self.request_id}: no more events after the request ended")
+        try:
+            event = await asyncio.wait_for(self._queue.get(), self.backend.settings.token_timeout)
+        except TimeoutError:
+            self.close("token timeout")
+            timeout = self.backend.settings.token_timeout
+            raise APIError(504, f"no token from the backend within {timeout} s", code="timeout") from None
+        if event.finish_reason in ("error", "abort"):
+            self.finished = True  # the backend ended it: no abort is owed
+            self.close("")
+            message = event.error or "the request was aborted by the backend"
+            raise APIError(502, f"the backend failed this request: {message}", code="backend_error")
+        if event.finish_reason is not None:
+            self.finished = True
+        return event
+
+    def close(self, reason: str) -> None:
+        """Stop routing this request's events; if it is still running, tell the backend why it should stop."""
+        self.backend.release(self.request_id)
+        if not self.finished:
+            self.finished = True
+            self.backend.abort(self.request_id, reason)
+
+
+class BackendClient:
+    """One NATS connection per gateway, with the token subscription that feeds every request's queue."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.subjects = settings.subjects
+        self.bus: Bus | None = None
+        self._subscription: Subscription | None = None
+        self._queues: dict[str, asyncio.Queue[TokenEvent]] = {}
+        self._pending: set[asyncio.Task[None]] = set()  # abort publishes in flight; held so they are not collected
+
+    @property
+    def connected(self) -> bool:
+        return self.bus is not None and self.bus.client.is_connected
+
+    @property
+    def inflight(self) -> int:
+        return len(self._queues)
+
+    async def start(self) -> None:
+        self.bus = await Bus.connect(self.settings.nats_url, self.settings.gateway_id)
+        token_subject = self.subjects.tokens(self.settings.gateway_id)
+        self._subscription = await self.bus.subscribe(token_subject, TokenBatch, self._on_tokens)
+        await self.bus.flush()  # the subscription is live at the server before the first submit names it
+        log.info("connected", nats_url=self.settings.nats_url, token_subject=token_subject)
+
+    async def close(self) -> None:
+        for request_id in list(self._queues):
+            self.abort(request_id, "gateway shutting down")
+        if self._pending:
+            await asyncio.wait(self._pending, timeout=2.0)
+        if self.bus is not None:
+            await self.bus.close()
+            self.bus = None
+
+    async def _on_tokens(self, batch: TokenBatch, reply: Reply | None) -> None:
+        for event in batch.events:
+            queue = self._queues.get(event.request_id)
+            if queue is not None:
+                queue.put_nowait(event)
+
+    async def submit(self, request_id: str, prompt: list[int], sampling: Sampling) -> Generation:
+        """Hand the request to the scheduler; raise APIError (503, 429, 400...) when it is not accepted."""
+        if self.bus is None or not self.connected:
+            raise APIError(503, "the gateway is not connected to the cluster", code="service_unavailable")
+        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self._queues[request_id] = queue  # before the submit: the first token may beat the reply
+        token_subject = self.subjects.tokens(self.settings.gateway_id)
+        message = SubmitRequest(request_id, prompt, sampling, token_subject)
+        try:
+            reply = await self.bus.request(self.subjects.submit, message, SubmitReply, self.settings.submit_timeout)
+        except ServiceUnavailable as exc:
+            self.release(request_id)
+            # A reply that never came may still be a request the scheduler routed: make sure it stops.
+            self.abort(request_id, "submit timed out")
+            raise APIError(503, f"no scheduler answered: {exc}", code="service_unavailable") from None
+        except BaseException:
+            self.release(request_id)
+            self.abort(request_id, "submit cancelled")
+            raise
+        if not reply.accepted:
+            self.release(request_id)
+            status = reply.status if 400 <= reply.status < 600 else 503
+            raise APIError(status, reply.error or "the scheduler refused the request")
+        log.info("accepted", request_id=request_id, prefill_id=reply.prefill_id, decode_id=reply.decode_id)
+        return Generation(self, request_id, queue)
+
+    def release(self, request_id: str) -> None:
+        self._queues.pop(request_id, None)
+
+    def abort(self, request_id: str, reason: str) -> None:
+        """Publish an AbortRequest without waiting: this runs in `finally` blocks of cancelled tasks."""
+        if self.bus is None:
+            return
+        log.info("abort", request_id=request_id, reason=reason)
+        task = asyncio.get_running_loop().create_task(self._publish_abort(self.bus, AbortRequest(request_id, reason)))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _publish_abort(self, bus: Bus, message: AbortRequest) -> None:
+        try:
+            await bus.publish(self.subjects.abort, message)
+        except Exception as exc:  # a closed or reconnecting connection: the backend's own timeouts take over
+            log.warning("abort not published", request_id=message.request_id, error=str(exc))

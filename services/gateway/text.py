@@ -1,0 +1,126 @@
+"""Output tokens to text, incrementally, with stop strings.
+
+Text is always the decode of the WHOLE output so far, and each step emits only its new suffix:
+decoding token by token would split multi-byte characters and break tokenizers whose pieces
+depend on their neighbours (SentencePiece's leading spaces). Two kinds of text are held back
+until the next step decides them:
+
+- a trailing U+FFFD: the last token ended inside a UTF-8 character that the next completes;
+- a trailing piece that could be the start of a stop string: if the stop string completes, the
+  client must never have seen its first half.
+
+A stop string found in the text ends the request: the text is cut just before it and the
+finish reason is "stop" (the caller aborts the backend, which does not know about stop strings).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.messages import TokenEvent
+
+REPLACEMENT = "\ufffd"
+
+
+Tokenizer = Any  # a transformers tokenizer; only `decode(token_ids, skip_special_tokens=...)` is used
+
+
+@dataclass
+class Piece:
+    """What one step adds to the visible output, with the logprobs of the tokens it covers."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+
+
+class TextStream:
+    """Feed it token events in order; it returns what the client may see now, and how the output ended."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.max_stop = max((len(s) for s in self.stop), default=0)
+        self.token_ids: list[int] = []  # every generated token, including any past a stop string
+        self.text = ""  # the text emitted so far
+        self.finish_reason: str | None = None
+        self.stopped_by_string = False
+        self._pending = Piece()  # tokens whose text is held back, with their logprobs
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def add(self, event: TokenEvent) -> Piece:
+        if self.finished:
+            return Piece()
+        self.token_ids += event.token_ids
+        self._pending.token_ids += event.token_ids
+        self._pending.logprobs += event.logprobs
+        self._pending.top_logprobs += event.top_logprobs
+        full: str = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        final = event.finish_reason is not None
+        cut = self._find_stop(full)
+        if cut is not None:
+            full, final = full[:cut], True
+            self.finish_reason, self.stopped_by_string = "stop", True
+        elif final:
+            self.finish_reason = event.finish_reason
+        end = len(full) if final else self._visible_end(full)
+        if end <= len(self.text) and not final:
+            return Piece()
+        piece, self._pending = self._pending, Piece()
+        piece.text = full[len(self.text) : end]
+        self.text += piece.text
+        return piece
+
+    def _find_stop(self, full: str) -> int | None:
+        """Where the earliest stop string starts, searching only text that can hold a new match."""
+        if not self.stop:
+            return None
+        start = max(0, len(self.text) - self.max_stop + 1)
+        found = [i for i in (full.find(s, start) for s in self.stop) if i >= 0]
+        return min(found) if found else None
+
+    def _visible_end(self, full: str) -> int:
+        end = len(full.rstrip(REPLACEMENT))
+        for n in range(min(self.max_stop - 1, end), 0, -1):
+            tail = full[end - n : end]
+            if any(s.startswith(tail) for s in self.stop):
+                return end - n
+        return end
+
+
+def token_strings(tokenizer: Tokenizer, token_ids: list[int]) -> list[str]:
+    """Each token's own text, as OpenAI's logprobs name tokens."""
+    return [tokenizer.decode([t], skip_special_tokens=False) for t in token_ids]
+
+
+def completion_logprobs(tokenizer: Tokenizer, piece: Piece, offset: int) -> dict[str, Any]:
+    """The legacy completions `logprobs` object; `offset` is where this piece's text starts in the output."""
+    tokens = token_strings(tokenizer, piece.token_ids)
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    top = [
+        {tokenizer.decode([tid], skip_special_tokens=False): lp for tid, lp in row} if row else None
+        for row in piece.top_logprobs
+    ]
+    return {"tokens": tokens, "token_logprobs": piece.logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer: Tokenizer, piece: Piece) -> dict[str, Any]:
+    """The chat `logprobs` object: `{"content": [{token, logprob, bytes, top_logprobs}]}`."""
+
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        text = tokenizer.decode([token_id], skip_special_tokens=False)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    content = []
+    for i, (token_id, logprob) in enumerate(zip(piece.token_ids, piece.logprobs, strict=False)):
+        row = piece.top_logprobs[i] if i < len(piece.top_logprobs) else []
+        content.append({**entry(token_id, logprob), "top_logprobs": [entry(t, lp) for t, lp in row]})
+    return {"content": content}

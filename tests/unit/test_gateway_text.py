@@ -1,0 +1,87 @@
+"""The gateway's text handling without a server: incremental detokenization, stop strings, prompt checks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from common.messages import TokenEvent
+from common.model.tiny import make_tokenizer
+from services.gateway.errors import APIError
+from services.gateway.openai_types import ChatCompletionRequest, ChatMessage, CompletionRequest
+from services.gateway.prompts import PromptBuilder
+from services.gateway.text import TextStream
+
+
+class PieceTokenizer:
+    """Token i is PIECES[i]; decoding joins them, as a byte-level BPE does for whole characters."""
+
+    PIECES = ("hel", "lo ", "wor", "ld", "!")
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(self.PIECES[t] for t in token_ids)
+
+
+def _event(*tokens: int, finish: str | None = None) -> TokenEvent:
+    return TokenEvent("r", list(tokens), finish_reason=finish)
+
+
+def test_text_that_may_start_a_stop_string_is_held_back_then_cut() -> None:
+    text = TextStream(PieceTokenizer(), ["o w"])
+    assert text.add(_event(0)).text == "hel"
+    assert text.add(_event(1)).text == "l"  # "o " could begin "o w": held back
+    piece = text.add(_event(2))  # "hello wor": the stop string is there
+    assert (piece.text, text.text, text.finish_reason, text.stopped_by_string) == ("", "hell", "stop", True)
+    assert piece.token_ids == [2]  # the last piece carries the tokens (and logprobs) not yet sent
+
+
+def test_held_back_text_is_released_when_the_stop_string_does_not_follow() -> None:
+    text = TextStream(PieceTokenizer(), ["o w", "lo !"])
+    pieces = [text.add(_event(0)), text.add(_event(1)), text.add(_event(3)), text.add(_event(4, finish="length"))]
+    assert [p.text for p in pieces] == ["he", "l", "lo ld", "!"]  # "l", then "lo ", could begin "lo !"
+    assert (text.text, text.finish_reason, text.stopped_by_string) == ("hello ld!", "length", False)
+
+
+def test_a_character_split_across_tokens_waits_for_its_last_byte() -> None:
+    tokenizer = make_tokenizer(384)
+    first, second = tokenizer.encode("é", add_special_tokens=False)  # the byte-level pieces of C3 A9
+    assert tokenizer.convert_ids_to_tokens([first, second]) == ["Ã", "©"]
+    text = TextStream(tokenizer, [])
+    assert text.add(_event(first)).text == ""
+    assert text.add(_event(second, finish="length")).text == "é"
+
+
+@pytest.fixture(scope="module")
+def prompts() -> PromptBuilder:
+    return PromptBuilder(make_tokenizer(384), "m", max_model_len=64, vocab_size=384)
+
+
+def test_prompt_checks(prompts: PromptBuilder) -> None:
+    assert prompts.completion_prompt(CompletionRequest(prompt=[[3, 4, 5]])) == [3, 4, 5]  # a batch of one
+    cases: list[tuple[list[Any], str]] = [
+        ([[1], [2]], "one prompt per request"),
+        ([1, 999], "token ids must be in"),
+        ([], "must not be empty"),
+        ([1.5], "a string or a list of token ids"),
+    ]
+    for prompt, message in cases:
+        with pytest.raises(APIError, match=message) as bad:
+            prompts.completion_prompt(CompletionRequest(prompt=prompt))
+        assert (bad.value.status, bad.value.param) == (400, "prompt")
+
+
+def test_a_tokenizer_without_a_chat_template_is_a_clear_400(prompts: PromptBuilder) -> None:
+    prompts.tokenizer.chat_template = None
+    with pytest.raises(APIError, match="no chat template") as bad:
+        prompts.chat_prompt(ChatCompletionRequest(messages=[ChatMessage(role="user", content="hi")]))
+    assert (bad.value.status, bad.value.param) == (400, "messages")
+
+
+def test_max_tokens_defaults_to_16_within_the_context(prompts: PromptBuilder) -> None:
+    request = CompletionRequest(prompt="x")
+    assert prompts.sampling(request, 10, None, None).max_new_tokens == 16
+    assert prompts.sampling(request, 60, None, None).max_new_tokens == 4
+    with pytest.raises(APIError) as bad:
+        prompts.sampling(request, 64, None, None)
+    assert (bad.value.param, bad.value.code) == ("prompt", "context_length_exceeded")
