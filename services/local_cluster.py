@@ -24,7 +24,7 @@ import yaml
 
 from common.bus import Bus
 from common.messages import ClusterStatus, StatusRequest
-from common.natsd import NatsServer
+from common.natsd import NatsServer, free_port
 from common.subjects import Subjects
 from services.launcher import ProcessGroup
 
@@ -77,6 +77,7 @@ class LocalCluster:
         self.nats: NatsServer | None = None
         self.log_dir = self.log_dir or Path(tempfile.mkdtemp(prefix="adrenaline-logs-"))
         self.group = ProcessGroup(self.log_dir)
+        self.metrics_ports: dict[str, int] = {}  # prefill and decode replicas' Prometheus ports
 
     def replicas(self, role: str) -> int:
         return 1 if role in ("scheduler", "gateway") else self.scale.get(role, 1)
@@ -97,6 +98,9 @@ class LocalCluster:
                     "ADRENALINE_SUBJECTS_PREFIX": self.prefix,
                     "ADRENALINE_INSTANCE_ID": f"{role}-{i}",
                 }
+                if role in ("prefill", "decode"):
+                    self.metrics_ports[f"{role}-{i}"] = free_port()
+                    env["ADRENALINE_METRICS_PORT"] = str(self.metrics_ports[f"{role}-{i}"])
                 args = entry.args
                 if role == "gateway":
                     args = _replace_flag(_replace_flag(args, "--host", self.host), "--port", str(self.port))

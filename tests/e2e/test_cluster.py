@@ -1,0 +1,156 @@
+"""The whole cluster as `adrenaline up` starts it, through the official `openai` client.
+
+Every service is its own process (nats-server, scheduler, 2 prefill, 2 decode, gateway), KV
+moves over UCX, and greedy output must equal `transformers` `generate` token for token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from common.natsd import free_port
+from services.local_cluster import LocalCluster
+
+
+def _scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def _wait_kv_free(cluster: LocalCluster, timeout: float = 10.0) -> None:
+    """Every instance's own accounting (its heartbeat-fed gauges) back to zero blocks in use."""
+    deadline = time.monotonic() + timeout
+    while True:
+        used = {name: _scrape(port)["adrenaline_kv_blocks_used"] for name, port in cluster.metrics_ports.items()}
+        if not any(used.values()):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"KV blocks still in use: {used}")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def cluster(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    c = LocalCluster(
+        llama_dir,
+        port=free_port(),
+        scale={"prefill": 2, "decode": 2},
+        env={"ADRENALINE_THREADS": "1"},
+        log_dir=tmp_path_factory.mktemp("logs"),
+        prefix="e2e",
+    )
+    c.start()
+    try:
+        c.wait_ready(timeout=120)
+        yield c
+    finally:
+        c.stop()
+    assert not c.group.children, "every process is stopped"
+
+
+@pytest.mark.timeout(300)
+def test_concurrent_openai_requests_equal_transformers_and_use_every_replica(
+    cluster: LocalCluster, llama_dir: Path
+) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    hf = AutoModelForCausalLM.from_pretrained(llama_dir)
+    words = [
+        "adrenaline",
+        "attention",
+        "batch",
+        "block",
+        "cache",
+        "decode",
+        "executor",
+        "gateway",
+        "kernel",
+        "layer",
+        "memory",
+        "prefill",
+    ]
+    jobs = []  # (kind, stream, payload, prompt ids)
+    for i in range(16):
+        text = " ".join(words[(i + j) % len(words)] for j in range(3 + i % 7))
+        kind, stream = ("chat" if i % 2 else "completion"), bool(i % 4 >= 2)
+        if kind == "chat":
+            messages = [{"role": "user", "content": text}]
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+            jobs.append((kind, stream, messages, list(ids)))
+        else:
+            jobs.append((kind, stream, text, tokenizer(text).input_ids))
+    max_tokens = 20
+
+    async def one(client: openai.AsyncOpenAI, kind: str, stream: bool, payload: object) -> str:
+        # No ignore_eos: the reference `generate` stops at the end-of-sequence token, and so must we.
+        common = {"model": cluster.model.name, "max_tokens": max_tokens, "temperature": 0.0}
+        if kind == "chat":
+            if stream:
+                chunks = await client.chat.completions.create(messages=payload, stream=True, **common)  # type: ignore[arg-type]
+                return "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
+            reply = await client.chat.completions.create(messages=payload, **common)  # type: ignore[arg-type]
+            return reply.choices[0].message.content or ""
+        if stream:
+            chunks = await client.completions.create(prompt=payload, stream=True, **common)  # type: ignore[arg-type]
+            return "".join([c.choices[0].text async for c in chunks if c.choices])
+        completion = await client.completions.create(prompt=payload, **common)  # type: ignore[arg-type]
+        return completion.choices[0].text
+
+    async def run_all() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0)
+        return await asyncio.gather(*(one(client, kind, stream, payload) for kind, stream, payload, _ in jobs))
+
+    texts = asyncio.run(run_all())
+    for (kind, stream, _, ids), text in zip(jobs, texts, strict=True):
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False)[0, len(ids) :]
+        assert text == tokenizer.decode(ref, skip_special_tokens=True), (kind, stream)
+    for name, port in cluster.metrics_ports.items():
+        direction = "send" if name.startswith("prefill") else "recv"
+        assert _scrape(port)[f'adrenaline_kv_transfer_bytes_total{{direction="{direction}"}}'] > 0, name
+    _wait_kv_free(cluster)
+
+
+@pytest.mark.timeout(120)
+def test_a_client_that_disconnects_mid_stream_leaves_no_kv_anywhere(cluster: LocalCluster) -> None:
+    body = {
+        "model": cluster.model.name,
+        "prompt": "decode batch",
+        "max_tokens": 1500,
+        "stream": True,
+        "temperature": 0.0,
+        "ignore_eos": True,
+    }
+    for _ in range(3):
+        with httpx.Client(timeout=30) as http, http.stream("POST", f"{cluster.url}/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            received = [next(lines) for _ in range(6)]  # a few chunks, then hang up
+            assert any(line.startswith("data: ") for line in received)
+    _wait_kv_free(cluster)
+
+
+@pytest.mark.timeout(60)
+def test_errors_through_the_cluster(cluster: LocalCluster) -> None:
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.completions.create(model=cluster.model.name, prompt="x", temperature=-1)
+    assert bad.value.body["param"] == "temperature"  # type: ignore[index]
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-model", prompt="x")
+    assert httpx.get(f"{cluster.url}/health").status_code == 200
