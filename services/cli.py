@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--scale", action="append", default=[], metavar="ROLE=N", help="prefill=N or decode=N")
     up.add_argument("--pin", action="append", default=[], metavar="ROLE=CPUS", help="e.g. decode=0 prefill=1")
 
+    up.add_argument(
+        "--kv-cache-bytes",
+        type=int,
+        default=0,
+        help="KV budget of every prefill and decode instance (0: compose.yaml's)",
+    )
     up.set_defaults(func=_up)
 
     model = commands.add_parser("model", help="model folders").add_subparsers(dest="model_command", required=True)
