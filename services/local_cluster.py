@@ -77,7 +77,7 @@ class LocalCluster:
         self.nats: NatsServer | None = None
         self.log_dir = self.log_dir or Path(tempfile.mkdtemp(prefix="adrenaline-logs-"))
         self.group = ProcessGroup(self.log_dir)
-        self.metrics_ports: dict[str, int] = {}  # prefill and decode replicas' Prometheus ports
+        self.metrics_ports: dict[str, int] = {}  # scheduler, prefill and decode replicas' Prometheus ports
 
     def replicas(self, role: str) -> int:
         return 1 if role in ("scheduler", "gateway") else self.scale.get(role, 1)
@@ -98,7 +98,7 @@ class LocalCluster:
                     "ADRENALINE_SUBJECTS_PREFIX": self.prefix,
                     "ADRENALINE_INSTANCE_ID": f"{role}-{i}",
                 }
-                if role in ("prefill", "decode"):
+                if role in ("scheduler", "prefill", "decode"):
                     self.metrics_ports[f"{role}-{i}"] = free_port()
                     env["ADRENALINE_METRICS_PORT"] = str(self.metrics_ports[f"{role}-{i}"])
                 args = entry.args

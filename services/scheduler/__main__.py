@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
+from common import metrics
 from common.bus import Bus
 from common.logging import configure
 from services.runtime import run_until_signalled
@@ -14,6 +15,7 @@ from services.scheduler.service import Scheduler, SchedulerSettings
 def main(argv: list[str] | None = None) -> None:
     settings = SchedulerSettings.parse(argv)
     configure("scheduler")
+    metrics.serve(settings.metrics_port)
 
     async def serve(stop: asyncio.Event) -> None:
         bus = await Bus.connect(settings.nats_url, "scheduler")

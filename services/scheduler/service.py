@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 import structlog
+from prometheus_client import Counter, Gauge
 
 from common.bus import Bus, Reply, ServiceUnavailable
 from common.messages import (
@@ -36,6 +37,13 @@ from common.subjects import Subjects
 
 log = structlog.get_logger("scheduler")
 
+INSTANCES = Gauge("adrenaline_scheduler_instances", "Live instances seen through their heartbeats", ["role"])
+INFLIGHT = Gauge("adrenaline_scheduler_inflight_requests", "Requests routed and not yet finished")
+SUBMISSIONS = Counter(
+    "adrenaline_scheduler_submissions_total", "Submitted requests by outcome (HTTP-like status)", ["status"]
+)
+LOST = Counter("adrenaline_scheduler_instances_lost_total", "Instances that stopped heartbeating")
+
 
 @dataclass(frozen=True)
 class SchedulerSettings:
@@ -43,6 +51,7 @@ class SchedulerSettings:
     subjects_prefix: str = "adrenaline"  # ADRENALINE_SUBJECTS_PREFIX
     dead_after_s: float = 1.0  # ADRENALINE_DEAD_AFTER_S: an instance silent this long is gone
     request_timeout_s: float = 5.0  # ADRENALINE_REQUEST_TIMEOUT_S: how long a prefill instance may take to ack
+    metrics_port: int = 0  # ADRENALINE_METRICS_PORT: Prometheus /metrics; 0 is off
 
     @classmethod
     def parse(cls, argv: list[str] | None) -> SchedulerSettings:
@@ -52,6 +61,7 @@ class SchedulerSettings:
         p.add_argument("--subjects-prefix", default=env("ADRENALINE_SUBJECTS_PREFIX", "adrenaline"))
         p.add_argument("--dead-after-s", type=float, default=float(env("ADRENALINE_DEAD_AFTER_S", 1.0)))
         p.add_argument("--request-timeout-s", type=float, default=float(env("ADRENALINE_REQUEST_TIMEOUT_S", 5.0)))
+        p.add_argument("--metrics-port", type=int, default=int(env("ADRENALINE_METRICS_PORT", 0)))
         return cls(**vars(p.parse_args(argv)))
 
 
@@ -68,6 +78,7 @@ class _InFlight:
     token_subject: str
     kv_tokens: int  # what the decode instance must hold on admission
     admitted: bool = False  # KV landed on the decode instance
+    admitted_at: float = 0.0  # when we heard so; heartbeats older than this do not show its blocks yet
 
 
 class Scheduler:
@@ -95,6 +106,10 @@ class Scheduler:
         for iid in dead:
             log.warning("instance lost", instance_id=iid, role=self.instances[iid].load.role)
             del self.instances[iid]
+            LOST.inc()
+        for role in ("prefill", "decode"):
+            INSTANCES.labels(role).set(len(self.live(role)))
+        INFLIGHT.set(len(self.inflight))
         if not dead:
             return
         for rid, f in list(self.inflight.items()):
@@ -112,9 +127,13 @@ class Scheduler:
 
     # ---- routing ---------------------------------------------------------------------------
     def _free_tokens(self, load: InstanceLoad) -> int:
-        """Free KV tokens on a decode instance, less what requests routed there since will take."""
+        """Free KV tokens on a decode instance, less what requests routed there will take that its
+        last heartbeat cannot show yet (not admitted, or admitted after that heartbeat)."""
+        seen = self.instances[load.instance_id].seen
         promised = sum(
-            f.kv_tokens for f in self.inflight.values() if f.decode_id == load.instance_id and not f.admitted
+            f.kv_tokens
+            for f in self.inflight.values()
+            if f.decode_id == load.instance_id and (not f.admitted or f.admitted_at > seen)
         )
         return load.free_blocks * load.block_size - promised
 
@@ -129,12 +148,17 @@ class Scheduler:
         prefills, decodes = self.live("prefill"), self.live("decode")
         if not prefills or not decodes:
             missing = "prefill" if not prefills else "decode"
-            await reply(SubmitReply(rid, False, 503, f"no {missing} instance is available"))
+            await self._refuse(reply, rid, 503, f"no {missing} instance is available")
             return
         need = len(submit.prompt_token_ids) + 1
+        largest = max(d.total_blocks * d.block_size for d in decodes)
+        if need > largest:
+            error = f"the prompt needs {need} KV tokens; the largest decode instance holds {largest}"
+            await self._refuse(reply, rid, 400, error)
+            return
         decode = max(decodes, key=self._free_tokens)
         if self._free_tokens(decode) < need:
-            await reply(SubmitReply(rid, False, 429, "every decode instance's KV cache is full; retry later"))
+            await self._refuse(reply, rid, 429, "every decode instance's KV cache is full; retry later")
             return
         prefill = min(prefills, key=self._queued)
         task = PrefillTask(submit, decode.instance_id, decode.ucx_address)
@@ -150,14 +174,21 @@ class Scheduler:
             status = 400
         if not ack.accepted:
             self.inflight.pop(rid, None)
-            await reply(SubmitReply(rid, False, status, ack.error))
+            await self._refuse(reply, rid, status, ack.error)
             return
         log.info("routed", request_id=rid, prefill_id=prefill.instance_id, decode_id=decode.instance_id)
+        SUBMISSIONS.labels("200").inc()
         await reply(SubmitReply(rid, True, 200, "", prefill.instance_id, decode.instance_id))
+
+    async def _refuse(self, reply: Reply, request_id: str, status: int, error: str) -> None:
+        log.info("refused", request_id=request_id, status=status, error=error)
+        SUBMISSIONS.labels(str(status)).inc()
+        await reply(SubmitReply(request_id, False, status, error))
 
     async def on_admitted(self, admitted: Admitted, reply: Reply | None) -> None:
         if admitted.request_id in self.inflight:
-            self.inflight[admitted.request_id].admitted = True
+            entry = self.inflight[admitted.request_id]
+            entry.admitted, entry.admitted_at = True, time.monotonic()
 
     async def on_tokens(self, batch: TokenBatch, reply: Reply | None) -> None:
         for event in batch.events:

@@ -10,7 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from common.kv_pool import KVLayout
 from common.messages import AbortRequest, Sampling
+from common.model.spec import ModelSpec
 from tests.integration.cluster import BackendCluster, Client
 
 
@@ -130,6 +132,39 @@ def test_a_killed_decode_instance_fails_its_requests_and_the_cluster_goes_on(lla
             tokens, last = await client.result("after")
             assert len(tokens) == 8 and last.finish_reason == "length"
             await client.wait_all_free(["prefill-0", "decode-1"])
+            await client.bus.close()
+
+        asyncio.run(scenario())
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.timeout(120)
+def test_a_full_decode_instance_is_a_429_and_a_prompt_that_never_fits_a_400(llama_dir: Path, tmp_path: Path) -> None:
+    # 8 blocks of 16 tokens: 128 tokens of KV on the only decode instance.
+    spec = ModelSpec.from_folder(llama_dir)
+    per_block = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, 16, spec.dtype).bytes_per_block
+    cluster = BackendCluster(llama_dir, tmp_path, prefills=1, decodes=1, decode_kv_bytes=8 * per_block)
+    cluster.start()
+    try:
+
+        async def scenario() -> None:
+            client = await Client.connect(cluster.nats.url)
+            await client.wait_ready(prefills=1, decodes=1)
+            never = await client.submit("never", [5] * 200, Sampling(max_new_tokens=4))
+            assert (never.accepted, never.status) == (False, 400) and "holds 128" in never.error
+            first = await client.submit(
+                "first", [5] * 100, Sampling(max_new_tokens=28, temperature=0.0, ignore_eos=True)
+            )
+            assert first.accepted
+            full = await client.submit("second", [6] * 60, Sampling(max_new_tokens=4))
+            assert (full.accepted, full.status) == (False, 429) and "full" in full.error
+            tokens, last = await client.result("first")
+            assert len(tokens) == 28 and last.finish_reason == "length"
+            await client.wait_all_free(["prefill-0", "decode-0"])
+            again = await client.submit("again", [6] * 60, Sampling(max_new_tokens=4))
+            assert again.accepted
+            await client.result("again")
             await client.bus.close()
 
         asyncio.run(scenario())
