@@ -24,9 +24,11 @@ from common.block_manager import BlockManager
 from common.config import EngineConfig
 from common.errors import InvalidRequestError
 from common.kv_pool import KVLayout, KVPool
+from common.kv_transfer import gather_kv
 from common.model.loader import load_model
 from common.model.model import CausalLM
 from common.model.spec import ModelSpec
+from common.offload import ExecutorClient, RemoteGroup, SplitAttention
 from common.paged_attention import PagedAttention, decode_metadata, prefill_metadata
 from common.request import FinishReason, Request, Status
 from common.sampling import SamplingParams, sample
@@ -62,6 +64,7 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self.generator = torch.Generator().manual_seed(0)
         self.num_preemptions = 0
+        self.executors: dict[str, ExecutorClient] = {}  # offloading targets, by name
         self._generated = 0
 
     @classmethod
@@ -140,6 +143,18 @@ class Engine:
         self.blocks.free(request_id)
         return request
 
+    def offload(self, request_id: str, executor: str) -> None:
+        """Move a running request's KV to an attention executor; its decode attention runs there from now on."""
+        request = self.requests[request_id]
+        if request.status is not Status.RUNNING or request.executor is not None:
+            raise ValueError(f"{request_id}: only a running local request can be offloaded")
+        cached = request.num_tokens - 1  # the last token's KV is written by the next step
+        slots = torch.tensor(self.blocks.slots(request_id, 0, cached), dtype=torch.int64, device=self.device)
+        max_tokens = len(request.prompt_token_ids) + request.params.max_new_tokens
+        self.executors[executor].admit(request_id, gather_kv(self.pool, slots), max_tokens)
+        self.blocks.free(request_id)
+        request.executor = executor
+
     def abort(self, request_id: str) -> bool:
         """Stop a request wherever it is and free its blocks; False if it is unknown or done."""
         request = self.requests.get(request_id)
@@ -198,11 +213,16 @@ class Engine:
         index = 0
         while index < len(self.running):
             request = self.running[index]
+            if request.executor is not None:  # its executor reserved room for it at admission
+                index += 1
+                continue
             if self.blocks.can_append(request.request_id, request.num_tokens):
                 self.blocks.append(request.request_id, request.num_tokens)
                 index += 1
                 continue
-            victim = self.running.pop()  # the most recently admitted request
+            # the most recently admitted local request (at worst `request` itself)
+            victim = next(r for r in reversed(self.running) if r.executor is None)
+            self.running.remove(victim)
             self.blocks.free(victim.request_id)
             victim.status = Status.WAITING
             self.waiting.appendleft(victim)
@@ -222,12 +242,32 @@ class Engine:
         return self.model.logits(hidden[last])
 
     def _decode(self, batch: list[Request]) -> torch.Tensor:
-        owners = [r.request_id for r in batch]
-        lengths = [r.num_tokens for r in batch]
-        meta = decode_metadata(self.blocks, owners, lengths, self.device)
         tokens = torch.tensor([r.output_token_ids[-1] for r in batch], device=self.device)
-        positions = torch.tensor([n - 1 for n in lengths], device=self.device)
-        return self.model.logits(self.model(tokens, positions, self.attention.decode_fn(meta)))
+        positions = torch.tensor([r.num_tokens - 1 for r in batch], device=self.device)
+        local = [i for i, r in enumerate(batch) if r.executor is None]
+        if len(local) == len(batch):
+            meta = decode_metadata(
+                self.blocks, [r.request_id for r in batch], [r.num_tokens for r in batch], self.device
+            )
+            return self.model.logits(self.model(tokens, positions, self.attention.decode_fn(meta)))
+        # Metadata and the executors' slot reservations happen once here, not per layer.
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(batch):
+            if r.executor is not None:
+                groups.setdefault(r.executor, []).append(i)
+        remote = []
+        for name, rows in groups.items():
+            client = self.executors[name]
+            client.begin_step([batch[i].request_id for i in rows], [batch[i].num_tokens for i in rows])
+            remote.append(RemoteGroup(client, torch.tensor(rows, device=self.device)))
+        local_meta = None
+        if local:
+            local_reqs = [batch[i] for i in local]
+            local_meta = decode_metadata(
+                self.blocks, [r.request_id for r in local_reqs], [r.num_tokens for r in local_reqs], self.device
+            )
+        split = SplitAttention(self.attention, torch.tensor(local, device=self.device), local_meta, remote)
+        return self.model.logits(self.model(tokens, positions, split))
 
     def _run(self, batch: list[Request], logits: torch.Tensor) -> list[StepOutput]:
         result = sample(
@@ -260,7 +300,10 @@ class Engine:
     def _finish(self, request: Request, reason: FinishReason) -> None:
         if request in self.running:
             self.running.remove(request)
-        self.blocks.free(request.request_id)
+        if request.executor is not None:
+            self.executors[request.executor].release(request.request_id)
+        else:
+            self.blocks.free(request.request_id)
         request.status = Status.FINISHED
         request.finish_reason = reason
         self.requests.pop(request.request_id, None)
@@ -269,7 +312,7 @@ class Engine:
         """The block manager's own invariants, and exactly the running requests hold blocks."""
         self.blocks.check_integrity()
         holders = set(self.blocks.owners())
-        running = {r.request_id for r in self.running}
+        running = {r.request_id for r in self.running if r.executor is None}
         if holders != running:
             raise RuntimeError(
                 f"blocks held by {sorted(map(str, holders - running))}, running without: {sorted(running - holders)}"

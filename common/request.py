@@ -30,6 +30,7 @@ class Request:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
+    executor: str | None = None  # where its KV and decode attention live; None: this engine's pool
 
     @property
     def num_tokens(self) -> int:

@@ -1,0 +1,172 @@
+"""Decode attention for offloaded requests: the executor's side and the decode instance's split.
+
+Adrenaline keeps an offloaded request's KV on an attention executor (beside a prefill
+instance) and computes its decode attention there; the decode instance keeps everything else.
+This module is the transport-agnostic core of both sides:
+
+* `ExecutorCore`: an executor's pool, block books and paged attention. Per step it appends one
+  slot per request and builds the metadata once (`begin_step`), so the per-layer call
+  (`attend`) only stores k/v and runs the kernel.
+* `ExecutorClient`: how a decode instance reaches one executor, per layer: `start` ships q/k/v
+  of that executor's requests, `finish` returns their attention output. `InProcessExecutor`
+  calls a core directly; the UCX client of the executor service implements the same two calls,
+  so the split below does not change when the executor moves to another process.
+* `SplitAttention`: the per-layer attention of a decode batch whose rows are partly local and
+  partly on executors: remote work is started first, local attention runs meanwhile, outputs
+  are put back in batch order.
+
+    batch rows:   [ r0 r1 r2 r3 r4 r5 ]      local_rows  = [0, 3, 5]
+    executor A:        r1    r4              rows of A   = [1, 4]
+    executor B:           r2                 rows of B   = [2]
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from common.block_manager import BlockManager
+from common.errors import NoFreeBlocksError
+from common.kv_pool import KVLayout, KVPool
+from common.kv_transfer import scatter_kv
+from common.paged_attention import PagedAttention, decode_metadata
+from kernels.backend import AttentionBackend, DecodeMetadata
+
+
+class ExecutorCore:
+    def __init__(
+        self, layout: KVLayout, num_blocks: int, backend: AttentionBackend, scale: float, device: torch.device
+    ) -> None:
+        self.layout = layout
+        self.device = device
+        self.blocks = BlockManager(num_blocks, layout.block_size)
+        self.pool = KVPool(layout, num_blocks, device)
+        self.attention = PagedAttention(backend, self.pool, scale)
+        self.max_tokens: dict[str, int] = {}  # per request: the most KV tokens it may ever need
+
+    @property
+    def reserved_blocks(self) -> int:
+        """Blocks the admitted requests may still claim as they grow (admission keeps these free)."""
+        return sum(self.blocks.blocks_for(n) - len(self.blocks.block_table(r)) for r, n in self.max_tokens.items())
+
+    def can_admit(self, max_tokens: int) -> bool:
+        return self.blocks.blocks_for(max_tokens) + self.reserved_blocks <= self.blocks.num_free_blocks
+
+    def admit(self, request_id: str, kv: torch.Tensor, max_tokens: int) -> None:
+        """Take a request's prompt KV `[num_layers, 2, n, kv_heads, head_dim]`; it may grow to `max_tokens`.
+
+        Room for its whole growth is reserved at admission, so a running offloaded request never
+        finds the executor full mid-generation.
+        """
+        num_tokens = kv.shape[2]
+        if not self.can_admit(max_tokens):
+            free = self.blocks.num_free_blocks - self.reserved_blocks
+            raise NoFreeBlocksError(needed=self.blocks.blocks_for(max_tokens), free=free)
+        self.blocks.allocate(request_id, num_tokens)
+        slots = torch.tensor(self.blocks.slots(request_id, 0, num_tokens), dtype=torch.int64, device=self.device)
+        scatter_kv(self.pool, slots, kv.to(self.device))
+        self.max_tokens[request_id] = max_tokens
+
+    def begin_step(self, request_ids: Sequence[str], context_lens: Sequence[int]) -> DecodeMetadata:
+        """One new token per request at position context_lens[i] - 1; reserve its slot, build metadata once."""
+        for request_id, n in zip(request_ids, context_lens, strict=True):
+            self.blocks.append(request_id, n)
+        return decode_metadata(self.blocks, request_ids, context_lens, self.device)
+
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: DecodeMetadata
+    ) -> torch.Tensor:
+        return self.attention.decode(layer, q, k, v, meta)
+
+    def release(self, request_id: str) -> None:
+        self.blocks.free(request_id)
+        self.max_tokens.pop(request_id, None)
+
+
+class ExecutorClient(ABC):
+    """A decode instance's handle on one executor, for one step at a time."""
+
+    @abstractmethod
+    def admit(self, request_id: str, kv: torch.Tensor, max_tokens: int) -> None:
+        """Move a request's KV `[num_layers, 2, n, kv_heads, head_dim]` to the executor (raises NoFreeBlocksError)."""
+
+    @abstractmethod
+    def begin_step(self, request_ids: Sequence[str], context_lens: Sequence[int]) -> None:
+        """Announce the step's requests (in row order) before the first layer."""
+
+    @abstractmethod
+    def start(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Ship this layer's q [n, H, D], k and v [n, Hkv, D] of the step's requests."""
+
+    @abstractmethod
+    def finish(self, layer: int) -> torch.Tensor:
+        """This layer's attention output [n, H, D], in the order of `begin_step`."""
+
+    @abstractmethod
+    def release(self, request_id: str) -> None:
+        """The request ended: free its KV on the executor."""
+
+
+class InProcessExecutor(ExecutorClient):
+    """An executor core in the decode instance's own process: the reference for fidelity tests."""
+
+    def __init__(self, core: ExecutorCore) -> None:
+        self.core = core
+        self._meta: DecodeMetadata | None = None
+        self._out: torch.Tensor | None = None
+
+    def admit(self, request_id: str, kv: torch.Tensor, max_tokens: int) -> None:
+        self.core.admit(request_id, kv, max_tokens)
+
+    def begin_step(self, request_ids: Sequence[str], context_lens: Sequence[int]) -> None:
+        self._meta = self.core.begin_step(request_ids, context_lens)
+
+    def start(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self._meta is None:
+            raise RuntimeError("start() before begin_step()")
+        self._out = self.core.attend(layer, q, k, v, self._meta)
+
+    def finish(self, layer: int) -> torch.Tensor:
+        if self._out is None:
+            raise RuntimeError("finish() before start()")
+        out, self._out = self._out, None
+        return out
+
+    def release(self, request_id: str) -> None:
+        self.core.release(request_id)
+
+
+@dataclass(frozen=True)
+class RemoteGroup:
+    client: ExecutorClient
+    rows: torch.Tensor  # [n], int64: the batch rows this executor serves, in its begin_step order
+
+
+class SplitAttention:
+    """The attention callable of one decode step whose batch is split between local and remote rows."""
+
+    def __init__(
+        self,
+        local: PagedAttention,
+        local_rows: torch.Tensor,  # [n_local], int64
+        local_meta: DecodeMetadata | None,
+        remote: Sequence[RemoteGroup],
+    ) -> None:
+        self.local = local
+        self.local_rows = local_rows
+        self.local_meta = local_meta
+        self.remote = remote
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        for group in self.remote:  # ship remote work first, so it overlaps local attention
+            group.client.start(layer, q[group.rows], k[group.rows], v[group.rows])
+        out = torch.empty_like(q)
+        if self.local_meta is not None:
+            rows = self.local_rows
+            out[rows] = self.local.decode(layer, q[rows], k[rows], v[rows], self.local_meta)
+        for group in self.remote:
+            out[group.rows] = group.client.finish(layer)
+        return out

@@ -1,0 +1,93 @@
+"""Decode attention split between the engine's own pool and attention executors (in process).
+
+The executor service wraps the same `ExecutorCore`, and its UCX client implements the same
+`ExecutorClient` calls, so these tests pin down the arithmetic of offloading: whatever share of
+requests is offloaded, to however many executors, greedy output stays that of transformers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from common.config import EngineConfig
+from common.engine import Engine
+from common.errors import NoFreeBlocksError
+from common.offload import ExecutorCore, InProcessExecutor
+from common.sampling import SamplingParams
+from kernels.backend import get_backend
+
+
+def _prompts(vocab: int, lengths: list[int], seed: int = 4) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+def _executor(engine: Engine, num_blocks: int) -> ExecutorCore:
+    return ExecutorCore(engine.layout, num_blocks, get_backend("torch"), engine.model.scale, engine.device)
+
+
+@pytest.mark.parametrize(("ratio", "num_executors"), [(0.0, 1), (0.5, 1), (1.0, 1), (0.5, 2), (1.0, 2)])
+def test_greedy_output_is_unchanged_by_offloading(llama_dir: Path, ratio: float, num_executors: int) -> None:
+    engine = Engine.from_folder(llama_dir, EngineConfig(block_size=8, kv_cache_bytes=2**20))
+    cores = [_executor(engine, 256) for _ in range(num_executors)]
+    for i, core in enumerate(cores):
+        engine.executors[f"exec-{i}"] = InProcessExecutor(core)
+    prompts = _prompts(engine.spec.vocab_size, [3, 17, 8, 30, 1, 22, 12, 5])
+    params = SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True)
+    requests, offloaded = [], 0
+    pending = list(enumerate(prompts))
+    while pending or engine.has_unfinished():
+        if pending:  # one request joins per step, while the others decode
+            i, prompt = pending.pop(0)
+            requests.append(engine.add_request(f"r{i}", prompt, params))
+        engine.step()
+        for request in requests:
+            new = request.executor is None and request.status.value == "running" and len(request.output_token_ids) == 1
+            index = int(request.request_id[1:])
+            if new and int((index + 1) * ratio) > int(index * ratio):
+                engine.offload(request.request_id, f"exec-{offloaded % num_executors}")
+                offloaded += 1
+    assert offloaded == round(len(prompts) * ratio)
+    hf = AutoModelForCausalLM.from_pretrained(llama_dir)
+    for request, prompt in zip(requests, prompts, strict=True):
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False)[0, len(prompt) :].tolist()
+        assert request.output_token_ids == ref, request.request_id
+    engine.check_integrity()
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    for core in cores:
+        core.blocks.check_integrity()
+        assert core.blocks.num_free_blocks == core.blocks.num_blocks and not core.max_tokens
+
+
+def test_an_executor_reserves_growth_and_refuses_cleanly_when_full(llama_dir: Path) -> None:
+    engine = Engine.from_folder(llama_dir, EngineConfig(block_size=8, kv_cache_bytes=2**20))
+    core = _executor(engine, 4)  # 32 tokens
+    kv = torch.zeros(engine.layout.num_layers, 2, 10, engine.layout.num_kv_heads, engine.layout.head_dim)
+    core.admit("a", kv, max_tokens=20)  # 2 blocks now, 3 at most
+    assert core.blocks.num_used_blocks == 2 and core.reserved_blocks == 1
+    with pytest.raises(NoFreeBlocksError):
+        core.admit("b", kv, max_tokens=10)  # 2 blocks: only 1 is not promised to "a"
+    assert "b" not in core.blocks and core.blocks.num_used_blocks == 2
+    core.release("a")
+    core.admit("b", kv, max_tokens=10)
+    core.release("b")
+    core.blocks.check_integrity()
+    assert core.blocks.num_free_blocks == 4
+
+
+def test_aborting_an_offloaded_request_frees_its_executor_kv(llama_dir: Path) -> None:
+    engine = Engine.from_folder(llama_dir, EngineConfig(block_size=8, kv_cache_bytes=2**20))
+    core = _executor(engine, 64)
+    engine.executors["exec"] = InProcessExecutor(core)
+    engine.add_request("x", [5, 6, 7, 8], SamplingParams(max_new_tokens=30, temperature=0.0))
+    engine.step()
+    engine.offload("x", "exec")
+    engine.step()
+    assert core.blocks.num_used_blocks == 1 and engine.blocks.num_used_blocks == 0
+    assert engine.abort("x")
+    assert core.blocks.num_used_blocks == 0
+    engine.check_integrity()
