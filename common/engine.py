@@ -114,16 +114,25 @@ class Engine:
         return request
 
     def add_running(
-        self, request_id: str, prompt_token_ids: list[int], first_token_id: int, params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        first_token_id: int,
+        params: SamplingParams,
+        executor: str | None = None,
     ) -> Request:
         """Admit a request prefilled elsewhere, with its first token already sampled.
 
         Its prompt KV must already sit in this engine's blocks, allocated under `request_id`
-        (the decode service allocates, receives the KV, then calls this).
+        (the decode service allocates, receives the KV, then calls this), or, for an offloaded
+        request, on `executor`, one of `self.executors`.
         """
         if request_id in self.requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
-        if self.blocks.num_tokens(request_id) != len(prompt_token_ids):
+        if executor is not None:
+            if executor not in self.executors:
+                raise ValueError(f"{request_id}: unknown executor {executor!r}")
+        elif self.blocks.num_tokens(request_id) != len(prompt_token_ids):
             raise ValueError(
                 f"{request_id}: blocks hold {self.blocks.num_tokens(request_id)} tokens, prompt has "
                 f"{len(prompt_token_ids)}"
@@ -132,6 +141,7 @@ class Engine:
         params = dataclasses.replace(params, eos_token_ids=self.spec.eos_token_ids)
         request = Request(request_id, list(prompt_token_ids), params, output_token_ids=[first_token_id])
         request.status = Status.RUNNING
+        request.executor = executor
         self.requests[request_id] = request
         self.running.append(request)
         return request
@@ -154,6 +164,14 @@ class Engine:
         self.executors[executor].admit(request_id, gather_kv(self.pool, slots), max_tokens)
         self.blocks.free(request_id)
         request.executor = executor
+
+    def drop_executor(self, executor: str) -> list[Request]:
+        """End every request whose KV lives on `executor` (it failed) and forget the executor."""
+        lost = [r for r in self.running if r.executor == executor]
+        for request in lost:
+            self._finish(request, FinishReason.ERROR)
+        self.executors.pop(executor, None)
+        return lost
 
     def abort(self, request_id: str) -> bool:
         """Stop a request wherever it is and free its blocks; False if it is unknown or done."""

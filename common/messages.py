@@ -115,6 +115,8 @@ class PrefillTask:
     request: SubmitRequest
     decode_id: str
     decode_address: bytes  # the decode instance's UCX worker address, from its heartbeats
+    executor_id: str = ""  # set when the request is offloaded: its KV goes to this attention executor
+    executor_address: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -139,14 +141,42 @@ class KVHandoff:
     num_kv_tokens: int
     tag: int
     prefill_address: bytes
+    executor_id: str = ""  # to a decode instance: the KV went to this executor instead, no transfer follows
+    executor_address: bytes = b""
 
 
 @dataclass(frozen=True)
 class Admitted:
-    """decode -> scheduler: the request's KV has landed; a dead prefill instance no longer matters to it."""
+    """decode or executor -> scheduler (and decode): the request's KV has landed on `instance_id`.
+
+    From then on a dead prefill instance no longer matters to the request.
+    """
 
     request_id: str
+    instance_id: str
+
+
+@dataclass(frozen=True)
+class StepBegin:
+    """decode -> executor, once per decode step that has requests on that executor.
+
+    Per layer, the decode instance then sends one tensor `[n, (heads + 2 * kv_heads) * head_dim]`
+    (q, k, v of these requests, in this order) tagged `tag_base + layer`, and the executor answers
+    with `[n, heads * head_dim]` under the same tag.
+    """
+
     decode_id: str
+    decode_address: bytes
+    request_ids: list[str]
+    context_lens: list[int]
+    tag_base: int
+
+
+@dataclass(frozen=True)
+class ReleaseKV:
+    """decode -> executor: the request ended; free its KV."""
+
+    request_id: str
 
 
 @dataclass(frozen=True)
@@ -161,6 +191,7 @@ class ClusterStatus:
     prefill: list[str]
     decode: list[str]
     inflight: int
+    executor: list[str] = field(default_factory=list)
 
 
 # ---- the codec --------------------------------------------------------------------------------
@@ -180,6 +211,8 @@ _REGISTRY: dict[str, type[Any]] = {
         Admitted,
         StatusRequest,
         ClusterStatus,
+        StepBegin,
+        ReleaseKV,
     )
 }
 M = TypeVar("M")

@@ -18,6 +18,7 @@ class FinishReason(enum.StrEnum):
     STOP = "stop"  # a stop or end-of-sequence token
     LENGTH = "length"  # max_new_tokens, or the model's context
     ABORT = "abort"  # the caller gave up
+    ERROR = "error"  # the system failed it (e.g. its attention executor died)
 
 
 @dataclass

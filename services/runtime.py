@@ -48,6 +48,7 @@ class InstanceSettings:
     heartbeat_s: float = 0.25  # ADRENALINE_HEARTBEAT_S
     transfer_timeout_s: float = 10.0  # ADRENALINE_TRANSFER_TIMEOUT_S: a KV transfer that takes longer fails
     metrics_port: int = 0  # ADRENALINE_METRICS_PORT: Prometheus /metrics; 0 is off
+    colocated_with: str = ""  # ADRENALINE_COLOCATED_WITH: an executor's prefill instance
 
     @property
     def subjects(self) -> Subjects:
@@ -71,6 +72,7 @@ class InstanceSettings:
         p.add_argument("--heartbeat-s", type=float, default=float(env("ADRENALINE_HEARTBEAT_S", 0.25)))
         p.add_argument("--transfer-timeout-s", type=float, default=float(env("ADRENALINE_TRANSFER_TIMEOUT_S", 10.0)))
         p.add_argument("--metrics-port", type=int, default=int(env("ADRENALINE_METRICS_PORT", 0)))
+        p.add_argument("--colocated-with", default=env("ADRENALINE_COLOCATED_WITH", ""))
         return cls(**vars(p.parse_args(argv)))
 
     def apply_threads(self) -> None:

@@ -27,6 +27,7 @@ from common.errors import InvalidRequestError, NoFreeBlocksError
 from common.kv_transfer import kv_shape, scatter_kv
 from common.messages import AbortRequest, Ack, Admitted, InstanceLoad, KVHandoff, TokenBatch, TokenEvent
 from common.tensor_channel import TensorChannel, TransferError
+from services.decode.remote_executor import ExecutorFailed, RemoteExecutor
 from services.runtime import InstanceSettings, heartbeat, step, to_params, token_event, wait_for_work
 
 log = structlog.get_logger("decode")
@@ -38,6 +39,7 @@ class _Pending:
     aborted: bool = False
     kv: torch.Tensor | None = None  # set once received
     failed: str = ""
+    on_executor: bool = False  # offloaded: set once its executor reports the KV landed there
 
 
 @dataclass
@@ -59,6 +61,8 @@ class DecodeService:
         self.inbox = _Inbox()
         self.wake = asyncio.Event()
         self.receives: set[asyncio.Task[None]] = set()
+        # Executors' `Admitted` may overtake the prefill's hand-off; remembered until it arrives.
+        self.landed_on_executor: dict[str, float] = {}
 
     def load(self) -> InstanceLoad:
         blocks = self.engine.blocks
@@ -77,6 +81,17 @@ class DecodeService:
     async def on_handoff(self, handoff: KVHandoff, reply: Reply | None) -> None:
         self.inbox.handoffs.append((handoff, reply))
         self.wake.set()
+
+    async def on_admitted(self, admitted: Admitted, reply: Reply | None) -> None:
+        entry = self.pending.get(admitted.request_id)
+        if entry is not None and entry.handoff.executor_id == admitted.instance_id:
+            entry.on_executor = True
+            self.inbox.landed.append(admitted.request_id)
+            self.wake.set()
+        elif admitted.instance_id != self.settings.instance_id:
+            now = time.monotonic()
+            self.landed_on_executor = {r: t for r, t in self.landed_on_executor.items() if now - t < 60.0}
+            self.landed_on_executor[admitted.request_id] = now
 
     async def on_abort(self, abort: AbortRequest, reply: Reply | None) -> None:
         self.inbox.aborts.append(abort.request_id)
@@ -106,11 +121,15 @@ class DecodeService:
             if rid in self.pending or rid in self.engine.requests:
                 raise InvalidRequestError("request_id", f"{rid!r} is already here")
             self.engine.validate(request.prompt_token_ids, to_params(request.sampling))
-            self.engine.blocks.allocate(rid, handoff.num_kv_tokens)
+            if not handoff.executor_id:
+                self.engine.blocks.allocate(rid, handoff.num_kv_tokens)
         except (InvalidRequestError, NoFreeBlocksError) as exc:
             return Ack(False, str(exc))
         self.pending[rid] = _Pending(handoff)
-        receive = asyncio.create_task(self._receive(rid))
+        if handoff.executor_id:
+            receive = asyncio.create_task(self._await_executor(rid))
+        else:
+            receive = asyncio.create_task(self._receive(rid))
         self.receives.add(receive)
         receive.add_done_callback(self.receives.discard)
         return Ack(True)
@@ -131,8 +150,26 @@ class DecodeService:
         self.inbox.landed.append(request_id)
         self.wake.set()
 
+    async def _await_executor(self, request_id: str) -> None:
+        """An offloaded request joins once its executor says the KV landed there, or fails after the timeout."""
+        if self.landed_on_executor.pop(request_id, None) is not None:
+            self.pending[request_id].on_executor = True
+        else:
+            await asyncio.sleep(self.settings.transfer_timeout_s)
+        entry = self.pending.get(request_id)
+        if entry is not None and request_id not in self.inbox.landed:
+            if not entry.on_executor:
+                entry.failed = f"executor {entry.handoff.executor_id} did not report the KV within the timeout"
+            self.inbox.landed.append(request_id)
+            self.wake.set()
+
     async def _admit(self, request_id: str) -> None:
-        entry = self.pending.pop(request_id)
+        entry = self.pending.pop(request_id, None)
+        if entry is None:  # already admitted (the executor's report and the timeout both queued it)
+            return
+        if entry.on_executor:
+            await self._admit_offloaded(entry)
+            return
         request = entry.handoff.request
         bound = log.bind(request_id=request_id)
         if entry.aborted or entry.kv is None:
@@ -150,6 +187,45 @@ class DecodeService:
         self.token_subjects[request_id] = request.token_subject
         await self.bus.publish(self.subjects.admitted, Admitted(request_id, self.settings.instance_id))
         bound.info("admitted", kv_tokens=entry.handoff.num_kv_tokens)
+
+    async def _admit_offloaded(self, entry: _Pending) -> None:
+        h = entry.handoff
+        request = h.request
+        rid = request.request_id
+        if entry.aborted:
+            await self.bus.publish(self.subjects.abort, AbortRequest(rid, "aborted before decoding"))
+            return
+        if h.executor_id not in self.engine.executors:
+            self.engine.executors[h.executor_id] = RemoteExecutor(
+                h.executor_id,
+                await self.channel.connect(h.executor_address),
+                decode_id=self.settings.instance_id,
+                spec=self.engine.spec,
+                bus=self.bus,
+                channel=self.channel,
+                subjects=self.subjects,
+                loop=asyncio.get_running_loop(),
+                timeout=self.settings.transfer_timeout_s,
+            )
+        self.engine.add_running(
+            rid, request.prompt_token_ids, h.first_token_id, to_params(request.sampling), h.executor_id
+        )
+        self.token_subjects[rid] = request.token_subject
+        log.info("admitted offloaded", request_id=rid, executor_id=h.executor_id)
+
+    async def _step(self) -> list[StepOutput]:
+        """One engine step; a failed executor ends its requests with an error, the others go on."""
+        try:
+            return await step(self.engine)
+        except ExecutorFailed as exc:
+            lost = self.engine.drop_executor(exc.executor_id)
+            log.warning("executor failed", executor_id=exc.executor_id, error=str(exc), requests=len(lost))
+            for request in lost:
+                subject = self.token_subjects.pop(request.request_id, None)
+                if subject is not None:
+                    event = TokenEvent(request.request_id, [], finish_reason="error", error=str(exc))
+                    await self.bus.publish(subject, TokenBatch([event]))
+            return []
 
     async def _publish(self, outputs: list[StepOutput]) -> None:
         events: dict[str, list[TokenEvent]] = {}
@@ -170,6 +246,7 @@ class DecodeService:
                 self.subjects.instance(self.settings.instance_id, "handoff"), KVHandoff, self.on_handoff
             ),
             await self.bus.subscribe(self.subjects.abort, AbortRequest, self.on_abort),
+            await self.bus.subscribe(self.subjects.admitted, Admitted, self.on_admitted),
         ]
         beat = asyncio.create_task(heartbeat(self.bus, self.subjects, self.load, self.settings.heartbeat_s))
         log.info("decode instance ready", instance_id=self.settings.instance_id)
@@ -179,7 +256,7 @@ class DecodeService:
                 if not self.engine.has_unfinished():
                     await wait_for_work(self.wake, stop)
                     continue
-                outputs = await step(self.engine)
+                outputs = await self._step()
                 await self._publish(outputs)
         finally:
             beat.cancel()

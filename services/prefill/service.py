@@ -23,7 +23,16 @@ from common.bus import Bus, Reply, ServiceUnavailable
 from common.engine import Engine, StepOutput
 from common.errors import AdrenalineError, InvalidRequestError
 from common.kv_transfer import gather_kv
-from common.messages import AbortRequest, Ack, InstanceLoad, KVHandoff, PrefillTask, TokenBatch, TokenEvent
+from common.messages import (
+    AbortRequest,
+    Ack,
+    InstanceLoad,
+    KVHandoff,
+    PrefillTask,
+    SubmitRequest,
+    TokenBatch,
+    TokenEvent,
+)
 from common.tensor_channel import TensorChannel
 from services.runtime import InstanceSettings, heartbeat, step, to_params, token_event, wait_for_work
 
@@ -144,18 +153,24 @@ class PrefillService:
             await self.bus.publish(subject, TokenBatch(batch))
 
     async def _handoff(self, task: PrefillTask, first_token: int, kv: torch.Tensor) -> None:
+        """Ship the prompt KV to where the request will decode: its decode instance, or, for an
+        offloaded request, its attention executor (then the decode instance only gets the hand-off
+        message naming the executor)."""
         request = task.request
-        tag = next(self._tags)
-        bound = log.bind(request_id=request.request_id, decode_id=task.decode_id)
-        handoff = KVHandoff(request, first_token, kv.shape[2], tag, self.channel.address)
+        bound = log.bind(request_id=request.request_id, decode_id=task.decode_id, executor_id=task.executor_id)
         start = time.perf_counter()
         try:
-            subject = self.subjects.instance(task.decode_id, "handoff")
-            ack = await self.bus.request(subject, handoff, Ack, timeout=self.settings.transfer_timeout_s)
-            if not ack.accepted:
-                raise AdrenalineError(f"decode instance {task.decode_id} refused the request: {ack.error}")
-            peer = await self.channel.connect(task.decode_address)
-            sent = await self.channel.send(peer, tag, [kv], timeout=self.settings.transfer_timeout_s)
+            if task.executor_id:
+                sent = await self._send_kv(request, first_token, kv, task.executor_id, task.executor_address)
+                decode_handoff = KVHandoff(
+                    request, first_token, kv.shape[2], 0, self.channel.address, task.executor_id, task.executor_address
+                )
+                subject = self.subjects.instance(task.decode_id, "handoff")
+                ack = await self.bus.request(subject, decode_handoff, Ack, timeout=self.settings.transfer_timeout_s)
+                if not ack.accepted:
+                    raise AdrenalineError(f"decode instance {task.decode_id} refused the request: {ack.error}")
+            else:
+                sent = await self._send_kv(request, first_token, kv, task.decode_id, task.decode_address)
             metrics.TRANSFER_BYTES.labels("send").inc(sent)
             metrics.TRANSFER_SECONDS.labels("send").observe(time.perf_counter() - start)
             bound.info("kv handed off", bytes=sent, tokens=kv.shape[2])
@@ -167,3 +182,16 @@ class PrefillService:
             await self.bus.publish(self.subjects.abort, AbortRequest(request.request_id, "hand-off failed"))
         finally:
             self.tasks.pop(request.request_id, None)
+
+    async def _send_kv(
+        self, request: SubmitRequest, first_token: int, kv: torch.Tensor, target: str, address: bytes
+    ) -> int:
+        """KVHandoff to `target` (it reserves room and posts the receive), then the KV over UCX."""
+        tag = next(self._tags)
+        handoff = KVHandoff(request, first_token, kv.shape[2], tag, self.channel.address)
+        subject = self.subjects.instance(target, "handoff")
+        ack = await self.bus.request(subject, handoff, Ack, timeout=self.settings.transfer_timeout_s)
+        if not ack.accepted:
+            raise AdrenalineError(f"{target} refused the request: {ack.error}")
+        peer = await self.channel.connect(address)
+        return await self.channel.send(peer, tag, [kv], timeout=self.settings.transfer_timeout_s)

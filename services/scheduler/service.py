@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -52,6 +53,11 @@ class SchedulerSettings:
     dead_after_s: float = 1.0  # ADRENALINE_DEAD_AFTER_S: an instance silent this long is gone
     request_timeout_s: float = 5.0  # ADRENALINE_REQUEST_TIMEOUT_S: how long a prefill instance may take to ack
     metrics_port: int = 0  # ADRENALINE_METRICS_PORT: Prometheus /metrics; 0 is off
+    offload_ratio: float = 0.0  # ADRENALINE_OFFLOAD_RATIO: share of requests offloaded; 0 is plain PD
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.offload_ratio <= 1.0:
+            raise ValueError(f"offload_ratio must be in [0, 1], got {self.offload_ratio}")
 
     @classmethod
     def parse(cls, argv: list[str] | None) -> SchedulerSettings:
@@ -62,6 +68,7 @@ class SchedulerSettings:
         p.add_argument("--dead-after-s", type=float, default=float(env("ADRENALINE_DEAD_AFTER_S", 1.0)))
         p.add_argument("--request-timeout-s", type=float, default=float(env("ADRENALINE_REQUEST_TIMEOUT_S", 5.0)))
         p.add_argument("--metrics-port", type=int, default=int(env("ADRENALINE_METRICS_PORT", 0)))
+        p.add_argument("--offload-ratio", type=float, default=float(env("ADRENALINE_OFFLOAD_RATIO", 0.0)))
         return cls(**vars(p.parse_args(argv)))
 
 
@@ -76,8 +83,9 @@ class _InFlight:
     prefill_id: str
     decode_id: str
     token_subject: str
-    kv_tokens: int  # what the decode instance must hold on admission
-    admitted: bool = False  # KV landed on the decode instance
+    kv_tokens: int  # what the decode instance (or the executor) must hold on admission
+    executor_id: str = ""  # offloaded: its KV and decode attention live on this executor
+    admitted: bool = False  # KV landed on the decode instance (or the executor)
     admitted_at: float = 0.0  # when we heard so; heartbeats older than this do not show its blocks yet
 
 
@@ -88,6 +96,8 @@ class Scheduler:
         self.bus = bus
         self.instances: dict[str, _Instance] = {}
         self.inflight: dict[str, _InFlight] = {}
+        self.routed = 0  # requests routed so far, for the fixed offload ratio
+        self.offloaded = 0
 
     # ---- registry --------------------------------------------------------------------------
     async def on_load(self, load: InstanceLoad, reply: Reply | None) -> None:
@@ -107,14 +117,23 @@ class Scheduler:
             log.warning("instance lost", instance_id=iid, role=self.instances[iid].load.role)
             del self.instances[iid]
             LOST.inc()
-        for role in ("prefill", "decode"):
+        for role in ("prefill", "decode", "executor"):
             INSTANCES.labels(role).set(len(self.live(role)))
         INFLIGHT.set(len(self.inflight))
         if not dead:
             return
         for rid, f in list(self.inflight.items()):
-            lost = (
-                f.decode_id if f.decode_id in dead else f.prefill_id if not f.admitted and f.prefill_id in dead else ""
+            lost = next(
+                (
+                    iid
+                    for iid, gone in (
+                        (f.decode_id, f.decode_id in dead),
+                        (f.executor_id, f.executor_id in dead),
+                        (f.prefill_id, not f.admitted and f.prefill_id in dead),
+                    )
+                    if gone
+                ),
+                "",
             )
             if not lost:
                 continue
@@ -133,7 +152,7 @@ class Scheduler:
         promised = sum(
             f.kv_tokens
             for f in self.inflight.values()
-            if f.decode_id == load.instance_id and (not f.admitted or f.admitted_at > seen)
+            if (f.executor_id or f.decode_id) == load.instance_id and (not f.admitted or f.admitted_at > seen)
         )
         return load.free_blocks * load.block_size - promised
 
@@ -150,19 +169,36 @@ class Scheduler:
             missing = "prefill" if not prefills else "decode"
             await self._refuse(reply, rid, 503, f"no {missing} instance is available")
             return
-        need = len(submit.prompt_token_ids) + 1
-        largest = max(d.total_blocks * d.block_size for d in decodes)
-        if need > largest:
-            error = f"the prompt needs {need} KV tokens; the largest decode instance holds {largest}"
-            await self._refuse(reply, rid, 400, error)
-            return
-        decode = max(decodes, key=self._free_tokens)
-        if self._free_tokens(decode) < need:
-            await self._refuse(reply, rid, 429, "every decode instance's KV cache is full; retry later")
-            return
         prefill = min(prefills, key=self._queued)
-        task = PrefillTask(submit, decode.instance_id, decode.ucx_address)
-        self.inflight[rid] = _InFlight(prefill.instance_id, decode.instance_id, submit.token_subject, need)
+        executor = self._offload_target(prefill, submit)
+        need = len(submit.prompt_token_ids) + 1
+        if executor is not None:  # the decode instance holds none of its KV
+            decode = min(decodes, key=lambda d: d.running + d.waiting)
+            need = len(submit.prompt_token_ids) + submit.sampling.max_new_tokens
+        else:
+            largest = max(d.total_blocks * d.block_size for d in decodes)
+            if need > largest:
+                error = f"the prompt needs {need} KV tokens; the largest decode instance holds {largest}"
+                await self._refuse(reply, rid, 400, error)
+                return
+            decode = max(decodes, key=self._free_tokens)
+            if self._free_tokens(decode) < need:
+                await self._refuse(reply, rid, 429, "every decode instance's KV cache is full; retry later")
+                return
+        task = PrefillTask(
+            submit,
+            decode.instance_id,
+            decode.ucx_address,
+            executor.instance_id if executor else "",
+            executor.ucx_address if executor else b"",
+        )
+        self.inflight[rid] = _InFlight(
+            prefill.instance_id,
+            decode.instance_id,
+            submit.token_subject,
+            need,
+            executor.instance_id if executor else "",
+        )
         try:
             ack = await self.bus.request(
                 self.subjects.instance(prefill.instance_id, "prefill"), task, Ack, self.settings.request_timeout_s
@@ -176,9 +212,33 @@ class Scheduler:
             self.inflight.pop(rid, None)
             await self._refuse(reply, rid, status, ack.error)
             return
-        log.info("routed", request_id=rid, prefill_id=prefill.instance_id, decode_id=decode.instance_id)
+        log.info(
+            "routed",
+            request_id=rid,
+            prefill_id=prefill.instance_id,
+            decode_id=decode.instance_id,
+            executor_id=task.executor_id,
+        )
         SUBMISSIONS.labels("200").inc()
-        await reply(SubmitReply(rid, True, 200, "", prefill.instance_id, decode.instance_id))
+        if executor is not None:
+            self.offloaded += 1
+        self.routed += 1
+        await reply(SubmitReply(rid, True, 200, "", prefill.instance_id, decode.instance_id, executor is not None))
+
+    def _offload_target(self, prefill: InstanceLoad, submit: SubmitRequest) -> InstanceLoad | None:
+        """The executor beside `prefill` if this request is to be offloaded and it has room.
+
+        Fixed-ratio policy: request k (counting every routed request) is offloaded when
+        floor((k + 1) * ratio) > floor(k * ratio), so exactly `ratio` of them are, spread evenly.
+        """
+        ratio = self.settings.offload_ratio
+        if math.floor((self.routed + 1) * ratio) <= math.floor(self.routed * ratio):
+            return None
+        need = len(submit.prompt_token_ids) + submit.sampling.max_new_tokens
+        for executor in self.live("executor"):
+            if executor.colocated_with == prefill.instance_id and self._free_tokens(executor) >= need:
+                return executor
+        return None
 
     async def _refuse(self, reply: Reply, request_id: str, status: int, error: str) -> None:
         log.info("refused", request_id=request_id, status=status, error=error)
@@ -202,7 +262,8 @@ class Scheduler:
         if reply is not None:
             prefill = sorted(i.instance_id for i in self.live("prefill"))
             decode = sorted(i.instance_id for i in self.live("decode"))
-            await reply(ClusterStatus(prefill, decode, len(self.inflight)))
+            executor = sorted(i.instance_id for i in self.live("executor"))
+            await reply(ClusterStatus(prefill, decode, len(self.inflight), executor))
 
     async def serve(self, stop: asyncio.Event) -> None:
         s = self.subjects

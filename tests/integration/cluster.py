@@ -38,6 +38,8 @@ class BackendCluster:
     prefills: int = 1
     decodes: int = 1
     decode_kv_bytes: int = 64 * 2**20
+    executors: bool = False  # an attention executor beside each prefill instance
+    offload_ratio: float = 0.0
     nats: NatsServer = field(default_factory=NatsServer)
     group: ProcessGroup = field(init=False)
 
@@ -59,9 +61,13 @@ class BackendCluster:
         }
 
     def start(self) -> None:
-        self.group.spawn("scheduler", "services.scheduler", env=self.env("scheduler", 0))
+        scheduler_env = {**self.env("scheduler", 0), "ADRENALINE_OFFLOAD_RATIO": str(self.offload_ratio)}
+        self.group.spawn("scheduler", "services.scheduler", env=scheduler_env)
         for i in range(self.prefills):
             self.group.spawn(f"prefill-{i}", "services.prefill", env=self.env(f"prefill-{i}", 16 * 2**20))
+            if self.executors:
+                env = {**self.env(f"executor-{i}", 32 * 2**20), "ADRENALINE_COLOCATED_WITH": f"prefill-{i}"}
+                self.group.spawn(f"executor-{i}", "services.attention_executor", env=env)
         for i in range(self.decodes):
             self.group.spawn(f"decode-{i}", "services.decode", env=self.env(f"decode-{i}", self.decode_kv_bytes))
 
@@ -103,12 +109,12 @@ class Client:
     async def _on_load(self, load: InstanceLoad, reply: Reply | None) -> None:
         self.loads[load.instance_id] = load
 
-    async def wait_ready(self, prefills: int, decodes: int, timeout: float = 60.0) -> ClusterStatus:
+    async def wait_ready(self, prefills: int, decodes: int, executors: int = 0, timeout: float = 60.0) -> ClusterStatus:
         deadline = time.monotonic() + timeout
         while True:
             try:
                 status = await self.bus.request(self.subjects.status, StatusRequest(), ClusterStatus, 1.0)
-                if len(status.prefill) == prefills and len(status.decode) == decodes:
+                if (len(status.prefill), len(status.decode), len(status.executor)) == (prefills, decodes, executors):
                     return status
             except Exception:
                 if time.monotonic() > deadline:

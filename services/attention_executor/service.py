@@ -1,0 +1,171 @@
+"""The attention executor: offloaded requests' KV and their decode attention, beside a prefill instance.
+
+It runs no model layers, only paged decode attention over its own pool (`common.offload.
+ExecutorCore`). Prompt KV arrives from the colocated prefill instance exactly as a decode
+instance receives it (`KVHandoff`, then one UCX tensor). Per decode step, a decode instance
+announces its requests here (`StepBegin`) and then, per layer, sends one packed q/k/v tensor and
+receives the attention output under the same tag. Steps from one decode instance are served in
+order (each appends a token's slot to its requests); steps from different decode instances
+interleave freely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Coroutine
+from typing import Any
+
+import structlog
+import torch
+
+from common.bus import Bus, Reply
+from common.errors import NoFreeBlocksError
+from common.kv_transfer import kv_shape
+from common.messages import (
+    AbortRequest,
+    Ack,
+    Admitted,
+    InstanceLoad,
+    KVHandoff,
+    ReleaseKV,
+    StepBegin,
+    TokenBatch,
+    TokenEvent,
+)
+from common.model.spec import ModelSpec
+from common.offload import ExecutorCore
+from common.tensor_channel import TensorChannel, TransferError
+from services.runtime import InstanceSettings, heartbeat
+
+log = structlog.get_logger("attention_executor")
+
+
+class ExecutorService:
+    def __init__(
+        self, settings: InstanceSettings, spec: ModelSpec, core: ExecutorCore, bus: Bus, channel: TensorChannel
+    ) -> None:
+        self.settings = settings
+        self.subjects = settings.subjects
+        self.spec = spec
+        self.core = core
+        self.bus = bus
+        self.channel = channel
+        self.pending: dict[str, int] = {}  # request -> blocks promised while its KV is in flight
+        self.aborted: set[str] = set()
+        self.step_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def load(self) -> InstanceLoad:
+        blocks = self.core.blocks
+        free = blocks.num_free_blocks - self.core.reserved_blocks - sum(self.pending.values())
+        return InstanceLoad(
+            instance_id=self.settings.instance_id,
+            role="executor",
+            ucx_address=self.channel.address,
+            block_size=blocks.block_size,
+            total_blocks=blocks.num_blocks,
+            free_blocks=max(0, free),
+            running=len(self.core.max_tokens),
+            waiting=len(self.pending),
+            colocated_with=self.settings.colocated_with,
+        )
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # ---- admission -------------------------------------------------------------------------
+    async def on_handoff(self, handoff: KVHandoff, reply: Reply | None) -> None:
+        request = handoff.request
+        rid = request.request_id
+        need = self.core.blocks.blocks_for(len(request.prompt_token_ids) + request.sampling.max_new_tokens)
+        free = self.core.blocks.num_free_blocks - self.core.reserved_blocks - sum(self.pending.values())
+        if rid in self.pending or rid in self.core.max_tokens:
+            ack = Ack(False, f"{rid!r} is already here")
+        elif need > free:
+            ack = Ack(False, str(NoFreeBlocksError(need, free)))
+        else:
+            ack = Ack(True)
+            self.pending[rid] = need
+            self._spawn(self._receive(handoff))
+        if reply:
+            await reply(ack)
+
+    async def _receive(self, handoff: KVHandoff) -> None:
+        request = handoff.request
+        rid = request.request_id
+        kv = torch.empty(kv_shape(self.core.layout, handoff.num_kv_tokens), dtype=self.core.layout.dtype)
+        try:
+            await self.channel.recv_into(handoff.tag, [kv], timeout=self.settings.transfer_timeout_s)
+        except TransferError as exc:
+            self.pending.pop(rid, None)
+            event = TokenEvent(rid, [], finish_reason="error", error=f"KV transfer to executor failed: {exc}")
+            await self.bus.publish(request.token_subject, TokenBatch([event]))
+            await self.bus.publish(self.subjects.abort, AbortRequest(rid, "KV transfer to executor failed"))
+            return
+        self.pending.pop(rid, None)
+        if rid in self.aborted:  # deferred abort: the transfer is over, nothing was allocated
+            self.aborted.discard(rid)
+            return
+        self.core.admit(rid, kv, len(request.prompt_token_ids) + request.sampling.max_new_tokens)
+        await self.bus.publish(self.subjects.admitted, Admitted(rid, self.settings.instance_id))
+        log.info("admitted", request_id=rid, kv_tokens=handoff.num_kv_tokens)
+
+    async def on_release(self, release: ReleaseKV, reply: Reply | None) -> None:
+        self.core.release(release.request_id)
+
+    async def on_abort(self, abort: AbortRequest, reply: Reply | None) -> None:
+        if abort.request_id in self.pending:
+            self.aborted.add(abort.request_id)
+        self.core.release(abort.request_id)
+
+    # ---- decode steps ----------------------------------------------------------------------
+    async def on_step(self, begin: StepBegin, reply: Reply | None) -> None:
+        self._spawn(self._serve_step(begin))
+
+    async def _serve_step(self, begin: StepBegin) -> None:
+        async with self.step_locks[begin.decode_id]:
+            spec, n = self.spec, len(begin.request_ids)
+            try:
+                meta = self.core.begin_step(begin.request_ids, begin.context_lens)
+            except KeyError as exc:
+                log.warning("step names an unknown request", decode_id=begin.decode_id, error=str(exc))
+                return  # the decode instance times out and fails the step's requests
+            peer = await self.channel.connect(begin.decode_address)
+            qkv = torch.empty(n, spec.q_size + 2 * spec.kv_size, dtype=spec.dtype)
+            try:
+                for layer in range(spec.num_layers):
+                    tag = begin.tag_base + layer
+                    await self.channel.recv_into(tag, [qkv], timeout=self.settings.transfer_timeout_s)
+                    q, k, v = qkv.split([spec.q_size, spec.kv_size, spec.kv_size], dim=1)
+                    out = self.core.attend(
+                        layer,
+                        q.reshape(n, spec.num_heads, spec.head_dim),
+                        k.reshape(n, spec.num_kv_heads, spec.head_dim),
+                        v.reshape(n, spec.num_kv_heads, spec.head_dim),
+                        meta,
+                    )
+                    await self.channel.send(peer, tag, [out.reshape(n, -1).contiguous()])
+            except TransferError as exc:
+                log.warning("decode step failed", decode_id=begin.decode_id, error=str(exc))
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        me = self.settings.instance_id
+        subs = [
+            await self.bus.subscribe(self.subjects.instance(me, "handoff"), KVHandoff, self.on_handoff),
+            await self.bus.subscribe(self.subjects.instance(me, "step"), StepBegin, self.on_step),
+            await self.bus.subscribe(self.subjects.instance(me, "release"), ReleaseKV, self.on_release),
+            await self.bus.subscribe(self.subjects.abort, AbortRequest, self.on_abort),
+        ]
+        beat = asyncio.create_task(heartbeat(self.bus, self.subjects, self.load, self.settings.heartbeat_s))
+        log.info("attention executor ready", instance_id=me, colocated_with=self.settings.colocated_with)
+        try:
+            await stop.wait()
+        finally:
+            beat.cancel()
+            for sub in subs:
+                await sub.unsubscribe()
+            for task in self.tasks:
+                task.cancel()

@@ -1,0 +1,110 @@
+"""A decode instance's `ExecutorClient` for an attention executor in another process.
+
+The model step runs in a worker thread while the event loop keeps NATS and UCX going, so each
+call hands its I/O to the loop (`run_coroutine_threadsafe`). Per layer the receive for the
+output is posted before q/k/v are sent, so the executor's answer always lands in a posted
+buffer; `finish` then waits for it, after the local attention has run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Sequence
+from concurrent.futures import Future
+
+import torch
+
+from common.bus import Bus
+from common.errors import AdrenalineError
+from common.messages import ReleaseKV, StepBegin
+from common.model.spec import ModelSpec
+from common.offload import ExecutorClient
+from common.subjects import Subjects
+from common.tensor_channel import Peer, TensorChannel
+
+
+class ExecutorFailed(AdrenalineError):
+    """A round trip to an attention executor failed or timed out; its requests cannot go on."""
+
+    def __init__(self, executor_id: str, cause: BaseException) -> None:
+        super().__init__(f"attention executor {executor_id} failed: {cause}")
+        self.executor_id = executor_id
+
+
+def decode_tag_prefix(decode_id: str) -> int:
+    """16 bits naming the decode instance, so that tags from several decode instances never meet."""
+    return int.from_bytes(hashlib.blake2b(decode_id.encode(), digest_size=2).digest(), "big")
+
+
+class RemoteExecutor(ExecutorClient):
+    def __init__(
+        self,
+        executor_id: str,
+        peer: Peer,
+        *,
+        decode_id: str,
+        spec: ModelSpec,
+        bus: Bus,
+        channel: TensorChannel,
+        subjects: Subjects,
+        loop: asyncio.AbstractEventLoop,
+        timeout: float,
+    ) -> None:
+        self.executor_id = executor_id
+        self.peer = peer
+        self.decode_id = decode_id
+        self.spec = spec
+        self.bus = bus
+        self.channel = channel
+        self.subjects = subjects
+        self.loop = loop
+        self.timeout = timeout
+        self._prefix = decode_tag_prefix(decode_id) << 44
+        self._step = 0
+        self._rows = 0
+        self._tag_base = 0
+        self._inflight: dict[int, tuple[Future[int], Future[int], torch.Tensor]] = {}
+
+    def admit(self, request_id: str, kv: torch.Tensor, max_tokens: int) -> None:
+        raise AdrenalineError(
+            "moving a running request to a remote executor is not supported; offloaded "
+            "requests reach their executor from the prefill instance"
+        )
+
+    def begin_step(self, request_ids: Sequence[str], context_lens: Sequence[int]) -> None:
+        self._step += 1
+        self._rows = len(request_ids)
+        self._tag_base = self._prefix | ((self._step % (1 << 36)) << 8)
+        begin = StepBegin(self.decode_id, self.channel.address, list(request_ids), list(context_lens), self._tag_base)
+        subject = self.subjects.instance(self.executor_id, "step")
+        try:
+            asyncio.run_coroutine_threadsafe(self.bus.publish(subject, begin), self.loop).result(self.timeout)
+        except Exception as exc:
+            raise ExecutorFailed(self.executor_id, exc) from exc
+
+    def start(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        n = self._rows
+        packed = torch.cat([q.reshape(n, -1), k.reshape(n, -1), v.reshape(n, -1)], dim=1).contiguous()
+        with torch.inference_mode(False):  # the event loop's thread writes into it, outside inference mode
+            out = torch.empty(n, self.spec.q_size, dtype=q.dtype)
+        tag = self._tag_base + layer
+        recv = asyncio.run_coroutine_threadsafe(self.channel.recv_into(tag, [out], self.timeout), self.loop)
+        send = asyncio.run_coroutine_threadsafe(self.channel.send(self.peer, tag, [packed], self.timeout), self.loop)
+        self._inflight[layer] = (send, recv, out)
+
+    def finish(self, layer: int) -> torch.Tensor:
+        send, recv, out = self._inflight.pop(layer)
+        try:
+            send.result(self.timeout + 1)
+            recv.result(self.timeout + 1)
+        except Exception as exc:  # TransferError, or the loop's future timing out
+            self._inflight.clear()
+            raise ExecutorFailed(self.executor_id, exc) from exc
+        return out.view(self._rows, self.spec.num_heads, self.spec.head_dim)
+
+    def release(self, request_id: str) -> None:
+        """Fire and forget (callable from the step thread or the loop): a lost release is caught by
+        the executor's abort handling when the decode instance dies."""
+        subject = self.subjects.instance(self.executor_id, "release")
+        self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.bus.publish(subject, ReleaseKV(request_id))))
