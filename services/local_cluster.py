@@ -28,7 +28,7 @@ from common.natsd import NatsServer, free_port
 from common.subjects import Subjects
 from services.launcher import ProcessGroup
 
-ROLES = ("scheduler", "prefill", "decode", "gateway")  # start order
+ROLES = ("scheduler", "prefill", "attention-executor", "decode", "gateway")  # start order
 COMPOSE_FILE = Path(__file__).resolve().parent.parent / "compose.yaml"
 
 
@@ -79,7 +79,14 @@ class LocalCluster:
         self.group = ProcessGroup(self.log_dir)
         self.metrics_ports: dict[str, int] = {}  # scheduler, prefill and decode replicas' Prometheus ports
 
+    offload_ratio: float = 0.5  # the scheduler's fixed offload ratio; 0 runs no executors (plain PD)
+    # KV budget of each prefill, decode and executor process. compose.yaml's budgets are sized for
+    # GPUs; on one machine every process's pool lives in the same RAM, so this overrides them.
+    kv_cache_bytes: int = 256 * 2**20
+
     def replicas(self, role: str) -> int:
+        if role == "attention-executor":  # one beside each prefill instance, when offloading
+            return self.replicas("prefill") if self.offload_ratio > 0 else 0
         return 1 if role in ("scheduler", "gateway") else self.scale.get(role, 1)
 
     @property
@@ -97,14 +104,20 @@ class LocalCluster:
                     "ADRENALINE_MODEL": str(self.model),
                     "ADRENALINE_SUBJECTS_PREFIX": self.prefix,
                     "ADRENALINE_INSTANCE_ID": f"{role}-{i}",
+                    "ADRENALINE_KV_CACHE_BYTES": str(self.kv_cache_bytes),
                 }
-                if role in ("scheduler", "prefill", "decode"):
-                    self.metrics_ports[f"{role}-{i}"] = free_port()
-                    env["ADRENALINE_METRICS_PORT"] = str(self.metrics_ports[f"{role}-{i}"])
+                if role == "attention-executor":
+                    env["ADRENALINE_INSTANCE_ID"] = f"executor-{i}"
+                    env["ADRENALINE_COLOCATED_WITH"] = f"prefill-{i}"
+                if role == "scheduler":
+                    env["ADRENALINE_OFFLOAD_RATIO"] = str(self.offload_ratio)
+                if role != "gateway":
+                    self.metrics_ports[env["ADRENALINE_INSTANCE_ID"]] = free_port()
+                    env["ADRENALINE_METRICS_PORT"] = str(self.metrics_ports[env["ADRENALINE_INSTANCE_ID"]])
                 args = entry.args
                 if role == "gateway":
                     args = _replace_flag(_replace_flag(args, "--host", self.host), "--port", str(self.port))
-                self.group.spawn(f"{role}-{i}", entry.module, args, env, self.pin.get(role))
+                self.group.spawn(env["ADRENALINE_INSTANCE_ID"], entry.module, args, env, self.pin.get(role))
 
     def wait_ready(self, timeout: float = 120.0) -> ClusterStatus:
         return asyncio.run(self._wait_ready(timeout))
@@ -127,6 +140,7 @@ class LocalCluster:
                     status is not None
                     and len(status.prefill) == self.replicas("prefill")
                     and len(status.decode) == self.replicas("decode")
+                    and len(status.executor) == self.replicas("attention-executor")
                     and _healthy(self.url)
                 ):
                     return status

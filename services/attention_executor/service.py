@@ -12,6 +12,7 @@ interleave freely.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
 from collections.abc import Coroutine
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import structlog
 import torch
 
+from common import metrics
 from common.bus import Bus, Reply
 from common.errors import NoFreeBlocksError
 from common.kv_transfer import kv_shape
@@ -97,9 +99,13 @@ class ExecutorService:
         request = handoff.request
         rid = request.request_id
         kv = torch.empty(kv_shape(self.core.layout, handoff.num_kv_tokens), dtype=self.core.layout.dtype)
+        start = time.perf_counter()
         try:
-            await self.channel.recv_into(handoff.tag, [kv], timeout=self.settings.transfer_timeout_s)
+            received = await self.channel.recv_into(handoff.tag, [kv], timeout=self.settings.transfer_timeout_s)
+            metrics.TRANSFER_BYTES.labels("recv").inc(received)
+            metrics.TRANSFER_SECONDS.labels("recv").observe(time.perf_counter() - start)
         except TransferError as exc:
+            metrics.TRANSFER_FAILURES.inc()
             self.pending.pop(rid, None)
             event = TokenEvent(rid, [], finish_reason="error", error=f"KV transfer to executor failed: {exc}")
             await self.bus.publish(request.token_subject, TokenBatch([event]))

@@ -130,7 +130,7 @@ def test_concurrent_openai_requests_equal_transformers_and_use_every_replica(
     for name, port in cluster.metrics_ports.items():
         if name.startswith("scheduler"):
             continue
-        direction = "send" if name.startswith("prefill") else "recv"
+        direction = "send" if name.startswith("prefill") else "recv"  # decode and executor instances receive
         assert _scrape(port)[f'adrenaline_kv_transfer_bytes_total{{direction="{direction}"}}'] > 0, name
     _wait_kv_free(cluster)
 
