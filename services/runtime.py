@@ -90,6 +90,29 @@ async def step(engine: Engine) -> list[StepOutput]:
     return outputs
 
 
+class Tombstones:
+    """Request ids aborted recently, so that work for them arriving after the abort is refused.
+
+    An abort can overtake the request itself: a client that hangs up while its prompt is being
+    handed from prefill to decode sends the abort to everyone, and the decode instance may hear it
+    before the hand-off. Without this, the hand-off would then be admitted and run to its end.
+    """
+
+    def __init__(self, ttl_s: float = 120.0) -> None:
+        self.ttl_s = ttl_s
+        self._ids: dict[str, float] = {}
+
+    def add(self, request_id: str) -> None:
+        now = time.monotonic()
+        if len(self._ids) > 1024:
+            self._ids = {r: t for r, t in self._ids.items() if now - t < self.ttl_s}
+        self._ids[request_id] = now
+
+    def __contains__(self, request_id: object) -> bool:
+        added = self._ids.get(request_id) if isinstance(request_id, str) else None
+        return added is not None and time.monotonic() - added < self.ttl_s
+
+
 def build_engine(settings: InstanceSettings) -> Engine:
     config = EngineConfig(
         block_size=settings.block_size,

@@ -38,7 +38,7 @@ from common.messages import (
 from common.model.spec import ModelSpec
 from common.offload import ExecutorCore
 from common.tensor_channel import TensorChannel, TransferError
-from services.runtime import InstanceSettings, heartbeat
+from services.runtime import InstanceSettings, Tombstones, heartbeat
 
 log = structlog.get_logger("attention_executor")
 
@@ -54,7 +54,7 @@ class ExecutorService:
         self.bus = bus
         self.channel = channel
         self.pending: dict[str, int] = {}  # request -> blocks promised while its KV is in flight
-        self.aborted: set[str] = set()
+        self.aborted = Tombstones()  # also covers aborts that arrive while a request's KV is in flight
         self.step_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -86,6 +86,8 @@ class ExecutorService:
         free = self.core.blocks.num_free_blocks - self.core.reserved_blocks - sum(self.pending.values())
         if rid in self.pending or rid in self.core.max_tokens:
             ack = Ack(False, f"{rid!r} is already here")
+        elif rid in self.aborted:
+            ack = Ack(False, f"{rid!r} was aborted")
         elif need > free:
             ack = Ack(False, str(NoFreeBlocksError(need, free)))
         else:
@@ -113,7 +115,6 @@ class ExecutorService:
             return
         self.pending.pop(rid, None)
         if rid in self.aborted:  # deferred abort: the transfer is over, nothing was allocated
-            self.aborted.discard(rid)
             return
         self.core.admit(rid, kv, len(request.prompt_token_ids) + request.sampling.max_new_tokens)
         await self.bus.publish(self.subjects.admitted, Admitted(rid, self.settings.instance_id))
@@ -123,8 +124,7 @@ class ExecutorService:
         self.core.release(release.request_id)
 
     async def on_abort(self, abort: AbortRequest, reply: Reply | None) -> None:
-        if abort.request_id in self.pending:
-            self.aborted.add(abort.request_id)
+        self.aborted.add(abort.request_id)
         self.core.release(abort.request_id)
 
     # ---- decode steps ----------------------------------------------------------------------

@@ -28,7 +28,7 @@ from common.kv_transfer import kv_shape, scatter_kv
 from common.messages import AbortRequest, Ack, Admitted, InstanceLoad, KVHandoff, TokenBatch, TokenEvent
 from common.tensor_channel import TensorChannel, TransferError
 from services.decode.remote_executor import ExecutorFailed, RemoteExecutor
-from services.runtime import InstanceSettings, heartbeat, step, to_params, token_event, wait_for_work
+from services.runtime import InstanceSettings, Tombstones, heartbeat, step, to_params, token_event, wait_for_work
 
 log = structlog.get_logger("decode")
 
@@ -63,6 +63,7 @@ class DecodeService:
         self.receives: set[asyncio.Task[None]] = set()
         # Executors' `Admitted` may overtake the prefill's hand-off; remembered until it arrives.
         self.landed_on_executor: dict[str, float] = {}
+        self.aborted = Tombstones()
 
     def load(self) -> InstanceLoad:
         blocks = self.engine.blocks
@@ -109,6 +110,7 @@ class DecodeService:
             await self._admit(request_id)
         aborts, self.inbox.aborts = self.inbox.aborts, []
         for request_id in aborts:
+            self.aborted.add(request_id)
             if request_id in self.pending:
                 self.pending[request_id].aborted = True  # freed when the receive ends
             elif self.engine.abort(request_id):
@@ -120,6 +122,8 @@ class DecodeService:
         try:
             if rid in self.pending or rid in self.engine.requests:
                 raise InvalidRequestError("request_id", f"{rid!r} is already here")
+            if rid in self.aborted:
+                raise InvalidRequestError("request_id", f"{rid!r} was aborted")
             self.engine.validate(request.prompt_token_ids, to_params(request.sampling))
             if not handoff.executor_id:
                 self.engine.blocks.allocate(rid, handoff.num_kv_tokens)

@@ -34,7 +34,7 @@ from common.messages import (
     TokenEvent,
 )
 from common.tensor_channel import TensorChannel
-from services.runtime import InstanceSettings, heartbeat, step, to_params, token_event, wait_for_work
+from services.runtime import InstanceSettings, Tombstones, heartbeat, step, to_params, token_event, wait_for_work
 
 log = structlog.get_logger("prefill")
 
@@ -57,6 +57,7 @@ class PrefillService:
         self.aborts: list[str] = []
         self.wake = asyncio.Event()
         self.handoffs: set[asyncio.Task[None]] = set()
+        self.aborted = Tombstones()
         # Tags must not collide between prefill instances sending to one decode instance.
         self._tags = itertools.count((os.getpid() & 0xFFFF) << 40)
 
@@ -79,6 +80,8 @@ class PrefillService:
             self.engine.validate(request.prompt_token_ids, to_params(request.sampling))
             if request.request_id in self.tasks:
                 raise InvalidRequestError("request_id", f"{request.request_id!r} is already in use")
+            if request.request_id in self.aborted:
+                raise InvalidRequestError("request_id", f"{request.request_id!r} was aborted")
         except InvalidRequestError as exc:
             if reply:
                 await reply(Ack(False, str(exc)))
@@ -90,6 +93,7 @@ class PrefillService:
             await reply(Ack(True))
 
     async def on_abort(self, abort: AbortRequest, reply: Reply | None) -> None:
+        self.aborted.add(abort.request_id)
         if abort.request_id in self.tasks:
             self.tasks[abort.request_id].aborted = True
             self.aborts.append(abort.request_id)
