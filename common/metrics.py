@@ -31,6 +31,13 @@ TRANSFER_SECONDS = Histogram(
     ["direction"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
+LAYER_ROUND_TRIP_SECONDS = Histogram(
+    "adrenaline_offload_layer_round_trip_seconds",
+    "Decode side, per layer and executor: from shipping q/k/v to holding the attention output "
+    "(local attention runs in between, so this is the remote time left visible plus the overlap)",
+    buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
+)
+OFFLOADED_SHARE = Gauge("adrenaline_offloaded_share", "Share of the decode batch whose attention runs on executors")
 TRANSFER_FAILURES = Counter("adrenaline_kv_transfer_failures_total", "KV transfers that failed or timed out")
 
 

@@ -9,18 +9,20 @@ buffer; `finish` then waits for it, after the local attention has run.
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 
 import torch
 
+from common import metrics
 from common.bus import Bus
 from common.errors import AdrenalineError
 from common.messages import ReleaseKV, StepBegin
 from common.model.spec import ModelSpec
 from common.offload import ExecutorClient
 from common.subjects import Subjects
+from common.tags import MAX_LAYERS, step_tag_base
 from common.tensor_channel import Peer, TensorChannel
 
 
@@ -32,17 +34,13 @@ class ExecutorFailed(AdrenalineError):
         self.executor_id = executor_id
 
 
-def decode_tag_prefix(decode_id: str) -> int:
-    """16 bits naming the decode instance, so that tags from several decode instances never meet."""
-    return int.from_bytes(hashlib.blake2b(decode_id.encode(), digest_size=2).digest(), "big")
-
-
 class RemoteExecutor(ExecutorClient):
     def __init__(
         self,
         executor_id: str,
         peer: Peer,
         *,
+        slot: int,  # this executor's number on this decode instance, to keep its tags apart
         decode_id: str,
         spec: ModelSpec,
         bus: Bus,
@@ -60,11 +58,13 @@ class RemoteExecutor(ExecutorClient):
         self.subjects = subjects
         self.loop = loop
         self.timeout = timeout
-        self._prefix = decode_tag_prefix(decode_id) << 44
+        self.slot = slot
+        if spec.num_layers > MAX_LAYERS:
+            raise AdrenalineError(f"{spec.num_layers} layers: offloading supports at most {MAX_LAYERS}")
         self._step = 0
         self._rows = 0
         self._tag_base = 0
-        self._inflight: dict[int, tuple[Future[int], Future[int], torch.Tensor]] = {}
+        self._inflight: dict[int, tuple[Future[int], Future[int], torch.Tensor, float]] = {}
 
     def admit(self, request_id: str, kv: torch.Tensor, max_tokens: int) -> None:
         raise AdrenalineError(
@@ -75,7 +75,7 @@ class RemoteExecutor(ExecutorClient):
     def begin_step(self, request_ids: Sequence[str], context_lens: Sequence[int]) -> None:
         self._step += 1
         self._rows = len(request_ids)
-        self._tag_base = self._prefix | ((self._step % (1 << 36)) << 8)
+        self._tag_base = step_tag_base(self.decode_id, self.slot, self._step)
         begin = StepBegin(self.decode_id, self.channel.address, list(request_ids), list(context_lens), self._tag_base)
         subject = self.subjects.instance(self.executor_id, "step")
         try:
@@ -89,18 +89,20 @@ class RemoteExecutor(ExecutorClient):
         with torch.inference_mode(False):  # the event loop's thread writes into it, outside inference mode
             out = torch.empty(n, self.spec.q_size, dtype=q.dtype)
         tag = self._tag_base + layer
+        started = time.perf_counter()
         recv = asyncio.run_coroutine_threadsafe(self.channel.recv_into(tag, [out], self.timeout), self.loop)
         send = asyncio.run_coroutine_threadsafe(self.channel.send(self.peer, tag, [packed], self.timeout), self.loop)
-        self._inflight[layer] = (send, recv, out)
+        self._inflight[layer] = (send, recv, out, started)
 
     def finish(self, layer: int) -> torch.Tensor:
-        send, recv, out = self._inflight.pop(layer)
+        send, recv, out, started = self._inflight.pop(layer)
         try:
             send.result(self.timeout + 1)
             recv.result(self.timeout + 1)
         except Exception as exc:  # TransferError, or the loop's future timing out
             self._inflight.clear()
             raise ExecutorFailed(self.executor_id, exc) from exc
+        metrics.LAYER_ROUND_TRIP_SECONDS.observe(time.perf_counter() - started)
         return out.view(self._rows, self.spec.num_heads, self.spec.head_dim)
 
     def release(self, request_id: str) -> None:

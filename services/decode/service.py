@@ -26,6 +26,7 @@ from common.engine import Engine, StepOutput
 from common.errors import InvalidRequestError, NoFreeBlocksError
 from common.kv_transfer import kv_shape, scatter_kv
 from common.messages import AbortRequest, Ack, Admitted, InstanceLoad, KVHandoff, TokenBatch, TokenEvent
+from common.tags import MAX_EXECUTORS
 from common.tensor_channel import TensorChannel, TransferError
 from services.decode.remote_executor import ExecutorFailed, RemoteExecutor
 from services.runtime import InstanceSettings, Tombstones, heartbeat, step, to_params, token_event, wait_for_work
@@ -64,6 +65,7 @@ class DecodeService:
         # Executors' `Admitted` may overtake the prefill's hand-off; remembered until it arrives.
         self.landed_on_executor: dict[str, float] = {}
         self.aborted = Tombstones()
+        self.executor_slots = 0  # executors met so far; each gets its own slot in the step tags
 
     def load(self) -> InstanceLoad:
         blocks = self.engine.blocks
@@ -200,9 +202,11 @@ class DecodeService:
             await self.bus.publish(self.subjects.abort, AbortRequest(rid, "aborted before decoding"))
             return
         if h.executor_id not in self.engine.executors:
+            self.executor_slots += 1
             self.engine.executors[h.executor_id] = RemoteExecutor(
                 h.executor_id,
                 await self.channel.connect(h.executor_address),
+                slot=self.executor_slots % MAX_EXECUTORS,
                 decode_id=self.settings.instance_id,
                 spec=self.engine.spec,
                 bus=self.bus,
@@ -219,6 +223,9 @@ class DecodeService:
 
     async def _step(self) -> list[StepOutput]:
         """One engine step; a failed executor ends its requests with an error, the others go on."""
+        running = self.engine.running
+        if running:
+            metrics.OFFLOADED_SHARE.set(sum(r.executor is not None for r in running) / len(running))
         try:
             return await step(self.engine)
         except ExecutorFailed as exc:

@@ -10,8 +10,6 @@ instance, so the prefill pool only ever holds the batch being computed.
 from __future__ import annotations
 
 import asyncio
-import itertools
-import os
 import time
 from dataclasses import dataclass
 
@@ -33,6 +31,7 @@ from common.messages import (
     TokenBatch,
     TokenEvent,
 )
+from common.tags import handoff_tags
 from common.tensor_channel import TensorChannel
 from services.runtime import InstanceSettings, Tombstones, heartbeat, step, to_params, token_event, wait_for_work
 
@@ -58,8 +57,7 @@ class PrefillService:
         self.wake = asyncio.Event()
         self.handoffs: set[asyncio.Task[None]] = set()
         self.aborted = Tombstones()
-        # Tags must not collide between prefill instances sending to one decode instance.
-        self._tags = itertools.count((os.getpid() & 0xFFFF) << 40)
+        self._tags = handoff_tags(settings.instance_id)
 
     def load(self) -> InstanceLoad:
         blocks = self.engine.blocks

@@ -51,3 +51,39 @@ def test_offloaded_greedy_equals_transformers(llama_dir: Path, tmp_path: Path, r
         assert (
             tokens == hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt) :].tolist()
         )
+
+
+@pytest.mark.timeout(180)
+def test_a_killed_executor_fails_only_its_requests(llama_dir: Path, tmp_path: Path) -> None:
+    cluster = BackendCluster(llama_dir, tmp_path, prefills=1, decodes=1, executors=True, offload_ratio=0.5)
+    cluster.start()
+    long = Sampling(max_new_tokens=1500, temperature=0.0, ignore_eos=True)
+    try:
+
+        async def scenario() -> None:
+            client = await Client.connect(cluster.nats.url)
+            await client.wait_ready(prefills=1, decodes=1, executors=1)
+            replies = [await client.submit(f"x{i}", _prompts(1, seed=i)[0], long) for i in range(4)]
+            victims = {r.request_id for r in replies if r.offloaded}
+            assert len(victims) == 2
+            while not all(len(client.events[r.request_id]) >= 5 for r in replies):
+                await asyncio.sleep(0.01)
+            cluster.group.kill("executor-0")
+            for rid in victims:
+                _, last = await client.result(rid, timeout=15)
+                assert last.finish_reason == "error" and "executor-0" in last.error
+            for r in replies:
+                if r.request_id not in victims:
+                    tokens, last = await client.result(r.request_id, timeout=120)
+                    assert last.finish_reason == "length" and len(tokens) == 1500
+            await client.wait_ready(prefills=1, decodes=1, executors=0)
+            after = await client.submit("after", _prompts(1)[0], Sampling(max_new_tokens=8, temperature=0.0))
+            assert after.accepted and not after.offloaded
+            tokens, _ = await client.result("after")
+            assert len(tokens) == 8
+            await client.wait_all_free(["prefill-0", "decode-0"])
+            await client.bus.close()
+
+        asyncio.run(scenario())
+    finally:
+        cluster.stop()
