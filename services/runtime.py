@@ -16,7 +16,7 @@ import socket
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 import torch
@@ -25,9 +25,11 @@ from common import metrics
 from common.bus import Bus
 from common.config import EngineConfig
 from common.engine import Engine, StepOutput
+from common.logging import configure
 from common.messages import InstanceLoad, Sampling, TokenEvent
 from common.sampling import SamplingParams
 from common.subjects import Subjects
+from common.tensor_channel import TensorChannel
 
 log = structlog.get_logger(__name__)
 
@@ -168,6 +170,49 @@ async def heartbeat(bus: Bus, subjects: Subjects, load: Callable[[], InstanceLoa
         except Exception as exc:  # a reconnecting NATS client must not kill the instance
             log.warning("heartbeat failed", error=str(exc))
         await asyncio.sleep(interval)
+
+
+def engine_load(settings: InstanceSettings, role: str, engine: Engine, address: bytes, queued: int) -> InstanceLoad:
+    """The heartbeat of an engine-backed instance; `queued` counts work not yet in the engine."""
+    blocks = engine.blocks
+    return InstanceLoad(
+        instance_id=settings.instance_id,
+        role=role,
+        ucx_address=address,
+        block_size=blocks.block_size,
+        total_blocks=blocks.num_blocks,
+        free_blocks=blocks.num_free_blocks,
+        running=len(engine.running),
+        waiting=len(engine.waiting) + queued,
+    )
+
+
+class EngineService(Protocol):
+    async def serve(self, stop: asyncio.Event) -> None: ...
+
+
+def run_engine_instance(
+    argv: list[str] | None,
+    role: str,
+    make_service: Callable[[InstanceSettings, Engine, Bus, TensorChannel], EngineService],
+) -> None:
+    """`python -m services.<role>` for prefill and decode: settings, logging, model, metrics, then serve."""
+    settings = InstanceSettings.parse(argv, role)
+    configure(role).bind(instance_id=settings.instance_id)
+    settings.apply_threads()
+    engine = build_engine(settings)
+    metrics.serve(settings.metrics_port)
+
+    async def serve(stop: asyncio.Event) -> None:
+        bus = await Bus.connect(settings.nats_url, settings.instance_id)
+        channel = await TensorChannel.create()
+        try:
+            await make_service(settings, engine, bus, channel).serve(stop)
+        finally:
+            await bus.close()
+            await channel.close()
+
+    run_until_signalled(serve)
 
 
 def run_until_signalled(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:

@@ -29,7 +29,16 @@ from common.messages import AbortRequest, Ack, Admitted, InstanceLoad, KVHandoff
 from common.tags import MAX_EXECUTORS
 from common.tensor_channel import TensorChannel, TransferError
 from services.decode.remote_executor import ExecutorFailed, RemoteExecutor
-from services.runtime import InstanceSettings, Tombstones, heartbeat, step, to_params, token_event, wait_for_work
+from services.runtime import (
+    InstanceSettings,
+    Tombstones,
+    engine_load,
+    heartbeat,
+    step,
+    to_params,
+    token_event,
+    wait_for_work,
+)
 
 log = structlog.get_logger("decode")
 
@@ -68,17 +77,7 @@ class DecodeService:
         self.executor_slots = 0  # executors met so far; each gets its own slot in the step tags
 
     def load(self) -> InstanceLoad:
-        blocks = self.engine.blocks
-        return InstanceLoad(
-            instance_id=self.settings.instance_id,
-            role="decode",
-            ucx_address=self.channel.address,
-            block_size=blocks.block_size,
-            total_blocks=blocks.num_blocks,
-            free_blocks=blocks.num_free_blocks,
-            running=len(self.engine.running),
-            waiting=len(self.engine.waiting) + len(self.pending),
-        )
+        return engine_load(self.settings, "decode", self.engine, self.channel.address, len(self.pending))
 
     # ---- NATS handlers: queue, never touch the engine --------------------------------------
     async def on_handoff(self, handoff: KVHandoff, reply: Reply | None) -> None:

@@ -33,7 +33,16 @@ from common.messages import (
 )
 from common.tags import handoff_tags
 from common.tensor_channel import TensorChannel
-from services.runtime import InstanceSettings, Tombstones, heartbeat, step, to_params, token_event, wait_for_work
+from services.runtime import (
+    InstanceSettings,
+    Tombstones,
+    engine_load,
+    heartbeat,
+    step,
+    to_params,
+    token_event,
+    wait_for_work,
+)
 
 log = structlog.get_logger("prefill")
 
@@ -60,17 +69,7 @@ class PrefillService:
         self._tags = handoff_tags(settings.instance_id)
 
     def load(self) -> InstanceLoad:
-        blocks = self.engine.blocks
-        return InstanceLoad(
-            instance_id=self.settings.instance_id,
-            role="prefill",
-            ucx_address=self.channel.address,
-            block_size=blocks.block_size,
-            total_blocks=blocks.num_blocks,
-            free_blocks=blocks.num_free_blocks,
-            running=len(self.engine.running),
-            waiting=len(self.engine.waiting) + len(self.inbox),
-        )
+        return engine_load(self.settings, "prefill", self.engine, self.channel.address, len(self.inbox))
 
     async def on_task(self, task: PrefillTask, reply: Reply | None) -> None:
         request = task.request
