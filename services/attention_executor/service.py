@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import defaultdict
 from collections.abc import Coroutine
 from typing import Any
 
@@ -55,7 +54,7 @@ class ExecutorService:
         self.channel = channel
         self.pending: dict[str, int] = {}  # request -> blocks promised while its KV is in flight
         self.aborted = Tombstones()  # also covers aborts that arrive while a request's KV is in flight
-        self.step_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.current_steps: dict[str, asyncio.Task[None]] = {}  # per decode instance
         self.tasks: set[asyncio.Task[None]] = set()
 
     def load(self) -> InstanceLoad:
@@ -129,33 +128,43 @@ class ExecutorService:
 
     # ---- decode steps ----------------------------------------------------------------------
     async def on_step(self, begin: StepBegin, reply: Reply | None) -> None:
-        self._spawn(self._serve_step(begin))
+        """A decode instance announces its next step only after it has every output of the previous
+        one, so a previous step still waiting here was abandoned (its forward pass failed on another
+        executor): cancel it rather than let it hold this decode instance's steps until it times out."""
+        previous = self.current_steps.get(begin.decode_id)
+        if previous is not None and not previous.done():
+            previous.cancel()
+        task = asyncio.create_task(self._serve_step(begin, previous))
+        self.current_steps[begin.decode_id] = task
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
-    async def _serve_step(self, begin: StepBegin) -> None:
-        async with self.step_locks[begin.decode_id]:
-            spec, n = self.spec, len(begin.request_ids)
-            try:
-                meta = self.core.begin_step(begin.request_ids, begin.context_lens)
-            except KeyError as exc:
-                log.warning("step names an unknown request", decode_id=begin.decode_id, error=str(exc))
-                return  # the decode instance times out and fails the step's requests
-            peer = await self.channel.connect(begin.decode_address)
-            qkv = torch.empty(n, spec.q_size + 2 * spec.kv_size, dtype=spec.dtype)
-            try:
-                for layer in range(spec.num_layers):
-                    tag = begin.tag_base + layer
-                    await self.channel.recv_into(tag, [qkv], timeout=self.settings.transfer_timeout_s)
-                    q, k, v = qkv.split([spec.q_size, spec.kv_size, spec.kv_size], dim=1)
-                    out = self.core.attend(
-                        layer,
-                        q.reshape(n, spec.num_heads, spec.head_dim),
-                        k.reshape(n, spec.num_kv_heads, spec.head_dim),
-                        v.reshape(n, spec.num_kv_heads, spec.head_dim),
-                        meta,
-                    )
-                    await self.channel.send(peer, tag, [out.reshape(n, -1).contiguous()])
-            except TransferError as exc:
-                log.warning("decode step failed", decode_id=begin.decode_id, error=str(exc))
+    async def _serve_step(self, begin: StepBegin, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:  # steps append slots in order: let the previous one unwind first
+            await asyncio.gather(previous, return_exceptions=True)
+        spec, n = self.spec, len(begin.request_ids)
+        try:
+            meta = self.core.begin_step(begin.request_ids, begin.context_lens)
+        except KeyError as exc:
+            log.warning("step names an unknown request", decode_id=begin.decode_id, error=str(exc))
+            return  # the decode instance times out and fails the step's requests
+        peer = await self.channel.connect(begin.decode_address)
+        qkv = torch.empty(n, spec.q_size + 2 * spec.kv_size, dtype=spec.dtype)
+        try:
+            for layer in range(spec.num_layers):
+                tag = begin.tag_base + layer
+                await self.channel.recv_into(tag, [qkv], timeout=self.settings.transfer_timeout_s)
+                q, k, v = qkv.split([spec.q_size, spec.kv_size, spec.kv_size], dim=1)
+                out = self.core.attend(
+                    layer,
+                    q.reshape(n, spec.num_heads, spec.head_dim),
+                    k.reshape(n, spec.num_kv_heads, spec.head_dim),
+                    v.reshape(n, spec.num_kv_heads, spec.head_dim),
+                    meta,
+                )
+                await self.channel.send(peer, tag, [out.reshape(n, -1).contiguous()])
+        except TransferError as exc:
+            log.warning("decode step failed", decode_id=begin.decode_id, error=str(exc))
 
     async def serve(self, stop: asyncio.Event) -> None:
         me = self.settings.instance_id
