@@ -80,6 +80,13 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from benchmarks.serve import main as bench_main
+
+    bench_main(args.bench_args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adrenaline", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -123,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--device", default="cpu")
     gen.set_defaults(func=_generate)
+
+    bench = commands.add_parser("bench", help="serving benchmark: offload ratios side by side", prefix_chars="\0")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of benchmarks/serve.py (bench --help)")
+    bench.set_defaults(func=_bench)
     return parser
 
 

@@ -75,6 +75,7 @@ class DecodeService:
         self.landed_on_executor: dict[str, float] = {}
         self.aborted = Tombstones()
         self.executor_slots = 0  # executors met so far; each gets its own slot in the step tags
+        self.held: dict[str, float] = {}  # hand-offs waiting for room, and until when they may
 
     def load(self) -> InstanceLoad:
         return engine_load(self.settings, "decode", self.engine, self.channel.address, len(self.pending))
@@ -102,8 +103,14 @@ class DecodeService:
     # ---- between steps ---------------------------------------------------------------------
     async def _apply_inbox(self) -> None:
         handoffs, self.inbox.handoffs = self.inbox.handoffs, []
+        now = time.monotonic()
         for handoff, reply in handoffs:
+            self.held.setdefault(handoff.request.request_id, now + 0.5 * self.settings.transfer_timeout_s)
             ack = self._accept(handoff)
+            if ack is None:  # no room yet: hold it, running requests free blocks as they finish
+                self.inbox.handoffs.append((handoff, reply))
+                continue
+            self.held.pop(handoff.request.request_id, None)
             if reply:
                 await reply(ack)
         landed, self.inbox.landed = self.inbox.landed, []
@@ -117,7 +124,13 @@ class DecodeService:
             elif self.engine.abort(request_id):
                 self.token_subjects.pop(request_id, None)
 
-    def _accept(self, handoff: KVHandoff) -> Ack:
+    def _accept(self, handoff: KVHandoff) -> Ack | None:
+        """Ack or refuse a hand-off; None while there is no room yet and it may still wait.
+
+        The scheduler's view of free KV lags (heartbeats) and running requests grow, so a full
+        cache at hand-off time is usually brief: waiting up to half the transfer timeout (the
+        prefill instance waits for the ack that long at most) beats failing the request.
+        """
         request = handoff.request
         rid = request.request_id
         try:
@@ -128,7 +141,11 @@ class DecodeService:
             self.engine.validate(request.prompt_token_ids, to_params(request.sampling))
             if not handoff.executor_id:
                 self.engine.blocks.allocate(rid, handoff.num_kv_tokens)
-        except (InvalidRequestError, NoFreeBlocksError) as exc:
+        except NoFreeBlocksError as exc:
+            if time.monotonic() < self.held.get(rid, 0.0):
+                return None
+            return Ack(False, str(exc))
+        except InvalidRequestError as exc:
             return Ack(False, str(exc))
         self.pending[rid] = _Pending(handoff)
         if handoff.executor_id:
@@ -264,7 +281,10 @@ class DecodeService:
             while not stop.is_set():
                 await self._apply_inbox()
                 if not self.engine.has_unfinished():
-                    await wait_for_work(self.wake, stop)
+                    if self.inbox.handoffs:  # held for room: look again soon
+                        await asyncio.sleep(0.01)
+                    else:
+                        await wait_for_work(self.wake, stop)
                     continue
                 outputs = await self._step()
                 await self._publish(outputs)

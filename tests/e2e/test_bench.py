@@ -1,0 +1,26 @@
+"""The serving benchmark end to end with tiny settings: both modes, no errors, a ratio line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.serve import main
+from common.model.tiny import make_tiny
+
+
+@pytest.mark.timeout(90)
+def test_bench_compares_modes(tmp_path: Path) -> None:
+    model = make_tiny(tmp_path / "m", "llama")
+    out = tmp_path / "r.json"
+    argv = ["--model", str(model), "--num-requests", "6", "--dist", "tiny", "--modes", "0,0.5", "--out", str(out)]
+    results = main(argv)
+    saved = json.loads(out.read_text())
+    assert set(saved["modes"]) == {"0.0", "0.5"}
+    for mode in saved["modes"].values():
+        assert mode["summary"]["output_tok_s"] > 0
+        records = mode["runs"][0]["records"]
+        assert len(records) == 6 and all(r["error"] is None for r in records)
+    assert "0.5 vs 0.0:" in results["report"]
