@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,17 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.natsd import free_port
 from services.local_cluster import LocalCluster
-
-
-def _scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    return values
+from tests.integration.cluster import scrape_metrics
 
 
 def _wait_kv_free(cluster: LocalCluster, timeout: float = 10.0) -> None:
@@ -38,7 +27,7 @@ def _wait_kv_free(cluster: LocalCluster, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
         used = {
-            name: _scrape(port)["adrenaline_kv_blocks_used"]
+            name: scrape_metrics(port)["adrenaline_kv_blocks_used"]
             for name, port in cluster.metrics_ports.items()
             if not name.startswith("scheduler")
         }
@@ -124,14 +113,14 @@ def test_concurrent_openai_requests_equal_transformers_and_use_every_replica(
     for (kind, stream, _, ids), text in zip(jobs, texts, strict=True):
         ref = hf.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False)[0, len(ids) :]
         assert text == tokenizer.decode(ref, skip_special_tokens=True), (kind, stream)
-    scheduler = _scrape(cluster.metrics_ports["scheduler-0"])
+    scheduler = scrape_metrics(cluster.metrics_ports["scheduler-0"])
     assert scheduler['adrenaline_scheduler_submissions_total{status="200"}'] >= 16
     assert scheduler['adrenaline_scheduler_instances{role="decode"}'] == 2
     for name, port in cluster.metrics_ports.items():
         if name.startswith("scheduler"):
             continue
         direction = "send" if name.startswith("prefill") else "recv"  # decode and executor instances receive
-        assert _scrape(port)[f'adrenaline_kv_transfer_bytes_total{{direction="{direction}"}}'] > 0, name
+        assert scrape_metrics(port)[f'adrenaline_kv_transfer_bytes_total{{direction="{direction}"}}'] > 0, name
     _wait_kv_free(cluster)
 
 

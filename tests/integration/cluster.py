@@ -71,15 +71,24 @@ class BackendCluster:
         for i in range(self.decodes):
             self.group.spawn(f"decode-{i}", "services.decode", env=self.env(f"decode-{i}", self.decode_kv_bytes))
 
-    def metrics(self, instance_id: str) -> str:
-        url = f"http://127.0.0.1:{self.metrics_ports[instance_id]}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as response:
-            text: str = response.read().decode()
-            return text
+    def metrics(self, instance_id: str) -> dict[str, float]:
+        return scrape_metrics(self.metrics_ports[instance_id])
 
     def stop(self) -> None:
         self.group.stop()
         self.nats.stop()
+
+
+def scrape_metrics(port: int) -> dict[str, float]:
+    """A process's Prometheus samples on 127.0.0.1:`port`, as {'name{labels}': value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
 
 
 class Client:
