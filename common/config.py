@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -22,3 +23,17 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
+
+
+def parse_offload_ratio(value: str | float) -> float | None:
+    """`--offload-ratio` / ADRENALINE_OFFLOAD_RATIO: "auto" (None: the scheduler's load-aware
+    policy) or a fixed share of requests to offload, in [0, 1] (0 is plain PD disaggregation)."""
+    if value == "auto":
+        return None
+    try:
+        ratio = float(value)
+    except ValueError:
+        ratio = math.nan
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"offload ratio must be 'auto' or a number in [0, 1], got {value!r}")
+    return ratio

@@ -65,6 +65,7 @@ class Engine:
         self.generator = torch.Generator().manual_seed(0)
         self.num_preemptions = 0
         self.executors: dict[str, ExecutorClient] = {}  # offloading targets, by name
+        self.last_split: SplitAttention | None = None  # the last decode step's, if it offloaded rows
         self._generated = 0
 
     @classmethod
@@ -188,6 +189,7 @@ class Engine:
 
     # ---- the loop --------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
+        self.last_split = None
         batch = self._admit()
         if batch:
             return self._run(batch, self._prefill(batch))
@@ -285,6 +287,7 @@ class Engine:
                 self.blocks, [r.request_id for r in local_reqs], [r.num_tokens for r in local_reqs], self.device
             )
         split = SplitAttention(self.attention, torch.tensor(local, device=self.device), local_meta, remote)
+        self.last_split = split
         return self.model.logits(self.model(tokens, positions, split))
 
     def _run(self, batch: list[Request], logits: torch.Tensor) -> list[StepOutput]:

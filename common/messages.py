@@ -79,6 +79,11 @@ class InstanceLoad:
     running: int
     waiting: int
     colocated_with: str = ""  # an executor names its prefill instance
+    # profiled `common.profiling.StepModel`s: a decode step (decode), decode attention alone (decode, executor)
+    step_model: list[float] = field(default_factory=list)
+    attention_model: list[float] = field(default_factory=list)
+    max_num_seqs: int = 0  # a decode instance's batch limit
+    offload_stall_s: float | None = None  # decode: mean wait on executors per step after local attention
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,33 @@ LAYER_ROUND_TRIP_SECONDS = Histogram(
     "(local attention runs in between, so this is the remote time left visible plus the overlap)",
     buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
 )
+LOCAL_ATTENTION_SECONDS = Histogram(
+    "adrenaline_offload_local_attention_seconds",
+    "Decode side, per layer of a step with offloaded rows: local attention time, the window that "
+    "hides the executors' round trip",
+    buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
+)
+OFFLOAD_STALL_SECONDS = Histogram(
+    "adrenaline_offload_stall_seconds",
+    "Decode side, per step with offloaded rows: time spent waiting on executors after local "
+    "attention, summed over layers (remote time not hidden; 0 is the goal)",
+    buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+)
+EXECUTOR_ATTENTION_BYTES = Counter(
+    "adrenaline_executor_attention_bytes_total",
+    "Executor side: KV bytes read by decode attention (rate() of it is the executor's bandwidth)",
+)
+EXECUTOR_STEP_SECONDS = Histogram(
+    "adrenaline_executor_step_seconds",
+    "Executor side: one decode instance's step here, from its first q/k/v to its last output",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
+DECODE_ROWS = Counter(
+    "adrenaline_decode_rows_total",
+    "Decode side: request-steps decoded, by where their attention ran (the offloaded share over "
+    "any window is the ratio of their rates)",
+    ["attention"],
+)
 OFFLOADED_SHARE = Gauge("adrenaline_offloaded_share", "Share of the decode batch whose attention runs on executors")
 TRANSFER_FAILURES = Counter("adrenaline_kv_transfer_failures_total", "KV transfers that failed or timed out")
 

@@ -22,6 +22,7 @@ This module is the transport-agnostic core of both sides:
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,12 +39,18 @@ from kernels.backend import AttentionBackend, DecodeMetadata
 
 class ExecutorCore:
     def __init__(
-        self, layout: KVLayout, num_blocks: int, backend: AttentionBackend, scale: float, device: torch.device
+        self,
+        layout: KVLayout,
+        num_blocks: int,
+        backend: AttentionBackend,
+        scale: float,
+        device: torch.device,
+        pool: KVPool | None = None,  # default: its own; profiling borrows an idle engine's
     ) -> None:
         self.layout = layout
         self.device = device
         self.blocks = BlockManager(num_blocks, layout.block_size)
-        self.pool = KVPool(layout, num_blocks, device)
+        self.pool = pool if pool is not None else KVPool(layout, num_blocks, device)
         self.attention = PagedAttention(backend, self.pool, scale)
         self.max_tokens: dict[str, int] = {}  # per request: the most KV tokens it may ever need
 
@@ -159,14 +166,22 @@ class SplitAttention:
         self.local_rows = local_rows
         self.local_meta = local_meta
         self.remote = remote
+        # Summed over the step's layers: what the scheduler's offloading policy and the metrics
+        # compare. `stall_s` is remote time that local attention did not hide.
+        self.local_s = 0.0
+        self.stall_s = 0.0
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         for group in self.remote:  # ship remote work first, so it overlaps local attention
             group.client.start(layer, q[group.rows], k[group.rows], v[group.rows])
         out = torch.empty_like(q)
+        started = time.perf_counter()
         if self.local_meta is not None:
             rows = self.local_rows
             out[rows] = self.local.decode(layer, q[rows], k[rows], v[rows], self.local_meta)
+        local_done = time.perf_counter()
         for group in self.remote:
             out[group.rows] = group.client.finish(layer)
+        self.local_s += local_done - started
+        self.stall_s += time.perf_counter() - local_done
         return out

@@ -23,6 +23,7 @@ def default_model_dir() -> Path:
 
 
 def _up(args: argparse.Namespace) -> int:
+    from common.config import parse_offload_ratio
     from common.model.tiny import make_tiny
     from services.local_cluster import LocalCluster, parse_pin, parse_scale, run_until_signalled
 
@@ -35,8 +36,10 @@ def _up(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"adrenaline up: error: {exc}", file=sys.stderr)
         return 2
-    if not 0.0 <= args.offload_ratio <= 1.0:
-        print(f"adrenaline up: error: --offload-ratio must be in [0, 1], got {args.offload_ratio}", file=sys.stderr)
+    try:
+        parse_offload_ratio(args.offload_ratio)
+    except ValueError as exc:
+        print(f"adrenaline up: error: {exc}", file=sys.stderr)
         return 2
     cluster = LocalCluster(
         model,
@@ -108,9 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument(
         "--offload-ratio",
-        type=float,
-        default=0.5,
-        help="share of requests whose decode attention and KV go to attention executors; 0 is plain PD",
+        default="auto",
+        help="'auto' (load-aware, the default) or the fixed share of requests whose decode attention and KV "
+        "go to attention executors; 0 is plain PD",
     )
     up.set_defaults(func=_up)
 

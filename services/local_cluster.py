@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from common.bus import Bus
+from common.config import parse_offload_ratio
 from common.messages import ClusterStatus, StatusRequest
 from common.natsd import NatsServer, free_port
 from common.subjects import Subjects
@@ -79,14 +80,15 @@ class LocalCluster:
         self.group = ProcessGroup(self.log_dir)
         self.metrics_ports: dict[str, int] = {}  # scheduler, prefill and decode replicas' Prometheus ports
 
-    offload_ratio: float = 0.5  # the scheduler's fixed offload ratio; 0 runs no executors (plain PD)
+    offload_ratio: str | float = "auto"  # the scheduler's: "auto" or a fixed share; 0 runs no executors (plain PD)
+    tpot_slo_ms: float = 200.0  # the auto policy's TPOT SLO
     # KV budget of each prefill, decode and executor process. compose.yaml's budgets are sized for
     # GPUs; on one machine every process's pool lives in the same RAM, so this overrides them.
     kv_cache_bytes: int = 256 * 2**20
 
     def replicas(self, role: str) -> int:
         if role == "attention-executor":  # one beside each prefill instance, when offloading
-            return self.replicas("prefill") if self.offload_ratio > 0 else 0
+            return self.replicas("prefill") if parse_offload_ratio(self.offload_ratio) != 0 else 0
         return 1 if role in ("scheduler", "gateway") else self.scale.get(role, 1)
 
     @property
@@ -111,6 +113,7 @@ class LocalCluster:
                     env["ADRENALINE_COLOCATED_WITH"] = f"prefill-{i}"
                 if role == "scheduler":
                     env["ADRENALINE_OFFLOAD_RATIO"] = str(self.offload_ratio)
+                    env["ADRENALINE_TPOT_SLO_MS"] = str(self.tpot_slo_ms)
                 if role != "gateway":
                     self.metrics_ports[env["ADRENALINE_INSTANCE_ID"]] = free_port()
                     env["ADRENALINE_METRICS_PORT"] = str(self.metrics_ports[env["ADRENALINE_INSTANCE_ID"]])

@@ -36,6 +36,7 @@ from common.messages import (
 )
 from common.model.spec import ModelSpec
 from common.offload import ExecutorCore
+from common.profiling import StepModel
 from common.tensor_channel import TensorChannel, TransferError
 from services.runtime import InstanceSettings, Tombstones, heartbeat
 
@@ -44,9 +45,16 @@ log = structlog.get_logger("attention_executor")
 
 class ExecutorService:
     def __init__(
-        self, settings: InstanceSettings, spec: ModelSpec, core: ExecutorCore, bus: Bus, channel: TensorChannel
+        self,
+        settings: InstanceSettings,
+        spec: ModelSpec,
+        core: ExecutorCore,
+        bus: Bus,
+        channel: TensorChannel,
+        attention_model: StepModel | None = None,
     ) -> None:
         self.settings = settings
+        self.attention_model = attention_model  # profiled at start-up: the scheduler's bandwidth bound reads it
         self.subjects = settings.subjects
         self.spec = spec
         self.core = core
@@ -70,6 +78,7 @@ class ExecutorService:
             running=len(self.core.max_tokens),
             waiting=len(self.pending),
             colocated_with=self.settings.colocated_with,
+            attention_model=self.attention_model.to_wire() if self.attention_model else [],
         )
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -150,10 +159,13 @@ class ExecutorService:
             return  # the decode instance times out and fails the step's requests
         peer = await self.channel.connect(begin.decode_address)
         qkv = torch.empty(n, spec.q_size + 2 * spec.kv_size, dtype=spec.dtype)
+        layer_bytes = sum(begin.context_lens) * self.core.layout.bytes_per_token // spec.num_layers
+        started = 0.0
         try:
             for layer in range(spec.num_layers):
                 tag = begin.tag_base + layer
                 await self.channel.recv_into(tag, [qkv], timeout=self.settings.transfer_timeout_s)
+                started = started or time.perf_counter()
                 q, k, v = qkv.split([spec.q_size, spec.kv_size, spec.kv_size], dim=1)
                 out = self.core.attend(
                     layer,
@@ -163,6 +175,8 @@ class ExecutorService:
                     meta,
                 )
                 await self.channel.send(peer, tag, [out.reshape(n, -1).contiguous()])
+                metrics.EXECUTOR_ATTENTION_BYTES.inc(layer_bytes)
+            metrics.EXECUTOR_STEP_SECONDS.observe(time.perf_counter() - started)
         except TransferError as exc:
             log.warning("decode step failed", decode_id=begin.decode_id, error=str(exc))
 

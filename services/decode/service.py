@@ -14,6 +14,7 @@ into them (the failure peers' users report: aborts racing transfers).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ from common.engine import Engine, StepOutput
 from common.errors import InvalidRequestError, NoFreeBlocksError
 from common.kv_transfer import kv_shape, scatter_kv
 from common.messages import AbortRequest, Ack, Admitted, InstanceLoad, KVHandoff, TokenBatch, TokenEvent
+from common.profiling import StepModel, profile_decode_attention, profile_engine
 from common.tags import MAX_EXECUTORS
 from common.tensor_channel import TensorChannel, TransferError
 from services.decode.remote_executor import ExecutorFailed, RemoteExecutor
@@ -76,9 +78,19 @@ class DecodeService:
         self.aborted = Tombstones()
         self.executor_slots = 0  # executors met so far; each gets its own slot in the step tags
         self.held: dict[str, float] = {}  # hand-offs waiting for room, and until when they may
+        self.step_model: StepModel | None = None  # profiled when serving starts
+        self.attention_model: StepModel | None = None
+        self.offload_stall_s: float | None = None  # moving mean over steps with offloaded rows
 
     def load(self) -> InstanceLoad:
-        return engine_load(self.settings, "decode", self.engine, self.channel.address, len(self.pending))
+        load = engine_load(self.settings, "decode", self.engine, self.channel.address, len(self.pending))
+        return dataclasses.replace(
+            load,
+            step_model=self.step_model.to_wire() if self.step_model else [],
+            attention_model=self.attention_model.to_wire() if self.attention_model else [],
+            max_num_seqs=self.engine.config.max_num_seqs,
+            offload_stall_s=self.offload_stall_s,
+        )
 
     # ---- NATS handlers: queue, never touch the engine --------------------------------------
     async def on_handoff(self, handoff: KVHandoff, reply: Reply | None) -> None:
@@ -241,9 +253,10 @@ class DecodeService:
         """One engine step; a failed executor ends its requests with an error, the others go on."""
         running = self.engine.running
         if running:
-            metrics.OFFLOADED_SHARE.set(sum(r.executor is not None for r in running) / len(running))
+            offloaded = sum(r.executor is not None for r in running)
+            metrics.OFFLOADED_SHARE.set(offloaded / len(running))
         try:
-            return await step(self.engine)
+            outputs = await step(self.engine)
         except ExecutorFailed as exc:
             lost = self.engine.drop_executor(exc.executor_id)
             log.warning("executor failed", executor_id=exc.executor_id, error=str(exc), requests=len(lost))
@@ -253,6 +266,23 @@ class DecodeService:
                     event = TokenEvent(request.request_id, [], finish_reason="error", error=str(exc))
                     await self.bus.publish(subject, TokenBatch([event]))
             return []
+        self._observe_split()
+        return outputs
+
+    def _observe_split(self) -> None:
+        """Account a decode step's local/offloaded rows and how much remote time it left exposed."""
+        split = self.engine.last_split
+        if split is None:
+            if self.engine.running and not self.engine.waiting:
+                metrics.DECODE_ROWS.labels("local").inc(len(self.engine.running))
+            return
+        offloaded = sum(len(group.rows) for group in split.remote)
+        metrics.DECODE_ROWS.labels("offloaded").inc(offloaded)
+        metrics.DECODE_ROWS.labels("local").inc(len(split.local_rows))
+        metrics.LOCAL_ATTENTION_SECONDS.observe(split.local_s / self.engine.spec.num_layers)
+        metrics.OFFLOAD_STALL_SECONDS.observe(split.stall_s)
+        previous = self.offload_stall_s
+        self.offload_stall_s = split.stall_s if previous is None else 0.8 * previous + 0.2 * split.stall_s
 
     async def _publish(self, outputs: list[StepOutput]) -> None:
         events: dict[str, list[TokenEvent]] = {}
@@ -275,6 +305,9 @@ class DecodeService:
             await self.bus.subscribe(self.subjects.abort, AbortRequest, self.on_abort),
             await self.bus.subscribe(self.subjects.admitted, Admitted, self.on_admitted),
         ]
+        self.step_model = await asyncio.to_thread(profile_engine, self.engine)
+        self.attention_model = await asyncio.to_thread(profile_decode_attention, self.engine)
+        log.info("profiled", step=self.step_model.to_wire(), attention=self.attention_model.to_wire())
         beat = asyncio.create_task(heartbeat(self.bus, self.subjects, self.load, self.settings.heartbeat_s))
         log.info("decode instance ready", instance_id=self.settings.instance_id)
         try:

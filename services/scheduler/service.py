@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -21,6 +22,7 @@ import structlog
 from prometheus_client import Counter, Gauge
 
 from common.bus import Bus, Reply, ServiceUnavailable
+from common.config import parse_offload_ratio
 from common.messages import (
     AbortRequest,
     Ack,
@@ -35,6 +37,7 @@ from common.messages import (
     TokenEvent,
 )
 from common.subjects import Subjects
+from services.scheduler import policy
 
 log = structlog.get_logger("scheduler")
 
@@ -44,6 +47,17 @@ SUBMISSIONS = Counter(
     "adrenaline_scheduler_submissions_total", "Submitted requests by outcome (HTTP-like status)", ["status"]
 )
 LOST = Counter("adrenaline_scheduler_instances_lost_total", "Instances that stopped heartbeating")
+OFFLOAD_BOUND = Gauge(
+    "adrenaline_scheduler_offload_bound",
+    "The auto policy's bounds on the offload ratio at the last admission (memory_capacity, "
+    "memory_bandwidth, compute; their minimum is the bound applied)",
+    ["bound"],
+)
+DECISIONS = Counter(
+    "adrenaline_scheduler_offload_decisions_total",
+    "The auto policy's per-request decisions and why (see services/scheduler/policy.py)",
+    ["offloaded", "reason"],
+)
 
 
 @dataclass(frozen=True)
@@ -53,11 +67,20 @@ class SchedulerSettings:
     dead_after_s: float = 1.0  # ADRENALINE_DEAD_AFTER_S: an instance silent this long is gone
     request_timeout_s: float = 5.0  # ADRENALINE_REQUEST_TIMEOUT_S: how long a prefill instance may take to ack
     metrics_port: int = 0  # ADRENALINE_METRICS_PORT: Prometheus /metrics; 0 is off
-    offload_ratio: float = 0.0  # ADRENALINE_OFFLOAD_RATIO: share of requests offloaded; 0 is plain PD
+    # ADRENALINE_OFFLOAD_RATIO: "auto" (the load-aware policy), or the fixed share of requests
+    # offloaded, in [0, 1]; 0 turns offloading off (plain PD disaggregation)
+    offload_ratio: str = "auto"
+    tpot_slo_ms: float = 200.0  # ADRENALINE_TPOT_SLO_MS: the auto policy keeps predicted decode steps under it
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.offload_ratio <= 1.0:
-            raise ValueError(f"offload_ratio must be in [0, 1], got {self.offload_ratio}")
+        _ = self.fixed_ratio  # raises ValueError naming the setting
+        if not self.tpot_slo_ms > 0:
+            raise ValueError(f"tpot_slo_ms must be positive, got {self.tpot_slo_ms}")
+
+    @property
+    def fixed_ratio(self) -> float | None:
+        """The fixed offload ratio, or None for the auto policy."""
+        return parse_offload_ratio(self.offload_ratio)
 
     @classmethod
     def parse(cls, argv: list[str] | None) -> SchedulerSettings:
@@ -68,7 +91,8 @@ class SchedulerSettings:
         p.add_argument("--dead-after-s", type=float, default=float(env("ADRENALINE_DEAD_AFTER_S", 1.0)))
         p.add_argument("--request-timeout-s", type=float, default=float(env("ADRENALINE_REQUEST_TIMEOUT_S", 5.0)))
         p.add_argument("--metrics-port", type=int, default=int(env("ADRENALINE_METRICS_PORT", 0)))
-        p.add_argument("--offload-ratio", type=float, default=float(env("ADRENALINE_OFFLOAD_RATIO", 0.0)))
+        p.add_argument("--offload-ratio", default=env("ADRENALINE_OFFLOAD_RATIO", "auto"))
+        p.add_argument("--tpot-slo-ms", type=float, default=float(env("ADRENALINE_TPOT_SLO_MS", 200.0)))
         return cls(**vars(p.parse_args(argv)))
 
 
@@ -84,7 +108,10 @@ class _InFlight:
     decode_id: str
     token_subject: str
     kv_tokens: int  # what the decode instance (or the executor) must hold on admission
+    prompt_tokens: int
+    max_tokens: int  # prompt + max_new_tokens: the most KV it can ever hold
     executor_id: str = ""  # offloaded: its KV and decode attention live on this executor
+    generated: int = 0  # tokens seen so far, so that its context length is known
     admitted: bool = False  # KV landed on the decode instance (or the executor)
     admitted_at: float = 0.0  # when we heard so; heartbeats older than this do not show its blocks yet
 
@@ -97,7 +124,7 @@ class Scheduler:
         self.instances: dict[str, _Instance] = {}
         self.inflight: dict[str, _InFlight] = {}
         self.routed = 0  # requests routed so far, for the fixed offload ratio
-        self.offloaded = 0
+        self.mean_len: float | None = None  # moving mean of requests' maximum lengths, for the compute bound
 
     # ---- registry --------------------------------------------------------------------------
     async def on_load(self, load: InstanceLoad, reply: Reply | None) -> None:
@@ -169,19 +196,23 @@ class Scheduler:
             missing = "prefill" if not prefills else "decode"
             await self._refuse(reply, rid, 503, f"no {missing} instance is available")
             return
+        prompt = len(submit.prompt_token_ids)
+        max_tokens = prompt + submit.sampling.max_new_tokens
+        self.mean_len = max_tokens if self.mean_len is None else 0.9 * self.mean_len + 0.1 * max_tokens
         prefill = min(prefills, key=self._queued)
-        executor = self._offload_target(prefill, submit)
-        need = len(submit.prompt_token_ids) + 1
+        decode = max(decodes, key=self._free_tokens)
+        executor = self._offload_target(prefill, decode, decodes, prompt, max_tokens)
+        need = prompt + 1
         if executor is not None:  # the decode instance holds none of its KV
-            decode = min(decodes, key=lambda d: d.running + d.waiting)
-            need = len(submit.prompt_token_ids) + submit.sampling.max_new_tokens
+            need = max_tokens
+            if self.settings.fixed_ratio is not None:
+                decode = min(decodes, key=lambda d: d.running + d.waiting)
         else:
             largest = max(d.total_blocks * d.block_size for d in decodes)
             if need > largest:
                 error = f"the prompt needs {need} KV tokens; the largest decode instance holds {largest}"
                 await self._refuse(reply, rid, 400, error)
                 return
-            decode = max(decodes, key=self._free_tokens)
             if self._free_tokens(decode) < need:
                 await self._refuse(reply, rid, 429, "every decode instance's KV cache is full; retry later")
                 return
@@ -197,6 +228,8 @@ class Scheduler:
             decode.instance_id,
             submit.token_subject,
             need,
+            prompt,
+            max_tokens,
             executor.instance_id if executor else "",
         )
         try:
@@ -220,25 +253,57 @@ class Scheduler:
             executor_id=task.executor_id,
         )
         SUBMISSIONS.labels("200").inc()
-        if executor is not None:
-            self.offloaded += 1
         self.routed += 1
         await reply(SubmitReply(rid, True, 200, "", prefill.instance_id, decode.instance_id, executor is not None))
 
-    def _offload_target(self, prefill: InstanceLoad, submit: SubmitRequest) -> InstanceLoad | None:
-        """The executor beside `prefill` if this request is to be offloaded and it has room.
+    def _offload_target(
+        self, prefill: InstanceLoad, decode: InstanceLoad, decodes: list[InstanceLoad], prompt: int, max_tokens: int
+    ) -> InstanceLoad | None:
+        """The executor beside `prefill` if this request is to be offloaded, else None.
 
-        Fixed-ratio policy: request k (counting every routed request) is offloaded when
-        floor((k + 1) * ratio) > floor(k * ratio), so exactly `ratio` of them are, spread evenly.
+        Fixed ratio: request k (counting every routed request) is offloaded when
+        floor((k + 1) * ratio) > floor(k * ratio), so exactly `ratio` of them are, spread evenly,
+        as long as the executor has room. Auto: `policy.decide`, for the decode instance that
+        would otherwise take it.
         """
-        ratio = self.settings.offload_ratio
-        if math.floor((self.routed + 1) * ratio) <= math.floor(self.routed * ratio):
-            return None
-        need = len(submit.prompt_token_ids) + submit.sampling.max_new_tokens
-        for executor in self.live("executor"):
-            if executor.colocated_with == prefill.instance_id and self._free_tokens(executor) >= need:
-                return executor
-        return None
+        beside = [e for e in self.live("executor") if e.colocated_with == prefill.instance_id]
+        executor = max(beside, key=self._free_tokens, default=None)
+        ratio = self.settings.fixed_ratio
+        if ratio is not None:
+            if math.floor((self.routed + 1) * ratio) <= math.floor(self.routed * ratio):
+                return None
+            return executor if executor is not None and self._free_tokens(executor) >= max_tokens else None
+        slo_s = self.settings.tpot_slo_ms / 1e3
+        bound = policy.bounds(decode, decodes, self.live("executor"), self.mean_len or max_tokens, slo_s)
+        if bound is not None:
+            for name, value in dataclasses.asdict(bound).items():
+                OFFLOAD_BOUND.labels(name).set(value)
+        decision = policy.decide(
+            prompt_tokens=prompt,
+            max_tokens=max_tokens,
+            decode=decode,
+            decode_free_tokens=self._free_tokens(decode),
+            books=self._books(decode.instance_id),
+            executor_free_tokens=self._free_tokens(executor) if executor is not None else None,
+            bound=bound,
+            slo_s=slo_s,
+        )
+        DECISIONS.labels(str(decision.offload).lower(), decision.reason).inc()
+        return executor if decision.offload else None
+
+    def _books(self, decode_id: str) -> policy.Books:
+        books = policy.Books()
+        for f in self.inflight.values():
+            if f.decode_id != decode_id:
+                continue
+            if f.executor_id:
+                books.offloaded_batch += 1
+                books.offloaded_tokens += f.prompt_tokens + f.generated
+                books.offloaded_max_tokens += f.max_tokens
+            else:
+                books.local_batch += 1
+                books.local_tokens += f.prompt_tokens + f.generated
+        return books
 
     async def _refuse(self, reply: Reply, request_id: str, status: int, error: str) -> None:
         log.info("refused", request_id=request_id, status=status, error=error)
@@ -254,6 +319,8 @@ class Scheduler:
         for event in batch.events:
             if event.finish_reason is not None:
                 self.inflight.pop(event.request_id, None)
+            elif event.request_id in self.inflight:
+                self.inflight[event.request_id].generated += len(event.token_ids)
 
     async def on_abort(self, abort: AbortRequest, reply: Reply | None) -> None:
         self.inflight.pop(abort.request_id, None)

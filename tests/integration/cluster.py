@@ -39,7 +39,7 @@ class BackendCluster:
     decodes: int = 1
     decode_kv_bytes: int = 64 * 2**20
     executors: bool = False  # an attention executor beside each prefill instance
-    offload_ratio: float = 0.0
+    offload_ratio: str | float = 0.0  # "auto" or a fixed share
     nats: NatsServer = field(default_factory=NatsServer)
     group: ProcessGroup = field(init=False)
 
@@ -135,6 +135,14 @@ class Client:
     async def submit(self, request_id: str, prompt: list[int], sampling: Sampling) -> SubmitReply:
         submit = SubmitRequest(request_id, prompt, sampling, self.token_subject)
         return await self.bus.request(self.subjects.submit, submit, SubmitReply, 10.0)
+
+    async def submit_retrying(self, request_id: str, prompt: list[int], sampling: Sampling) -> SubmitReply:
+        """Submit, and while the cluster answers 429 (every decode KV full now), retry as a client would."""
+        while True:
+            reply = await self.submit(request_id, prompt, sampling)
+            if reply.status != 429:
+                return reply
+            await asyncio.sleep(0.05)
 
     async def result(self, request_id: str, timeout: float = 60.0) -> tuple[list[int], TokenEvent]:
         await asyncio.wait_for(self.done[request_id].wait(), timeout)

@@ -21,9 +21,22 @@ def _prompts(n: int, seed: int = 8) -> list[list[int]]:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize(("ratio", "prefills"), [(1.0, 1), (0.5, 2), (1.0, 2)])
-def test_offloaded_greedy_equals_transformers(llama_dir: Path, tmp_path: Path, ratio: float, prefills: int) -> None:
-    cluster = BackendCluster(llama_dir, tmp_path, prefills=prefills, decodes=2, executors=True, offload_ratio=ratio)
+@pytest.mark.parametrize(("ratio", "prefills"), [(1.0, 1), (0.5, 2), (1.0, 2), ("auto", 1), ("auto", 2)])
+def test_offloaded_greedy_equals_transformers(
+    llama_dir: Path, tmp_path: Path, ratio: float | str, prefills: int
+) -> None:
+    """Fixed ratios, and the auto policy with each decode instance's KV capped at 384 tokens (about
+    five of these requests at their full length), so that memory pressure makes it offload."""
+    decode_kv = 384 * 512 if ratio == "auto" else 64 * 2**20
+    cluster = BackendCluster(
+        llama_dir,
+        tmp_path,
+        prefills=prefills,
+        decodes=2,
+        executors=True,
+        offload_ratio=ratio,
+        decode_kv_bytes=decode_kv,
+    )
     cluster.start()
     prompts = _prompts(12)
     sampling = Sampling(max_new_tokens=24, temperature=0.0)
@@ -34,7 +47,9 @@ def test_offloaded_greedy_equals_transformers(llama_dir: Path, tmp_path: Path, r
         async def scenario() -> tuple[list[list[int]], int]:
             client = await Client.connect(cluster.nats.url)
             await client.wait_ready(prefills=prefills, decodes=2, executors=prefills)
-            replies = await asyncio.gather(*(client.submit(f"o{i}", p, sampling) for i, p in enumerate(prompts)))
+            replies = await asyncio.gather(
+                *(client.submit_retrying(f"o{i}", p, sampling) for i, p in enumerate(prompts))
+            )
             assert all(r.accepted for r in replies), [r.error for r in replies]
             results = [await client.result(f"o{i}") for i in range(len(prompts))]
             assert all(last.finish_reason in ("length", "stop") for _, last in results), results
@@ -43,9 +58,19 @@ def test_offloaded_greedy_equals_transformers(llama_dir: Path, tmp_path: Path, r
             return [tokens for tokens, _ in results], sum(r.offloaded for r in replies)
 
         outputs, offloaded = asyncio.run(scenario())
+        decisions = {
+            k: v
+            for k, v in cluster.metrics("scheduler").items()
+            if "offload_decisions_total{" in k or "offload_bound{" in k
+        }
     finally:
         cluster.stop()
-    assert offloaded == round(len(prompts) * ratio)
+    if ratio == "auto":
+        assert 0 < offloaded < len(prompts), decisions
+        offload_reasons = sum(v for k, v in decisions.items() if 'offloaded="true"' in k)
+        assert offload_reasons == offloaded, decisions
+    else:
+        assert offloaded == round(len(prompts) * float(ratio))
     hf = AutoModelForCausalLM.from_pretrained(llama_dir)
     for prompt, tokens in zip(prompts, outputs, strict=True):
         assert (

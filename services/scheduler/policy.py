@@ -1,0 +1,138 @@
+"""The load-aware offloading policy: which admitted requests keep their KV and attention on an executor.
+
+Offloading buys a larger decode batch (an offloaded request's KV lives on the executor, not in
+the decode instance's memory) at the price of a per-layer round trip, which costs nothing only
+while local attention hides it. The policy bounds the offload ratio (offloaded over local
+attention work) as in PAPER.md, from what the instances measured at start-up
+(`common.profiling.StepModel`) and report in their heartbeats:
+
+* memory: OB_mem = min(executor KV capacity / decode KV capacity,
+                       executor attention bandwidth / decode attention bandwidth),
+  where an instance's attention bandwidth is 1 / `per_token_s` of its profiled decode
+  attention (`attention_model`: tokens of KV per second, measured alike on both sides);
+* compute: OB_comp = (B_max - B_tpot) / B_tpot, where B_tpot is the largest decode batch that
+  meets the TPOT SLO and fits the decode instance's KV without offloading, and B_max the
+  largest whose non-attention work meets the SLO (attention entirely offloaded and hidden);
+* OB = min(OB_mem, OB_comp).
+
+A request is offloaded only if
+  (C1) the offloaded requests at their maximum lengths, plus this one, stay within OB times the
+       decode instance's KV capacity, and the executor has room for this one's maximum length;
+  (C2) the offloaded-to-local ratios of the current total context and of the batch size, with
+       this request, stay within OB (so with nothing local to hide behind, nothing is offloaded);
+  (SLO) the decode step predicted with it, plus the executor wait the decode instance measures
+       (`offload_stall_s`), meets the TPOT SLO;
+and only if it is worth it: the decode instance cannot hold the request's maximum length
+without risking preemption, or its measured executor wait shows the round trip is hidden. On a
+GPU the round trip hides under local attention and requests are offloaded up to the bound; on
+a CPU, where it does not, offloading happens only under memory pressure, where the batch it
+buys is worth the wait. Until a decode instance has measured its wait, one request at a time
+is offloaded as a probe, so the first offloaded steps tell which case holds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from common.messages import InstanceLoad
+from common.profiling import StepModel
+
+HIDDEN_FRACTION = 0.05  # an executor wait below this share of the step counts as hidden
+
+
+@dataclass
+class Books:
+    """What one decode instance carries now, from the scheduler's own in-flight table."""
+
+    local_batch: int = 0
+    local_tokens: int = 0  # current context tokens of its local requests
+    offloaded_batch: int = 0
+    offloaded_tokens: int = 0
+    offloaded_max_tokens: int = 0  # the offloaded requests at their maximum lengths
+
+
+@dataclass(frozen=True)
+class Bounds:
+    memory_capacity: float
+    memory_bandwidth: float
+    compute: float
+
+    @property
+    def offload(self) -> float:
+        return min(self.memory_capacity, self.memory_bandwidth, self.compute)
+
+
+@dataclass(frozen=True)
+class Decision:
+    offload: bool
+    reason: str  # a short fixed label, for logs and the decisions counter
+
+
+def capacity_tokens(load: InstanceLoad) -> int:
+    return load.total_blocks * load.block_size
+
+
+def bounds(
+    decode: InstanceLoad, decodes: list[InstanceLoad], executors: list[InstanceLoad], mean_len: float, slo_s: float
+) -> Bounds | None:
+    """OB_mem over the cluster and OB_comp of `decode`; None when an instance is not profiled."""
+    decode_models = [StepModel.from_wire(d.attention_model) for d in decodes]
+    executor_models = [StepModel.from_wire(e.attention_model) for e in executors]
+    model = StepModel.from_wire(decode.step_model)
+    if model is None or None in decode_models or None in executor_models or not executors:
+        return None
+    capacity = sum(map(capacity_tokens, executors)) / max(1, sum(map(capacity_tokens, decodes)))
+    bandwidth = sum(1 / max(m.per_token_s, 1e-12) for m in executor_models if m) / sum(
+        1 / max(m.per_token_s, 1e-12) for m in decode_models if m
+    )
+    seats = decode.max_num_seqs or 1
+    mean_len = max(mean_len, 1.0)
+    # B_tpot: the SLO with every request's attention local, and the decode instance's own KV
+    per_request = model.per_seq_s + model.per_token_s * mean_len
+    b_slo = (slo_s - model.fixed_s) / per_request if per_request > 0 else math.inf
+    b_tpot = min(seats, capacity_tokens(decode) / mean_len, b_slo)
+    # B_max: the SLO with attention costing the decode instance nothing
+    b_max = min(seats, (slo_s - model.fixed_s) / model.per_seq_s if model.per_seq_s > 0 else math.inf)
+    compute = max(0.0, (b_max - b_tpot) / b_tpot) if b_tpot >= 1 else 0.0
+    return Bounds(capacity, bandwidth, compute)
+
+
+def decide(
+    *,
+    prompt_tokens: int,
+    max_tokens: int,
+    decode: InstanceLoad,
+    decode_free_tokens: int,
+    books: Books,
+    executor_free_tokens: int | None,
+    bound: Bounds | None,
+    slo_s: float,
+) -> Decision:
+    """Offload this request (its KV to the executor beside its prefill instance) or keep it local?"""
+    model = StepModel.from_wire(decode.step_model)
+    if executor_free_tokens is None:
+        return Decision(False, "no_executor")
+    if bound is None or model is None:
+        return Decision(False, "not_profiled")
+    ob = bound.offload
+    if executor_free_tokens < max_tokens:
+        return Decision(False, "executor_full")
+    if books.offloaded_max_tokens + max_tokens > ob * capacity_tokens(decode):
+        return Decision(False, "c1")
+    if (
+        books.offloaded_tokens + prompt_tokens > ob * books.local_tokens
+        or books.offloaded_batch + 1 > ob * books.local_batch
+    ):
+        return Decision(False, "c2")
+    batch = books.local_batch + books.offloaded_batch
+    stall = decode.offload_stall_s
+    if model.time(batch + 1, books.local_tokens) + (stall or 0.0) > slo_s:
+        return Decision(False, "slo")
+    if decode_free_tokens < max_tokens:
+        return Decision(True, "memory_pressure")
+    if stall is None:  # never measured: offload one request, whose steps will tell
+        return Decision(books.offloaded_batch == 0, "probe")
+    if stall <= HIDDEN_FRACTION * model.time(batch, books.local_tokens):
+        return Decision(True, "hidden")
+    return Decision(False, "not_hidden")
