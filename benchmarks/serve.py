@@ -32,7 +32,6 @@ import os
 import statistics
 import tempfile
 import time
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +40,8 @@ from typing import Any
 import numpy as np
 import openai
 from tqdm import tqdm
+
+from common.config import parse_offload_ratio
 
 
 @dataclass
@@ -147,36 +148,33 @@ async def run_workload(url: str, model: str, workload: list[Request], label: str
     return list(records), wall
 
 
-def scrape(ports: dict[str, int]) -> dict[str, float]:
-    """Sum the decode instances' samples per metric name (suffixes _sum/_count kept apart)."""
+def scrape(ports: dict[str, int], role: str) -> dict[str, float]:
+    """Sum the samples of every instance of `role` (by instance-id prefix) per sample name."""
+    from common.metrics import scrape_metrics
+
     totals: dict[str, float] = {}
     for name, port in ports.items():
-        if not name.startswith("decode"):
-            continue
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-        for line in text.splitlines():
-            if not line or line.startswith("#"):
-                continue
-            key, _, value = line.rpartition(" ")
-            metric = key.split("{", 1)[0]
-            try:
-                totals[metric] = totals.get(metric, 0.0) + float(value)
-            except ValueError:
-                continue
+        if name.startswith(role):
+            for key, value in scrape_metrics(port).items():
+                totals[key] = totals.get(key, 0.0) + value
     return totals
 
 
-def decode_summary(m: dict[str, float]) -> dict[str, float]:
+def decode_summary(m: dict[str, float], executors: dict[str, float], wall: float) -> dict[str, float]:
     def mean(name: str) -> float:
         count = m.get(f"{name}_count", 0.0)
         return m.get(f"{name}_sum", 0.0) / count if count else math.nan
 
+    local = m.get('adrenaline_decode_rows_total{attention="local"}', 0.0)
+    offloaded = m.get('adrenaline_decode_rows_total{attention="offloaded"}', 0.0)
     return {
         "mean_batch_size": mean("adrenaline_batch_size"),
-        "offloaded_share": m.get("adrenaline_offloaded_share", math.nan),
+        "offloaded_share": offloaded / (local + offloaded) if local + offloaded else math.nan,
         "round_trip_ms": 1e3 * mean("adrenaline_offload_layer_round_trip_seconds"),
+        "local_attention_ms": 1e3 * mean("adrenaline_offload_local_attention_seconds"),
+        "stall_ms": 1e3 * mean("adrenaline_offload_stall_seconds"),
         "step_ms": 1e3 * mean("adrenaline_step_seconds"),
+        "executor_gb_s": executors.get("adrenaline_executor_attention_bytes_total", 0.0) / wall / 1e9,
     }
 
 
@@ -206,7 +204,7 @@ def summarize(records: list[Record], wall: float, tpot_slo_s: float) -> dict[str
 
 
 def run_mode(
-    args: argparse.Namespace, model: Path, ratio: float, workload: list[Request], kv: int, rep: int
+    args: argparse.Namespace, model: Path, ratio: str, workload: list[Request], kv: int, rep: int
 ) -> dict[str, Any]:
     from common.natsd import free_port
     from services.local_cluster import LocalCluster
@@ -219,18 +217,23 @@ def run_mode(
         env={"ADRENALINE_THREADS": "1"},
         log_dir=Path(args.out).parent / f"logs-{ratio}-{rep}",
         offload_ratio=ratio,
+        tpot_slo_ms=args.tpot_slo_ms,
         kv_cache_bytes=kv,
     )
     cluster.start()
     try:
         cluster.wait_ready()
         records, wall = asyncio.run(run_workload(cluster.url, model.name, workload, f"ratio {ratio} #{rep}"))
-        decode = decode_summary(scrape(cluster.metrics_ports))
+        decode = decode_summary(
+            scrape(cluster.metrics_ports, "decode"), scrape(cluster.metrics_ports, "executor"), wall
+        )
+        policy = {k: v for k, v in scrape(cluster.metrics_ports, "scheduler").items() if "_offload_" in k and "{" in k}
     finally:
         cluster.stop()
     return {
         "summary": summarize(records, wall, args.tpot_slo_ms / 1e3),
         "decode": decode,
+        "policy": policy,  # the scheduler's offload bounds and decisions by reason
         "records": [asdict(r) for r in records],
     }
 
@@ -248,9 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dist", choices=("sharegpt", "long-output", "tiny"), default="sharegpt")
     p.add_argument("--rate", type=float, default=math.inf, help="Poisson arrivals per second (inf: all at once)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--modes", default="0,0.5", help="comma-separated offload ratios")
+    p.add_argument("--modes", default="0,auto", help="comma-separated offload ratios ('auto' or in [0, 1])")
     p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--tpot-slo-ms", type=float, default=200.0)
+    p.add_argument("--tpot-slo-ms", type=float, default=200.0, help="goodput's SLO, and the auto policy's")
     p.add_argument("--decode-kv-bytes", type=int, default=None, help="default: room for ~16 average requests")
     p.add_argument("--out", default=None, help="results JSON; default bench-results/serve-<timestamp>.json")
     return p
@@ -270,8 +273,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     workload = make_workload(args.dist, args.num_requests, args.rate, config["vocab_size"], args.seed)
     avg_len = statistics.mean(len(r.prompt) + r.max_tokens for r in workload)
     kv = args.decode_kv_bytes or int(16 * avg_len * kv_bytes_per_token(config))
-    modes = [float(m) for m in args.modes.split(",")]
-    runs: dict[float, list[dict[str, Any]]] = {m: [] for m in modes}
+    modes = args.modes.split(",")
+    for m in modes:
+        parse_offload_ratio(m)
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     for rep in range(args.repeats):
         for ratio in modes:
             runs[ratio].append(run_mode(args, model, ratio, workload, kv, rep))
@@ -296,7 +301,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "e2e_p50_ms",
         "errors",
     ]
-    dcols = ["mean_batch_size", "offloaded_share", "round_trip_ms", "step_ms"]
+    dcols = [
+        "mean_batch_size",
+        "offloaded_share",
+        "round_trip_ms",
+        "local_attention_ms",
+        "stall_ms",
+        "step_ms",
+        "executor_gb_s",
+    ]
     lines = ["| ratio | " + " | ".join(cols + dcols) + " |", "|---" * (len(cols) + len(dcols) + 1) + "|"]
     for m, res in results["modes"].items():
         vals = [res["summary"][c] for c in cols] + [res["decode"][c] for c in dcols]

@@ -7,6 +7,7 @@ off); the gateway serves its own request-level metrics (TTFT, TPOT) on its `/met
 from __future__ import annotations
 
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -88,3 +89,15 @@ def observe_pool(total: int, free: int, running: int, waiting: int) -> None:
     KV_BLOCKS_USED.set(total - free)
     RUNNING.set(running)
     WAITING.set(waiting)
+
+
+def scrape_metrics(port: int, host: str = "127.0.0.1") -> dict[str, float]:
+    """A process's Prometheus samples, as {'name{labels}': value}: for tests and the benchmark."""
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values

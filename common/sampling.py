@@ -8,11 +8,13 @@ and whatever it is batched with.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
 from common.errors import InvalidRequestError
+from common.messages import Sampling
 
 MAX_LOGPROBS = 20
 
@@ -51,6 +53,18 @@ class SamplingParams:
 
     def stops_at(self, token_id: int) -> bool:
         return token_id in self.stop_token_ids or (not self.ignore_eos and token_id in self.eos_token_ids)
+
+
+def to_wire(params: SamplingParams) -> Sampling:
+    """The message form of validated parameters (what the gateway sends); `from_wire` reverses it."""
+    values = {f.name: getattr(params, f.name) for f in dataclasses.fields(Sampling)}
+    return Sampling(**{**values, "stop_token_ids": list(params.stop_token_ids)})
+
+
+def from_wire(sampling: Sampling) -> SamplingParams:
+    """Parameters from a message, validated (raises InvalidRequestError naming the field)."""
+    values = {f.name: getattr(sampling, f.name) for f in dataclasses.fields(Sampling)}
+    return SamplingParams(**{**values, "stop_token_ids": tuple(sampling.stop_token_ids)})
 
 
 def _is_number(x: object) -> bool:

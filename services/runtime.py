@@ -26,8 +26,7 @@ from common.bus import Bus
 from common.config import EngineConfig
 from common.engine import Engine, StepOutput
 from common.logging import configure
-from common.messages import InstanceLoad, Sampling, TokenEvent
-from common.sampling import SamplingParams
+from common.messages import InstanceLoad, TokenEvent
 from common.subjects import Subjects
 from common.tensor_channel import TensorChannel
 
@@ -144,20 +143,6 @@ async def wait_for_work(wake: asyncio.Event, stop: asyncio.Event) -> None:
     waiter.cancel()
     stopper.cancel()
     wake.clear()
-
-
-def to_params(sampling: Sampling) -> SamplingParams:
-    """The wire form of sampling parameters, validated (raises InvalidRequestError)."""
-    return SamplingParams(
-        max_new_tokens=sampling.max_new_tokens,
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        top_k=sampling.top_k,
-        seed=sampling.seed,
-        stop_token_ids=tuple(sampling.stop_token_ids),
-        ignore_eos=sampling.ignore_eos,
-        logprobs=sampling.logprobs,
-    )
 
 
 async def heartbeat(bus: Bus, subjects: Subjects, load: Callable[[], InstanceLoad], interval: float) -> None:

@@ -13,7 +13,6 @@ from common.kv_pool import KVLayout
 from common.logging import configure
 from common.model.spec import ModelSpec
 from common.offload import ExecutorCore
-from common.profiling import profile_executor
 from common.tensor_channel import TensorChannel
 from kernels.backend import default_backend_name, get_backend
 from services.attention_executor.service import ExecutorService
@@ -22,7 +21,7 @@ from services.runtime import InstanceSettings, run_until_signalled
 
 def main(argv: list[str] | None = None) -> None:
     settings = InstanceSettings.parse(argv, "attention_executor")
-    log = configure("attention_executor").bind(instance_id=settings.instance_id)
+    configure("attention_executor").bind(instance_id=settings.instance_id)
     settings.apply_threads()
     spec = ModelSpec.from_folder(settings.model)  # shapes only: an executor loads no weights
     device = torch.device(settings.device)
@@ -34,15 +33,13 @@ def main(argv: list[str] | None = None) -> None:
         spec.head_dim**-0.5,
         device,
     )
-    attention_model = profile_executor(core, spec.num_heads)
-    log.info("profiled", attention=attention_model.to_wire())
     metrics.serve(settings.metrics_port)
 
     async def serve(stop: asyncio.Event) -> None:
         bus = await Bus.connect(settings.nats_url, settings.instance_id)
         channel = await TensorChannel.create()
         try:
-            await ExecutorService(settings, spec, core, bus, channel, attention_model).serve(stop)
+            await ExecutorService(settings, spec, core, bus, channel).serve(stop)
         finally:
             await bus.close()
             await channel.close()

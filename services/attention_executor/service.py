@@ -36,7 +36,7 @@ from common.messages import (
 )
 from common.model.spec import ModelSpec
 from common.offload import ExecutorCore
-from common.profiling import StepModel
+from common.profiling import StepModel, profile_executor
 from common.tensor_channel import TensorChannel, TransferError
 from services.runtime import InstanceSettings, Tombstones, heartbeat
 
@@ -51,10 +51,9 @@ class ExecutorService:
         core: ExecutorCore,
         bus: Bus,
         channel: TensorChannel,
-        attention_model: StepModel | None = None,
     ) -> None:
         self.settings = settings
-        self.attention_model = attention_model  # profiled at start-up: the scheduler's bandwidth bound reads it
+        self.attention_model: StepModel | None = None  # profiled at start-up: the scheduler's bandwidth bound
         self.subjects = settings.subjects
         self.spec = spec
         self.core = core
@@ -180,8 +179,31 @@ class ExecutorService:
         except TransferError as exc:
             log.warning("decode step failed", decode_id=begin.decode_id, error=str(exc))
 
+    async def profile(self, stop: asyncio.Event, wait_s: float = 60.0) -> None:
+        """Profile decode attention once the colocated prefill instance is up: its start-up
+        (imports, loading weights) runs on the same cores and would be timed as this executor's
+        slowness, halving the bandwidth the scheduler's bound reads."""
+        neighbour_up = asyncio.Event()
+
+        async def on_load(load: InstanceLoad, reply: Reply | None) -> None:
+            if load.instance_id == self.settings.colocated_with:
+                neighbour_up.set()
+
+        if self.settings.colocated_with:
+            sub = await self.bus.subscribe(self.subjects.load, InstanceLoad, on_load)
+            waits = {asyncio.create_task(neighbour_up.wait()), asyncio.create_task(stop.wait())}
+            await asyncio.wait(waits, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+            for task in waits:
+                task.cancel()
+            await sub.unsubscribe()
+            if not neighbour_up.is_set() and not stop.is_set():
+                log.warning("colocated prefill instance not seen; profiling anyway", waited_s=wait_s)
+        self.attention_model = await asyncio.to_thread(profile_executor, self.core, self.spec.num_heads)
+        log.info("profiled", attention=self.attention_model.to_wire())
+
     async def serve(self, stop: asyncio.Event) -> None:
         me = self.settings.instance_id
+        await self.profile(stop)  # before the first heartbeat: a live executor is a profiled one
         subs = [
             await self.bus.subscribe(self.subjects.instance(me, "handoff"), KVHandoff, self.on_handoff),
             await self.bus.subscribe(self.subjects.instance(me, "step"), StepBegin, self.on_step),

@@ -28,6 +28,7 @@ from common.errors import InvalidRequestError, NoFreeBlocksError
 from common.kv_transfer import kv_shape, scatter_kv
 from common.messages import AbortRequest, Ack, Admitted, InstanceLoad, KVHandoff, TokenBatch, TokenEvent
 from common.profiling import StepModel, profile_decode_attention, profile_engine
+from common.sampling import from_wire
 from common.tags import MAX_EXECUTORS
 from common.tensor_channel import TensorChannel, TransferError
 from services.decode.remote_executor import ExecutorFailed, RemoteExecutor
@@ -37,7 +38,6 @@ from services.runtime import (
     engine_load,
     heartbeat,
     step,
-    to_params,
     token_event,
     wait_for_work,
 )
@@ -150,7 +150,7 @@ class DecodeService:
                 raise InvalidRequestError("request_id", f"{rid!r} is already here")
             if rid in self.aborted:
                 raise InvalidRequestError("request_id", f"{rid!r} was aborted")
-            self.engine.validate(request.prompt_token_ids, to_params(request.sampling))
+            self.engine.validate(request.prompt_token_ids, from_wire(request.sampling))
             if not handoff.executor_id:
                 self.engine.blocks.allocate(rid, handoff.num_kv_tokens)
         except NoFreeBlocksError as exc:
@@ -216,7 +216,7 @@ class DecodeService:
         slots = torch.tensor(self.engine.blocks.slots(request_id, 0, entry.handoff.num_kv_tokens), dtype=torch.int64)
         scatter_kv(self.engine.pool, slots.to(self.engine.device), entry.kv.to(self.engine.device))
         self.engine.add_running(
-            request_id, request.prompt_token_ids, entry.handoff.first_token_id, to_params(request.sampling)
+            request_id, request.prompt_token_ids, entry.handoff.first_token_id, from_wire(request.sampling)
         )
         self.token_subjects[request_id] = request.token_subject
         await self.bus.publish(self.subjects.admitted, Admitted(request_id, self.settings.instance_id))
@@ -244,7 +244,7 @@ class DecodeService:
                 timeout=self.settings.transfer_timeout_s,
             )
         self.engine.add_running(
-            rid, request.prompt_token_ids, h.first_token_id, to_params(request.sampling), h.executor_id
+            rid, request.prompt_token_ids, h.first_token_id, from_wire(request.sampling), h.executor_id
         )
         self.token_subjects[rid] = request.token_subject
         log.info("admitted offloaded", request_id=rid, executor_id=h.executor_id)

@@ -11,7 +11,7 @@ from typing import Any
 
 from common.errors import InvalidRequestError
 from common.messages import Sampling
-from common.sampling import SamplingParams
+from common.sampling import SamplingParams, to_wire
 from services.gateway.errors import APIError, invalid
 from services.gateway.openai_types import ChatCompletionRequest, CompletionRequest, SamplingFields
 
@@ -111,15 +111,7 @@ class PromptBuilder:
         except InvalidRequestError as exc:
             param = "max_tokens" if exc.field == "max_new_tokens" else exc.field
             raise invalid(param, f"{param}: {exc.message}") from None
-        return Sampling(
-            max_new_tokens=params.max_new_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k,
-            seed=params.seed,
-            ignore_eos=params.ignore_eos,
-            logprobs=params.logprobs,
-        )
+        return to_wire(params)
 
 
 def stop_strings(stop: str | list[str] | None) -> list[str]:

@@ -31,6 +31,7 @@ from common.messages import (
     TokenBatch,
     TokenEvent,
 )
+from common.sampling import from_wire
 from common.tags import handoff_tags
 from common.tensor_channel import TensorChannel
 from services.runtime import (
@@ -39,7 +40,6 @@ from services.runtime import (
     engine_load,
     heartbeat,
     step,
-    to_params,
     token_event,
     wait_for_work,
 )
@@ -74,7 +74,7 @@ class PrefillService:
     async def on_task(self, task: PrefillTask, reply: Reply | None) -> None:
         request = task.request
         try:
-            self.engine.validate(request.prompt_token_ids, to_params(request.sampling))
+            self.engine.validate(request.prompt_token_ids, from_wire(request.sampling))
             if request.request_id in self.tasks:
                 raise InvalidRequestError("request_id", f"{request.request_id!r} is already in use")
             if request.request_id in self.aborted:
@@ -100,7 +100,7 @@ class PrefillService:
         for task in self.inbox:
             r = task.request
             if not self.tasks[r.request_id].aborted:
-                self.engine.add_request(r.request_id, r.prompt_token_ids, to_params(r.sampling))
+                self.engine.add_request(r.request_id, r.prompt_token_ids, from_wire(r.sampling))
         self.inbox.clear()
         for request_id in self.aborts:
             self.engine.abort(request_id)

@@ -15,12 +15,12 @@ from common.model.tiny import make_tiny
 def test_bench_compares_modes(tmp_path: Path) -> None:
     model = make_tiny(tmp_path / "m", "llama")
     out = tmp_path / "r.json"
-    argv = ["--model", str(model), "--num-requests", "6", "--dist", "tiny", "--modes", "0,0.5", "--out", str(out)]
+    argv = ["--model", str(model), "--num-requests", "6", "--dist", "tiny", "--modes", "0,auto", "--out", str(out)]
     results = main(argv)
     saved = json.loads(out.read_text())
-    assert set(saved["modes"]) == {"0.0", "0.5"}
+    assert set(saved["modes"]) == {"0", "auto"}
     for mode in saved["modes"].values():
         assert mode["summary"]["output_tok_s"] > 0
         records = mode["runs"][0]["records"]
         assert len(records) == 6 and all(r["error"] is None for r in records)
-    assert "0.5 vs 0.0:" in results["report"]
+    assert "auto vs 0:" in results["report"]

@@ -17,9 +17,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from common.metrics import scrape_metrics
 from common.natsd import free_port
 from services.local_cluster import LocalCluster
-from tests.integration.cluster import scrape_metrics
 
 
 def _wait_kv_free(cluster: LocalCluster, timeout: float = 10.0) -> None:

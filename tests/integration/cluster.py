@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from common.messages import (
     TokenBatch,
     TokenEvent,
 )
+from common.metrics import scrape_metrics
 from common.natsd import NatsServer, free_port
 from common.subjects import Subjects
 from services.launcher import ProcessGroup
@@ -77,18 +77,6 @@ class BackendCluster:
     def stop(self) -> None:
         self.group.stop()
         self.nats.stop()
-
-
-def scrape_metrics(port: int) -> dict[str, float]:
-    """A process's Prometheus samples on 127.0.0.1:`port`, as {'name{labels}': value}."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    return values
 
 
 class Client:

@@ -87,3 +87,23 @@ def test_stops_at_stop_and_eos_tokens() -> None:
     params = SamplingParams(stop_token_ids=(9,), eos_token_ids=(2,))
     assert params.stops_at(9) and params.stops_at(2) and not params.stops_at(3)
     assert not SamplingParams(ignore_eos=True, eos_token_ids=(2,)).stops_at(2)
+
+
+def test_wire_form_round_trips_every_field() -> None:
+    from common.messages import Sampling, decode, encode
+    from common.sampling import from_wire, to_wire
+
+    params = SamplingParams(
+        max_new_tokens=7,
+        temperature=0.5,
+        top_p=0.9,
+        top_k=3,
+        seed=11,
+        stop_token_ids=(4, 5),
+        ignore_eos=True,
+        logprobs=2,
+    )
+    wire = decode(encode(to_wire(params)), Sampling)
+    assert from_wire(wire) == params
+    with pytest.raises(InvalidRequestError, match="top_p"):
+        from_wire(Sampling(max_new_tokens=1, top_p=0.0))
