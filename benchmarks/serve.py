@@ -227,7 +227,11 @@ def run_mode(
         decode = decode_summary(
             scrape(cluster.metrics_ports, "decode"), scrape(cluster.metrics_ports, "executor"), wall
         )
-        policy = {k: v for k, v in scrape(cluster.metrics_ports, "scheduler").items() if "_offload_" in k and "{" in k}
+        policy = {
+            k: v
+            for k, v in scrape(cluster.metrics_ports, "scheduler").items()
+            if k.startswith(("adrenaline_scheduler_offload_bound{", "adrenaline_scheduler_offload_decisions_total{"))
+        }
     finally:
         cluster.stop()
     return {
