@@ -203,6 +203,23 @@ def summarize(records: list[Record], wall: float, tpot_slo_s: float) -> dict[str
     return out
 
 
+def kv_left(ports: dict[str, int], wait_s: float = 5.0) -> int:
+    """KV blocks still held on any prefill, decode or executor instance once the workload is over
+    (0 is the only right answer); the gauges follow heartbeats, so give them a moment."""
+    from common.metrics import scrape_metrics
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        used = sum(
+            int(scrape_metrics(port).get("adrenaline_kv_blocks_used", 0.0))
+            for name, port in ports.items()
+            if name.startswith(("prefill", "decode", "executor"))
+        )
+        if used == 0 or time.monotonic() > deadline:
+            return used
+        time.sleep(0.25)
+
+
 def run_mode(
     args: argparse.Namespace, model: Path, ratio: str, workload: list[Request], kv: int, rep: int
 ) -> dict[str, Any]:
@@ -232,10 +249,11 @@ def run_mode(
             for k, v in scrape(cluster.metrics_ports, "scheduler").items()
             if k.startswith(("adrenaline_scheduler_offload_bound{", "adrenaline_scheduler_offload_decisions_total{"))
         }
+        leftover = kv_left(cluster.metrics_ports)
     finally:
         cluster.stop()
     return {
-        "summary": summarize(records, wall, args.tpot_slo_ms / 1e3),
+        "summary": {**summarize(records, wall, args.tpot_slo_ms / 1e3), "kv_blocks_left": float(leftover)},
         "decode": decode,
         "policy": policy,  # the scheduler's offload bounds and decisions by reason
         "records": [asdict(r) for r in records],
@@ -304,6 +322,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "itl_p50_ms",
         "e2e_p50_ms",
         "errors",
+        "kv_blocks_left",
     ]
     dcols = [
         "mean_batch_size",

@@ -147,6 +147,20 @@ class Engine:
         self.running.append(request)
         return request
 
+    def add_waiting(
+        self, request_id: str, prompt_token_ids: list[int], first_token_id: int, params: SamplingParams
+    ) -> Request:
+        """Queue a request prefilled elsewhere whose KV is not here: its prompt and first token are
+        recomputed when blocks allow, exactly as a preempted request is (FIFO behind those)."""
+        if request_id in self.requests:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
+        self.validate(prompt_token_ids, params)
+        params = dataclasses.replace(params, eos_token_ids=self.spec.eos_token_ids)
+        request = Request(request_id, list(prompt_token_ids), params, output_token_ids=[first_token_id])
+        self.requests[request_id] = request
+        self.waiting.append(request)
+        return request
+
     def detach(self, request_id: str) -> Request:
         """Take a running request out of this engine (its KV has been copied elsewhere) and free its blocks."""
         request = self.requests.pop(request_id)

@@ -84,6 +84,7 @@ class InstanceLoad:
     attention_model: list[float] = field(default_factory=list)
     max_num_seqs: int = 0  # a decode instance's batch limit
     offload_stall_s: float | None = None  # decode: mean wait on executors per step after local attention
+    waiting_tokens: int = 0  # KV tokens its queued (preempted, or to recompute) requests will need
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,7 @@ class Ack:
 
     accepted: bool
     error: str = ""
+    send_kv: bool = True  # to a KVHandoff: False when the decode instance will recompute the KV instead
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,9 @@ class KVHandoff:
 
     The decode instance allocates blocks for `num_kv_tokens`, posts a receive for `tag` and acks;
     only then does the prefill instance send one tensor `[num_layers, 2, num_kv_tokens, kv_heads,
-    head_dim]` in the model's dtype with that tag. A refusal (no room) fails the request cleanly.
+    head_dim]` in the model's dtype with that tag. With no room for a while, the decode instance
+    queues the request to recompute its KV and acks with `send_kv=False`; a refusal (a bad or
+    aborted request) fails the request cleanly.
     """
 
     request: SubmitRequest

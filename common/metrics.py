@@ -66,6 +66,14 @@ DECODE_ROWS = Counter(
     ["attention"],
 )
 OFFLOADED_SHARE = Gauge("adrenaline_offloaded_share", "Share of the decode batch whose attention runs on executors")
+PREEMPTIONS = Counter(
+    "adrenaline_preemptions_total",
+    "Running requests whose KV was dropped for lack of blocks, to be recomputed (a full cache slows, never fails)",
+)
+HANDOFFS_RECOMPUTED = Counter(
+    "adrenaline_decode_handoffs_recomputed_total",
+    "Hand-offs that found no room within the hold time: queued to recompute their KV here, not sent",
+)
 TRANSFER_FAILURES = Counter("adrenaline_kv_transfer_failures_total", "KV transfers that failed or timed out")
 
 

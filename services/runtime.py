@@ -47,6 +47,7 @@ class InstanceSettings:
     device: str = "cpu"  # ADRENALINE_DEVICE
     threads: int = 0  # ADRENALINE_THREADS: torch threads; 0 keeps torch's default
     heartbeat_s: float = 0.25  # ADRENALINE_HEARTBEAT_S
+    dead_after_s: float = 1.0  # ADRENALINE_DEAD_AFTER_S: a peer silent this long is gone (as the scheduler judges)
     transfer_timeout_s: float = 10.0  # ADRENALINE_TRANSFER_TIMEOUT_S: a KV transfer that takes longer fails
     metrics_port: int = 0  # ADRENALINE_METRICS_PORT: Prometheus /metrics; 0 is off
     colocated_with: str = ""  # ADRENALINE_COLOCATED_WITH: an executor's prefill instance
@@ -71,6 +72,7 @@ class InstanceSettings:
         p.add_argument("--device", default=env("ADRENALINE_DEVICE", "cpu"))
         p.add_argument("--threads", type=int, default=int(env("ADRENALINE_THREADS", 0)))
         p.add_argument("--heartbeat-s", type=float, default=float(env("ADRENALINE_HEARTBEAT_S", 0.25)))
+        p.add_argument("--dead-after-s", type=float, default=float(env("ADRENALINE_DEAD_AFTER_S", 1.0)))
         p.add_argument("--transfer-timeout-s", type=float, default=float(env("ADRENALINE_TRANSFER_TIMEOUT_S", 10.0)))
         p.add_argument("--metrics-port", type=int, default=int(env("ADRENALINE_METRICS_PORT", 0)))
         p.add_argument("--colocated-with", default=env("ADRENALINE_COLOCATED_WITH", ""))
@@ -84,10 +86,12 @@ class InstanceSettings:
 async def step(engine: Engine) -> list[StepOutput]:
     """One engine step in a worker thread (so NATS and UCX keep being served), timed."""
     batch = len(engine.running) or len(engine.waiting)
+    preemptions = engine.num_preemptions
     start = time.perf_counter()
     outputs = await asyncio.to_thread(engine.step)
     metrics.STEP_SECONDS.observe(time.perf_counter() - start)
     metrics.BATCH_SIZE.observe(batch)
+    metrics.PREEMPTIONS.inc(engine.num_preemptions - preemptions)
     return outputs
 
 
@@ -169,6 +173,7 @@ def engine_load(settings: InstanceSettings, role: str, engine: Engine, address: 
         free_blocks=blocks.num_free_blocks,
         running=len(engine.running),
         waiting=len(engine.waiting) + queued,
+        waiting_tokens=sum(r.num_tokens for r in engine.waiting),
     )
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
-from concurrent.futures import Future
+from collections.abc import Coroutine, Sequence
+from concurrent.futures import CancelledError, Future
+from typing import Any
 
 import torch
 
@@ -65,6 +66,33 @@ class RemoteExecutor(ExecutorClient):
         self._rows = 0
         self._tag_base = 0
         self._inflight: dict[int, tuple[Future[int], Future[int], torch.Tensor, float]] = {}
+        self._failed = ""  # set (from the event loop) when the executor is known dead
+        self._io: set[asyncio.Task[int]] = set()  # this executor's transfers running on the loop
+
+    @property
+    def failed(self) -> bool:
+        return bool(self._failed)
+
+    def fail(self, reason: str) -> None:
+        """The executor is gone (its heartbeats stopped); call on the event loop. Cancels the
+        transfers in flight, so that a step waiting on it fails now instead of at the transfer
+        timeout, and refuses new ones. Cancelling is safe: `TensorChannel.recv_into` receives
+        into staging memory, never into the caller's buffer after it gave up."""
+        self._failed = reason
+        for task in list(self._io):
+            task.cancel()
+
+    async def _tracked(self, transfer: Coroutine[Any, Any, int]) -> int:
+        """Run one transfer on the loop where `fail` can cancel it."""
+        if self._failed:
+            transfer.close()
+            raise ExecutorFailed(self.executor_id, AdrenalineError(self._failed))
+        task = asyncio.ensure_future(transfer)
+        self._io.add(task)
+        try:
+            return await task
+        finally:
+            self._io.discard(task)
 
     def admit(self, request_id: str, kv: torch.Tensor, max_tokens: int) -> None:
         raise AdrenalineError(
@@ -73,6 +101,8 @@ class RemoteExecutor(ExecutorClient):
         )
 
     def begin_step(self, request_ids: Sequence[str], context_lens: Sequence[int]) -> None:
+        if self._failed:
+            raise ExecutorFailed(self.executor_id, AdrenalineError(self._failed))
         self._step += 1
         self._rows = len(request_ids)
         self._tag_base = step_tag_base(self.decode_id, self.slot, self._step)
@@ -90,8 +120,10 @@ class RemoteExecutor(ExecutorClient):
             out = torch.empty(n, self.spec.q_size, dtype=q.dtype)
         tag = self._tag_base + layer
         started = time.perf_counter()
-        recv = asyncio.run_coroutine_threadsafe(self.channel.recv_into(tag, [out], self.timeout), self.loop)
-        send = asyncio.run_coroutine_threadsafe(self.channel.send(self.peer, tag, [packed], self.timeout), self.loop)
+        recv_io = self.channel.recv_into(tag, [out], self.timeout)
+        send_io = self.channel.send(self.peer, tag, [packed], self.timeout)
+        recv = asyncio.run_coroutine_threadsafe(self._tracked(recv_io), self.loop)
+        send = asyncio.run_coroutine_threadsafe(self._tracked(send_io), self.loop)
         self._inflight[layer] = (send, recv, out, started)
 
     def finish(self, layer: int) -> torch.Tensor:
@@ -99,6 +131,12 @@ class RemoteExecutor(ExecutorClient):
         try:
             send.result(self.timeout + 1)
             recv.result(self.timeout + 1)
+        except ExecutorFailed:
+            self._inflight.clear()
+            raise
+        except CancelledError as exc:  # fail(): the executor is gone
+            self._inflight.clear()
+            raise ExecutorFailed(self.executor_id, AdrenalineError(self._failed or "cancelled")) from exc
         except Exception as exc:  # TransferError, or the loop's future timing out
             self._inflight.clear()
             raise ExecutorFailed(self.executor_id, exc) from exc

@@ -78,6 +78,7 @@ class DecodeService:
         self.aborted = Tombstones()
         self.executor_slots = 0  # executors met so far; each gets its own slot in the step tags
         self.held: dict[str, float] = {}  # hand-offs waiting for room, and until when they may
+        self.executor_seen: dict[str, float] = {}  # executors' last heartbeats
         self.step_model: StepModel | None = None  # profiled when serving starts
         self.attention_model: StepModel | None = None
         self.offload_stall_s: float | None = None  # moving mean over steps with offloaded rows
@@ -108,6 +109,22 @@ class DecodeService:
             self.landed_on_executor = {r: t for r, t in self.landed_on_executor.items() if now - t < 60.0}
             self.landed_on_executor[admitted.request_id] = now
 
+    async def on_load(self, load: InstanceLoad, reply: Reply | None) -> None:
+        if load.role == "executor":
+            self.executor_seen[load.instance_id] = time.monotonic()
+
+    async def watch_executors(self) -> None:
+        """Fail an executor whose heartbeats stopped (the scheduler's rule), so that a step waiting
+        on it ends within about `dead_after_s` rather than at the transfer timeout."""
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_s)
+            horizon = time.monotonic() - self.settings.dead_after_s
+            for name, client in list(self.engine.executors.items()):
+                seen = self.executor_seen.setdefault(name, time.monotonic())
+                if seen < horizon and isinstance(client, RemoteExecutor) and not client.failed:
+                    log.warning("executor silent", executor_id=name, silent_s=round(time.monotonic() - seen, 2))
+                    client.fail(f"no heartbeat for {self.settings.dead_after_s:g} s")
+
     async def on_abort(self, abort: AbortRequest, reply: Reply | None) -> None:
         self.inbox.aborts.append(abort.request_id)
         self.wake.set()
@@ -118,7 +135,7 @@ class DecodeService:
         now = time.monotonic()
         for handoff, reply in handoffs:
             self.held.setdefault(handoff.request.request_id, now + 0.5 * self.settings.transfer_timeout_s)
-            ack = self._accept(handoff)
+            ack = await self._accept(handoff)
             if ack is None:  # no room yet: hold it, running requests free blocks as they finish
                 self.inbox.handoffs.append((handoff, reply))
                 continue
@@ -136,12 +153,16 @@ class DecodeService:
             elif self.engine.abort(request_id):
                 self.token_subjects.pop(request_id, None)
 
-    def _accept(self, handoff: KVHandoff) -> Ack | None:
+    async def _accept(self, handoff: KVHandoff) -> Ack | None:
         """Ack or refuse a hand-off; None while there is no room yet and it may still wait.
 
         The scheduler's view of free KV lags (heartbeats) and running requests grow, so a full
-        cache at hand-off time is usually brief: waiting up to half the transfer timeout (the
-        prefill instance waits for the ack that long at most) beats failing the request.
+        cache at hand-off time is usually brief: the hand-off waits up to half the transfer
+        timeout (the prefill instance waits for the ack that long at most) for blocks. Requests
+        already queued here (preempted ones) come first: a hand-off never takes blocks from under
+        them. If there is still no room, the request is queued to recompute its KV here from its
+        tokens, like a preempted one, and the prefill instance is told not to send it: a full
+        cache delays a request, it never fails it.
         """
         request = handoff.request
         rid = request.request_id
@@ -150,13 +171,21 @@ class DecodeService:
                 raise InvalidRequestError("request_id", f"{rid!r} is already here")
             if rid in self.aborted:
                 raise InvalidRequestError("request_id", f"{rid!r} was aborted")
-            self.engine.validate(request.prompt_token_ids, from_wire(request.sampling))
+            params = from_wire(request.sampling)
+            self.engine.validate(request.prompt_token_ids, params)
             if not handoff.executor_id:
+                if self.engine.waiting:
+                    raise NoFreeBlocksError(self.engine.blocks.blocks_for(handoff.num_kv_tokens), 0)
                 self.engine.blocks.allocate(rid, handoff.num_kv_tokens)
-        except NoFreeBlocksError as exc:
+        except NoFreeBlocksError:
             if time.monotonic() < self.held.get(rid, 0.0):
                 return None
-            return Ack(False, str(exc))
+            self.engine.add_waiting(rid, request.prompt_token_ids, handoff.first_token_id, params)
+            self.token_subjects[rid] = request.token_subject
+            metrics.HANDOFFS_RECOMPUTED.inc()
+            await self.bus.publish(self.subjects.admitted, Admitted(rid, self.settings.instance_id))
+            log.info("queued to recompute", request_id=rid, kv_tokens=handoff.num_kv_tokens)
+            return Ack(True, send_kv=False)
         except InvalidRequestError as exc:
             return Ack(False, str(exc))
         self.pending[rid] = _Pending(handoff)
@@ -304,7 +333,9 @@ class DecodeService:
             ),
             await self.bus.subscribe(self.subjects.abort, AbortRequest, self.on_abort),
             await self.bus.subscribe(self.subjects.admitted, Admitted, self.on_admitted),
+            await self.bus.subscribe(self.subjects.load, InstanceLoad, self.on_load),
         ]
+        watch = asyncio.create_task(self.watch_executors())
         self.step_model = await asyncio.to_thread(profile_engine, self.engine)
         self.attention_model = await asyncio.to_thread(profile_decode_attention, self.engine)
         log.info("profiled", step=self.step_model.to_wire(), attention=self.attention_model.to_wire())
@@ -323,6 +354,7 @@ class DecodeService:
                 await self._publish(outputs)
         finally:
             beat.cancel()
+            watch.cancel()
             for sub in subs:
                 await sub.unsubscribe()
             for receive in self.receives:

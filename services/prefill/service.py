@@ -194,5 +194,7 @@ class PrefillService:
         ack = await self.bus.request(subject, handoff, Ack, timeout=self.settings.transfer_timeout_s)
         if not ack.accepted:
             raise AdrenalineError(f"{target} refused the request: {ack.error}")
+        if not ack.send_kv:  # no room there for a while: it recomputes the KV from the tokens
+            return 0
         peer = await self.channel.connect(address)
         return await self.channel.send(peer, tag, [kv], timeout=self.settings.transfer_timeout_s)

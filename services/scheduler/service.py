@@ -173,15 +173,16 @@ class Scheduler:
 
     # ---- routing ---------------------------------------------------------------------------
     def _free_tokens(self, load: InstanceLoad) -> int:
-        """Free KV tokens on a decode instance, less what requests routed there will take that its
-        last heartbeat cannot show yet (not admitted, or admitted after that heartbeat)."""
+        """Free KV tokens on a decode instance, less what its queued requests will take and what
+        requests routed there will take that its last heartbeat cannot show yet (not admitted, or
+        admitted after that heartbeat)."""
         seen = self.instances[load.instance_id].seen
         promised = sum(
             f.kv_tokens
             for f in self.inflight.values()
             if (f.executor_id or f.decode_id) == load.instance_id and (not f.admitted or f.admitted_at > seen)
         )
-        return load.free_blocks * load.block_size - promised
+        return load.free_blocks * load.block_size - load.waiting_tokens - promised
 
     def _queued(self, load: InstanceLoad) -> int:
         routed = sum(1 for f in self.inflight.values() if f.prefill_id == load.instance_id and not f.admitted)

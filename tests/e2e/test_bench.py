@@ -21,6 +21,7 @@ def test_bench_compares_modes(tmp_path: Path) -> None:
     assert set(saved["modes"]) == {"0", "auto"}
     for mode in saved["modes"].values():
         assert mode["summary"]["output_tok_s"] > 0
+        assert all(run["summary"]["kv_blocks_left"] == 0 for run in mode["runs"])
         records = mode["runs"][0]["records"]
         assert len(records) == 6 and all(r["error"] is None for r in records)
     assert "auto vs 0:" in results["report"]

@@ -161,3 +161,38 @@ def test_a_full_decode_instance_is_a_429_and_a_prompt_that_never_fits_a_400(llam
         asyncio.run(scenario())
     finally:
         cluster.stop()
+
+
+@pytest.mark.timeout(180)
+def test_a_decode_cache_too_small_for_the_load_delays_requests_and_fails_none(llama_dir: Path, tmp_path: Path) -> None:
+    """12 requests of up to 100 tokens each against 128 tokens of decode KV: the scheduler admits
+    what fits now (429 otherwise, and the client retries), running requests outgrow the cache and
+    are preempted and recomputed, hand-offs that find no room are queued to recompute; every
+    request still ends with exactly the greedy output of transformers, and no block is left."""
+    spec = ModelSpec.from_folder(llama_dir)
+    per_block = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, 16, spec.dtype).bytes_per_block
+    cluster = BackendCluster(llama_dir, tmp_path, prefills=1, decodes=1, decode_kv_bytes=8 * per_block)
+    cluster.start()
+    prompts = [p[:60] for p in _prompts(12, seed=5)]
+    sampling = Sampling(max_new_tokens=40, temperature=0.0, ignore_eos=True)
+    try:
+
+        async def scenario() -> list[list[int]]:
+            client = await Client.connect(cluster.nats.url)
+            await client.wait_ready(prefills=1, decodes=1)
+            replies = await asyncio.gather(
+                *(client.submit_retrying(f"p{i}", p, sampling) for i, p in enumerate(prompts))
+            )
+            assert all(r.accepted for r in replies), [r.error for r in replies]
+            results = [await client.result(f"p{i}", timeout=120) for i in range(len(prompts))]
+            assert all(last.finish_reason == "length" for _, last in results), results
+            await client.wait_all_free(["prefill-0", "decode-0"])
+            await client.bus.close()
+            return [tokens for tokens, _ in results]
+
+        outputs = asyncio.run(scenario())
+        decode = cluster.metrics("decode-0")
+    finally:
+        cluster.stop()
+    assert decode["adrenaline_preemptions_total"] + decode["adrenaline_decode_handoffs_recomputed_total"] > 0
+    assert outputs == _hf_greedy(llama_dir, prompts, 40)

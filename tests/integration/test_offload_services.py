@@ -4,6 +4,7 @@ round trips between decode and executor processes over UCX, at fixed offload rat
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -93,7 +94,15 @@ def test_a_killed_executor_fails_only_its_requests(llama_dir: Path, tmp_path: Pa
             assert len(victims) == 2
             while not all(len(client.events[r.request_id]) >= 5 for r in replies):
                 await asyncio.sleep(0.01)
+            survivors = [r.request_id for r in replies if r.request_id not in victims]
+            seen = {rid: len(client.events[rid]) for rid in survivors}
+            killed = time.monotonic()
             cluster.group.kill("executor-0")
+            # The decode instance notices the silence (dead_after_s, 1 s) and cancels the round trip
+            # its step waits on, well before the 5 s transfer timeout would end it.
+            while not all(len(client.events[rid]) >= seen[rid] + 2 for rid in survivors):
+                await asyncio.sleep(0.01)
+            assert time.monotonic() - killed < 3.5
             for rid in victims:
                 _, last = await client.result(rid, timeout=15)
                 assert last.finish_reason == "error" and "executor-0" in last.error

@@ -88,6 +88,27 @@ def test_greedy_survives_preemption_under_a_tight_kv_budget(llama_dir: Path) -> 
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
 
+def test_a_request_queued_with_its_first_token_recomputes_the_same_output(llama_dir: Path) -> None:
+    """What a decode instance does with a hand-off it has no room for: the prompt and the first
+    token (sampled by prefill) are recomputed here, behind the requests already queued."""
+    engine = Engine.from_folder(llama_dir, EngineConfig(block_size=4, kv_cache_bytes=2**20))
+    prompts = _prompts(engine.spec.vocab_size, [7, 19, 30])
+    params = SamplingParams(max_new_tokens=20, temperature=0.0)
+    expected = _hf_greedy(llama_dir, prompts, 20)
+    engine.add_request("r0", prompts[0], params)
+    engine.step()
+    engine.add_waiting("r1", prompts[1], expected[1][0], params)
+    engine.add_waiting("r2", prompts[2], expected[2][0], params)
+    with pytest.raises(InvalidRequestError, match="already in use"):
+        engine.add_waiting("r2", prompts[2], expected[2][0], params)
+    queued = [engine.requests[f"r{i}"] for i in range(3)]
+    while engine.has_unfinished():
+        engine.step()
+    assert [r.output_token_ids for r in queued] == expected
+    engine.check_integrity()
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton needs TRITON_INTERPRET=1 on CPU")
 def test_triton_backend_engine_matches_transformers(llama_dir: Path) -> None:
     engine = Engine.from_folder(
