@@ -44,6 +44,11 @@ from services.runtime import (
     wait_for_work,
 )
 
+
+class _Refused(AdrenalineError):
+    """A hand-off's target said no before any KV moved (so another target may still take it)."""
+
+
 log = structlog.get_logger("prefill")
 
 
@@ -161,16 +166,8 @@ class PrefillService:
         bound = log.bind(request_id=request.request_id, decode_id=task.decode_id, executor_id=task.executor_id)
         start = time.perf_counter()
         try:
-            if task.executor_id:
-                sent = await self._send_kv(request, first_token, kv, task.executor_id, task.executor_address)
-                decode_handoff = KVHandoff(
-                    request, first_token, kv.shape[2], 0, self.channel.address, task.executor_id, task.executor_address
-                )
-                subject = self.subjects.instance(task.decode_id, "handoff")
-                ack = await self.bus.request(subject, decode_handoff, Ack, timeout=self.settings.transfer_timeout_s)
-                if not ack.accepted:
-                    raise AdrenalineError(f"decode instance {task.decode_id} refused the request: {ack.error}")
-            else:
+            sent = await self._offload(task, first_token, kv) if task.executor_id else None
+            if sent is None:  # not offloaded, or its executor said no before any KV moved
                 sent = await self._send_kv(request, first_token, kv, task.decode_id, task.decode_address)
             metrics.TRANSFER_BYTES.labels("send").inc(sent)
             metrics.TRANSFER_SECONDS.labels("send").observe(time.perf_counter() - start)
@@ -184,6 +181,25 @@ class PrefillService:
         finally:
             self.tasks.pop(request.request_id, None)
 
+    async def _offload(self, task: PrefillTask, first_token: int, kv: torch.Tensor) -> int | None:
+        """KV to the executor, then the decode instance told where it is; None if the executor
+        refused or was gone before taking anything (full after all: the scheduler's view lags), so
+        that the decode instance takes the request itself instead of it failing."""
+        request = task.request
+        try:
+            sent = await self._send_kv(request, first_token, kv, task.executor_id, task.executor_address)
+        except (_Refused, ServiceUnavailable) as exc:
+            log.warning("executor refused; handing to decode", request_id=request.request_id, error=str(exc))
+            return None
+        handoff = KVHandoff(
+            request, first_token, kv.shape[2], 0, self.channel.address, task.executor_id, task.executor_address
+        )
+        subject = self.subjects.instance(task.decode_id, "handoff")
+        ack = await self.bus.request(subject, handoff, Ack, timeout=self.settings.transfer_timeout_s)
+        if not ack.accepted:
+            raise AdrenalineError(f"decode instance {task.decode_id} refused the request: {ack.error}")
+        return sent
+
     async def _send_kv(
         self, request: SubmitRequest, first_token: int, kv: torch.Tensor, target: str, address: bytes
     ) -> int:
@@ -193,7 +209,7 @@ class PrefillService:
         subject = self.subjects.instance(target, "handoff")
         ack = await self.bus.request(subject, handoff, Ack, timeout=self.settings.transfer_timeout_s)
         if not ack.accepted:
-            raise AdrenalineError(f"{target} refused the request: {ack.error}")
+            raise _Refused(f"{target} refused the request: {ack.error}")
         if not ack.send_kv:  # no room there for a while: it recomputes the KV from the tokens
             return 0
         peer = await self.channel.connect(address)

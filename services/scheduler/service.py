@@ -96,6 +96,11 @@ class SchedulerSettings:
         return cls(**vars(p.parse_args(argv)))
 
 
+def _whole_blocks(tokens: int, block_size: int) -> int:
+    """`tokens` rounded up to whole blocks, in tokens."""
+    return -(-tokens // block_size) * block_size
+
+
 @dataclass
 class _Instance:
     load: InstanceLoad
@@ -173,16 +178,18 @@ class Scheduler:
 
     # ---- routing ---------------------------------------------------------------------------
     def _free_tokens(self, load: InstanceLoad) -> int:
-        """Free KV tokens on a decode instance, less what its queued requests will take and what
-        requests routed there will take that its last heartbeat cannot show yet (not admitted, or
-        admitted after that heartbeat)."""
+        """Free KV tokens on a decode instance (or executor), less what its queued requests will
+        take and what requests routed there will take that its last heartbeat cannot show yet (not
+        admitted, or admitted after that heartbeat). Counted in whole blocks, as the instance
+        allocates them: a multiple of the block size, so `free >= need` means the blocks fit."""
         seen = self.instances[load.instance_id].seen
         promised = sum(
-            f.kv_tokens
+            _whole_blocks(f.kv_tokens, load.block_size)
             for f in self.inflight.values()
             if (f.executor_id or f.decode_id) == load.instance_id and (not f.admitted or f.admitted_at > seen)
         )
-        return load.free_blocks * load.block_size - load.waiting_tokens - promised
+        queued = _whole_blocks(load.waiting_tokens, load.block_size)
+        return load.free_blocks * load.block_size - queued - promised
 
     def _queued(self, load: InstanceLoad) -> int:
         routed = sum(1 for f in self.inflight.values() if f.prefill_id == load.instance_id and not f.admitted)
@@ -199,10 +206,9 @@ class Scheduler:
             return
         prompt = len(submit.prompt_token_ids)
         max_tokens = prompt + submit.sampling.max_new_tokens
-        self.mean_len = max_tokens if self.mean_len is None else 0.9 * self.mean_len + 0.1 * max_tokens
         prefill = min(prefills, key=self._queued)
         decode = max(decodes, key=self._free_tokens)
-        executor = self._offload_target(prefill, decode, decodes, prompt, max_tokens)
+        executor, why = self._offload_target(prefill, decode, decodes, prompt, max_tokens)
         need = prompt + 1
         if executor is not None:  # the decode instance holds none of its KV
             need = max_tokens
@@ -252,15 +258,17 @@ class Scheduler:
             prefill_id=prefill.instance_id,
             decode_id=decode.instance_id,
             executor_id=task.executor_id,
+            offload=why,
         )
         SUBMISSIONS.labels("200").inc()
         self.routed += 1
+        self.mean_len = max_tokens if self.mean_len is None else 0.9 * self.mean_len + 0.1 * max_tokens
         await reply(SubmitReply(rid, True, 200, "", prefill.instance_id, decode.instance_id, executor is not None))
 
     def _offload_target(
         self, prefill: InstanceLoad, decode: InstanceLoad, decodes: list[InstanceLoad], prompt: int, max_tokens: int
-    ) -> InstanceLoad | None:
-        """The executor beside `prefill` if this request is to be offloaded, else None.
+    ) -> tuple[InstanceLoad | None, str]:
+        """The executor beside `prefill` if this request is to be offloaded (else None), and why.
 
         Fixed ratio: request k (counting every routed request) is offloaded when
         floor((k + 1) * ratio) > floor(k * ratio), so exactly `ratio` of them are, spread evenly,
@@ -272,8 +280,10 @@ class Scheduler:
         ratio = self.settings.fixed_ratio
         if ratio is not None:
             if math.floor((self.routed + 1) * ratio) <= math.floor(self.routed * ratio):
-                return None
-            return executor if executor is not None and self._free_tokens(executor) >= max_tokens else None
+                return None, "fixed_ratio"
+            if executor is None or self._free_tokens(executor) < max_tokens:
+                return None, "executor_full"
+            return executor, "fixed_ratio"
         slo_s = self.settings.tpot_slo_ms / 1e3
         bound = policy.bounds(decode, decodes, self.live("executor"), self.mean_len or max_tokens, slo_s)
         if bound is not None:
@@ -290,7 +300,7 @@ class Scheduler:
             slo_s=slo_s,
         )
         DECISIONS.labels(str(decision.offload).lower(), decision.reason).inc()
-        return executor if decision.offload else None
+        return (executor if decision.offload else None), decision.reason
 
     def _books(self, decode_id: str) -> policy.Books:
         books = policy.Books()
@@ -315,6 +325,8 @@ class Scheduler:
         if admitted.request_id in self.inflight:
             entry = self.inflight[admitted.request_id]
             entry.admitted, entry.admitted_at = True, time.monotonic()
+            if entry.executor_id and admitted.instance_id == entry.decode_id:
+                entry.executor_id = ""  # its executor was full after all: the prefill handed it to decode
 
     async def on_tokens(self, batch: TokenBatch, reply: Reply | None) -> None:
         for event in batch.events:
