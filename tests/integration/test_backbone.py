@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from common.kv_pool import KVLayout
 from common.messages import AbortRequest, Sampling
 from common.model.spec import ModelSpec
+from common.model.tiny import make_tiny
 from tests.integration.cluster import BackendCluster, Client
 
 
@@ -196,3 +197,49 @@ def test_a_decode_cache_too_small_for_the_load_delays_requests_and_fails_none(ll
         cluster.stop()
     assert decode["adrenaline_preemptions_total"] + decode["adrenaline_decode_handoffs_recomputed_total"] > 0
     assert outputs == _hf_greedy(llama_dir, prompts, 40)
+
+
+@pytest.mark.timeout(180)
+def test_a_killed_prefill_instance_fails_only_what_it_still_held(tmp_path: Path) -> None:
+    """Requests queued on a prefill instance that dies end with an error naming it within a few
+    seconds; those it had already handed to decode, and those on the other prefill instance,
+    finish; no KV is left anywhere. The default model, so that prefill takes long enough for a
+    queue to form."""
+    model = make_tiny(tmp_path / "default", "llama", preset="default")
+    cluster = BackendCluster(model, tmp_path / "logs", prefills=2, decodes=1)
+    cluster.start()
+    sampling = Sampling(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    prompts = [torch.randint(3, 1000, (1500,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(16)]
+    try:
+
+        async def scenario() -> None:
+            client = await Client.connect(cluster.nats.url)
+            await client.wait_ready(prefills=2, decodes=1)
+            replies = await asyncio.gather(
+                *(client.submit_retrying(f"q{i}", p, sampling) for i, p in enumerate(prompts))
+            )
+            assert all(r.accepted for r in replies), [r.error for r in replies]
+            on_victim = [r.request_id for r in replies if r.prefill_id == "prefill-0"]
+            assert 2 <= len(on_victim) < len(replies)
+            while not client.events[on_victim[0]]:  # it is prefilling its queue
+                await asyncio.sleep(0.005)
+            cluster.group.kill("prefill-0")
+            killed_at = asyncio.get_running_loop().time()
+            failed = []
+            for r in replies:
+                tokens, last = await client.result(r.request_id, timeout=60)
+                if last.finish_reason == "error":
+                    # named by the scheduler, or by the decode instance if the KV was in flight
+                    assert r.request_id in on_victim, last
+                    assert "prefill-0" in last.error or "KV transfer failed" in last.error, last
+                    failed.append(r.request_id)
+                else:
+                    assert last.finish_reason == "length" and len(tokens) == 4
+            assert failed, "the victim held requests it had not handed off yet"
+            assert asyncio.get_running_loop().time() - killed_at < 10.0
+            await client.wait_all_free(["prefill-1", "decode-0"])
+            await client.bus.close()
+
+        asyncio.run(scenario())
+    finally:
+        cluster.stop()
