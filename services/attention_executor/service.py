@@ -36,7 +36,8 @@ from common.messages import (
 )
 from common.model.spec import ModelSpec
 from common.offload import ExecutorCore
-from common.profiling import StepModel, profile_executor
+from common.profiling import profile_executor
+from common.step_model import StepModel
 from common.tensor_channel import TensorChannel, TransferError
 from services.runtime import InstanceSettings, Tombstones, heartbeat
 

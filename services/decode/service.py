@@ -27,8 +27,9 @@ from common.engine import Engine, StepOutput
 from common.errors import InvalidRequestError, NoFreeBlocksError
 from common.kv_transfer import kv_shape, scatter_kv
 from common.messages import AbortRequest, Ack, Admitted, InstanceLoad, KVHandoff, TokenBatch, TokenEvent
-from common.profiling import StepModel, profile_decode_attention, profile_engine
+from common.profiling import profile_decode_attention, profile_engine
 from common.sampling import from_wire
+from common.step_model import StepModel
 from common.tags import MAX_EXECUTORS
 from common.tensor_channel import TensorChannel, TransferError
 from services.decode.remote_executor import ExecutorFailed, RemoteExecutor
@@ -295,15 +296,15 @@ class DecodeService:
                     event = TokenEvent(request.request_id, [], finish_reason="error", error=str(exc))
                     await self.bus.publish(subject, TokenBatch([event]))
             return []
-        self._observe_split()
+        self._observe_split(len(outputs))
         return outputs
 
-    def _observe_split(self) -> None:
-        """Account a decode step's local/offloaded rows and how much remote time it left exposed."""
+    def _observe_split(self, rows: int) -> None:
+        """Account a step's `rows` as local or offloaded, and how much remote time it left exposed
+        (a recompute step counts as local: its attention ran here)."""
         split = self.engine.last_split
         if split is None:
-            if self.engine.running and not self.engine.waiting:
-                metrics.DECODE_ROWS.labels("local").inc(len(self.engine.running))
+            metrics.DECODE_ROWS.labels("local").inc(rows)
             return
         offloaded = sum(len(group.rows) for group in split.remote)
         metrics.DECODE_ROWS.labels("offloaded").inc(offloaded)

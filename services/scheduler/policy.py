@@ -36,7 +36,7 @@ import math
 from dataclasses import dataclass
 
 from common.messages import InstanceLoad
-from common.profiling import StepModel
+from common.step_model import StepModel
 
 HIDDEN_FRACTION = 0.05  # an executor wait below this share of the step counts as hidden
 

@@ -14,7 +14,8 @@ from common.engine import Engine
 from common.kv_pool import KVLayout
 from common.messages import InstanceLoad
 from common.offload import ExecutorCore
-from common.profiling import RUNS, StepModel, grid, profile_decode_attention, profile_engine, profile_executor
+from common.profiling import RUNS, grid, profile_decode_attention, profile_engine, profile_executor
+from common.step_model import StepModel
 from kernels.backend import get_backend
 from services.scheduler.policy import Books, Bounds, bounds, decide
 
