@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -23,11 +24,38 @@ def nats_server_binary() -> str:
     return found
 
 
+_GIVEN: set[int] = set()  # ports this process handed out: never twice
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
+    """A port free now, for a child process to bind later.
+
+    Drawn below the kernel's ephemeral range: a port from bind(0) comes from that range, where
+    any outgoing connection (NATS clients, UCX) may take it before the child binds it.
+    """
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randint(10000, max(10001, low - 1))
+        if port in _GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
         return port
+    with socket.socket() as s:  # no luck below the range: take what the kernel gives
+        s.bind((host, 0))
+        given: int = s.getsockname()[1]
+        return given
 
 
 class NatsServer:
