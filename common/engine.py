@@ -138,12 +138,9 @@ class Engine:
                 f"{request_id}: blocks hold {self.blocks.num_tokens(request_id)} tokens, prompt has "
                 f"{len(prompt_token_ids)}"
             )
-        self.validate(prompt_token_ids, params)
-        params = dataclasses.replace(params, eos_token_ids=self.spec.eos_token_ids)
-        request = Request(request_id, list(prompt_token_ids), params, output_token_ids=[first_token_id])
+        request = self._prefilled(request_id, prompt_token_ids, first_token_id, params)
         request.status = Status.RUNNING
         request.executor = executor
-        self.requests[request_id] = request
         self.running.append(request)
         return request
 
@@ -154,11 +151,18 @@ class Engine:
         recomputed when blocks allow, exactly as a preempted request is (FIFO behind those)."""
         if request_id in self.requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
+        request = self._prefilled(request_id, prompt_token_ids, first_token_id, params)
+        self.waiting.append(request)
+        return request
+
+    def _prefilled(
+        self, request_id: str, prompt_token_ids: list[int], first_token_id: int, params: SamplingParams
+    ) -> Request:
+        """A validated, registered request whose first token was sampled elsewhere."""
         self.validate(prompt_token_ids, params)
         params = dataclasses.replace(params, eos_token_ids=self.spec.eos_token_ids)
         request = Request(request_id, list(prompt_token_ids), params, output_token_ids=[first_token_id])
         self.requests[request_id] = request
-        self.waiting.append(request)
         return request
 
     def detach(self, request_id: str) -> Request:

@@ -32,17 +32,19 @@ TRANSFER_SECONDS = Histogram(
     ["direction"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
+# The offload round trip and the local attention that hides it, per layer, on one scale.
+_PER_LAYER_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 LAYER_ROUND_TRIP_SECONDS = Histogram(
     "adrenaline_offload_layer_round_trip_seconds",
     "Decode side, per layer and executor: from shipping q/k/v to holding the attention output "
     "(local attention runs in between, so this is the remote time left visible plus the overlap)",
-    buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
+    buckets=_PER_LAYER_BUCKETS,
 )
 LOCAL_ATTENTION_SECONDS = Histogram(
     "adrenaline_offload_local_attention_seconds",
     "Decode side, per layer of a step with offloaded rows: local attention time, the window that "
     "hides the executors' round trip",
-    buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
+    buckets=_PER_LAYER_BUCKETS,
 )
 OFFLOAD_STALL_SECONDS = Histogram(
     "adrenaline_offload_stall_seconds",

@@ -4,7 +4,7 @@ Offloading buys a larger decode batch (an offloaded request's KV lives on the ex
 the decode instance's memory) at the price of a per-layer round trip, which costs nothing only
 while local attention hides it. The policy bounds the offload ratio (offloaded over local
 attention work) as in PAPER.md, from what the instances measured at start-up
-(`common.profiling.StepModel`) and report in their heartbeats:
+(`common.step_model.StepModel`, fitted by `common.profiling`) and report in their heartbeats:
 
 * memory: OB_mem = min(executor KV capacity / decode KV capacity,
                        executor attention bandwidth / decode attention bandwidth),

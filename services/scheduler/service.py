@@ -215,7 +215,7 @@ class Scheduler:
             if self.settings.fixed_ratio is not None:
                 decode = min(decodes, key=lambda d: d.running + d.waiting)
         else:
-            largest = max(d.total_blocks * d.block_size for d in decodes)
+            largest = max(map(policy.capacity_tokens, decodes))
             if need > largest:
                 error = f"the prompt needs {need} KV tokens; the largest decode instance holds {largest}"
                 await self._refuse(reply, rid, 400, error)
