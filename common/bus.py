@@ -4,10 +4,16 @@ Request/reply carries a timeout, so "nobody is serving that subject" is an immed
 `ServiceUnavailable` (NATS answers "no responders" at once) and a hung peer is one after the
 timeout, never a hang. A malformed message is logged, counted and dropped: one bad peer must
 not take a subscriber down.
+
+A connection that loses its server reconnects for as long as the process runs (a NATS restart
+must not take the cluster down), logging one line per outage rather than a traceback per
+attempt. `close()` is bounded either way: a service told to stop while NATS is gone must still
+exit promptly.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -42,7 +48,30 @@ class Bus:
 
     @classmethod
     async def connect(cls, url: str, name: str) -> Bus:
-        client = await nats.connect(url, name=name, connect_timeout=5, max_reconnect_attempts=-1)
+        last_error = ""
+
+        async def on_error(exc: Exception) -> None:
+            # nats-py's default logs a traceback per failed reconnect attempt (one every 2 s, forever).
+            nonlocal last_error
+            text = f"{type(exc).__name__}: {exc}"
+            if text != last_error:
+                last_error = text
+                log.warning("nats connection error", connection=name, error=text)
+
+        async def on_reconnected() -> None:
+            nonlocal last_error
+            last_error = ""
+            log.info("nats reconnected", connection=name)
+
+        client = await nats.connect(
+            url,
+            name=name,
+            connect_timeout=5,
+            max_reconnect_attempts=-1,
+            drain_timeout=2,
+            error_cb=on_error,
+            reconnected_cb=on_reconnected,
+        )
         return cls(client)
 
     async def publish(self, subject: str, message: Any) -> None:
@@ -87,6 +116,41 @@ class Bus:
     async def flush(self) -> None:
         await self.client.flush()
 
-    async def close(self) -> None:
-        if not self.client.is_closed:
-            await self.client.drain()
+    async def close(self, timeout: float = 2.0) -> None:
+        """Drain (let handlers finish, deliver what was published) when connected, then close; bounded.
+
+        A drain needs the server: while reconnecting it is refused, and if the server goes away
+        mid-drain its flush could wait far longer than `timeout`. So the drain gets `timeout`
+        seconds and a plain close (which also stops reconnecting) is what ends every case; neither
+        is awaited past its bound, and nothing is raised: a stopping service has nothing better to do.
+        """
+        client = self.client
+        if client.is_closed:
+            return
+        if client.is_connected:
+            drained = await _bounded(client.drain(), timeout)
+            if not drained:
+                log.warning("nats drain did not finish; closing", connection=client.options.get("name"))
+        if not client.is_closed:
+            await _bounded(client.close(), min(timeout, 1.0))
+
+
+async def _bounded(work: Awaitable[None], timeout: float) -> bool:
+    """Await `work` for at most `timeout` s; True if it ended without error. Never raises, never waits longer.
+
+    Not `asyncio.wait_for`: it waits for the cancelled work to end, and nats-py's drain catches
+    the cancellation and goes on to flush.
+    """
+    task = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        task.cancel()
+        task.add_done_callback(_retrieve)
+        return False
+    return not task.cancelled() and task.exception() is None
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    """Mark an abandoned task's outcome as seen, so asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()

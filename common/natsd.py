@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 import socket
@@ -11,6 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+
+from common.lifetime import die_with_parent
 
 
 def nats_server_binary() -> str:
@@ -59,7 +62,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class NatsServer:
-    """A nats-server child process with JetStream on a free loopback port; a context manager."""
+    """A nats-server child process with JetStream on a free loopback port; a context manager.
+
+    It runs in a session of its own, so a terminal's Ctrl-C does not kill it under the services
+    that still need it to shut down cleanly (whoever started it stops it last), and it dies with
+    the process (the thread) that started it, so a killed parent leaves no server behind.
+    """
 
     def __init__(self, port: int | None = None, host: str = "127.0.0.1", jetstream: bool = True) -> None:
         self.host = host
@@ -68,7 +76,13 @@ class NatsServer:
         cmd = [nats_server_binary(), "-a", host, "-p", str(self.port)]
         if jetstream:
             cmd += ["-js", "-sd", self._store.name]
-        self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.process = subprocess.Popen(
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=die_with_parent(),
+        )
         self._wait_ready()
 
     @property
@@ -89,14 +103,16 @@ class NatsServer:
         self.stop()
         raise TimeoutError(f"nats-server not ready on {self.url} after {timeout} s")
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after `grace_s`; harmless when the server is already gone."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(timeout=5)
+                self.process.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
                 self.process.kill()
-                self.process.wait()
+                with contextlib.suppress(subprocess.TimeoutExpired):  # gone when the kernel lets it: never hang
+                    self.process.wait(timeout=2.0)
         if self.process.stderr:
             self.process.stderr.close()
         self._store.cleanup()

@@ -1,8 +1,10 @@
 """Service processes on this machine: start them, watch them, stop them all.
 
 Used by `adrenaline up` and by the integration tests, so the tests exercise exactly the
-processes an operator runs. Every child gets its own process group, so stopping the cluster
-leaves nothing behind, and a child that ignores SIGTERM is killed after a grace period.
+processes an operator runs. Every child gets its own session (a terminal's Ctrl-C reaches only
+the parent, which stops the children in order), is killed after a grace period if it ignores
+SIGTERM, and dies with the parent if that is killed outright (`common.lifetime.die_with_parent`),
+so nothing is ever left behind.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+
+from common.lifetime import die_with_parent
 
 
 @dataclass
@@ -43,7 +47,11 @@ class ProcessGroup:
         env: Mapping[str, str] | None = None,
         cpus: set[int] | None = None,
     ) -> Child:
-        """Run `python -m module args` with extra environment `env`, optionally pinned to `cpus`."""
+        """Run `python -m module args` with extra environment `env`, optionally pinned to `cpus`.
+
+        Call it from a thread that outlives the child (the main thread): the child is killed when
+        the thread that started it ends.
+        """
         full_env = {**os.environ, **(env or {})}
         out: IO[bytes] | int | None = None
         log_path = None
@@ -57,6 +65,7 @@ class ProcessGroup:
             stdout=out,
             stderr=subprocess.STDOUT if out is not None else None,
             start_new_session=True,
+            preexec_fn=die_with_parent(),
         )
         if out is not None and not isinstance(out, int):
             out.close()  # the child has its own descriptor
@@ -76,18 +85,35 @@ class ProcessGroup:
                 os.killpg(child.process.pid, signal.SIGKILL)
                 child.process.wait()
 
+    def kill_all(self) -> None:
+        """SIGKILL every child's process group now, without waiting: for an impatient second Ctrl-C.
+
+        Safe inside a signal handler that interrupted `stop`: it only sends signals.
+        """
+        for child in list(self.children):
+            if child.alive:
+                _signal_group(child.process.pid, signal.SIGKILL)
+
     def stop(self, grace_s: float = 10.0) -> None:
-        """SIGTERM every child's process group, then SIGKILL what is still there after `grace_s`."""
+        """SIGTERM every child's process group, then SIGKILL what is still there after `grace_s`.
+
+        Bounded even then: a process in an uninterruptible kernel call (a device driver) dies only
+        when it leaves it, so the wait after SIGKILL is bounded too, and such a child is left to go.
+        """
         for child in self.children:
             if child.alive:
                 _signal_group(child.process.pid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         for child in self.children:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _signal_group(child.process.pid, signal.SIGKILL)
-                child.process.wait()
+        stuck = [child for child in self.children if child.alive]
+        for child in stuck:
+            _signal_group(child.process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + _KILL_WAIT_S
+        for child in stuck:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
         self.children.clear()
 
     def tail(self, name: str, lines: int = 30) -> str:
@@ -96,6 +122,9 @@ class ProcessGroup:
             if child.name == name and child.log_path is not None and child.log_path.exists():
                 return "\n".join(child.log_path.read_text(errors="replace").splitlines()[-lines:])
         return ""
+
+
+_KILL_WAIT_S = 2.0  # how long a stop waits for SIGKILLed processes to be gone
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

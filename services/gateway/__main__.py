@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from types import FrameType
 
 import structlog
 import uvicorn
 
 from common.errors import AdrenalineError
+from common.lifetime import exit_after, exit_now
 from common.logging import configure
 from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
@@ -24,9 +27,43 @@ def main(argv: list[str] | None = None) -> None:
     except AdrenalineError as exc:  # a model folder we cannot serve: say why, no traceback
         log.error("cannot start", model=settings.model, error=str(exc))
         sys.exit(2)
-    # uvicorn handles SIGINT/SIGTERM itself: it stops accepting, lets requests finish, then runs
-    # the app's shutdown hook, which aborts what is still in flight and drains NATS.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
+    # uvicorn handles SIGINT/SIGTERM itself: it stops accepting, lets requests finish (for at most
+    # SHUTDOWN_REQUESTS_S), then runs the app's shutdown hook, which aborts what is still in flight
+    # and drains NATS (bounded too).
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=SHUTDOWN_REQUESTS_S,
+    )
+    server = BoundedServer(config)
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the SIGINT it handled once it is done
+        server.run()
+    if not server.started:  # as uvicorn.run: a gateway that never served (port taken, no NATS) fails
+        sys.exit(3)
+
+
+SHUTDOWN_REQUESTS_S = 2  # how long requests in flight may go on once the gateway is told to stop
+SHUTDOWN_GRACE_S = 4.0  # after the first signal, the process exits by then whatever it waits on
+
+
+class BoundedServer(uvicorn.Server):
+    """uvicorn's server, whose shutdown cannot hang: the services' rule (`services.runtime.run_until_signalled`).
+
+    uvicorn forces its exit only on a second SIGINT, and even its graceful path may wait on NATS
+    (the shutdown hook): so any second signal exits at once, and the first arms a deadline.
+    """
+
+    signalled = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.signalled:
+            exit_now(128 + sig)
+        self.signalled = True
+        super().handle_exit(sig, frame)
+        exit_after(SHUTDOWN_GRACE_S, 128 + sig)
 
 
 if __name__ == "__main__":
