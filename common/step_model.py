@@ -4,6 +4,7 @@ scheduler does not load it."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,18 +20,35 @@ class StepModel:
         """Predicted seconds of one step over `batch` requests holding `tokens` context tokens in all."""
         return self.fixed_s + self.per_seq_s * batch + self.per_token_s * tokens
 
+    @property
+    def profiled(self) -> bool:
+        """Whether the fit is usable: a positive, finite per-token cost.
+
+        Reading more KV always costs time, so a slope at or below zero only says the profile
+        could not tell the per-token from the per-sequence cost (noise, too little spread).
+        Such a model would make the instance's attention bandwidth (1 / `per_token_s`)
+        infinite and every bound built on it meaningless: it counts as no model at all.
+        """
+        values = (self.fixed_s, self.per_seq_s, self.per_token_s)
+        return all(math.isfinite(v) for v in values) and self.per_token_s > 0
+
     def to_wire(self) -> list[float]:
         return [self.fixed_s, self.per_seq_s, self.per_token_s]
 
     @classmethod
     def from_wire(cls, values: list[float]) -> StepModel | None:
-        """The model a heartbeat carries; None when the instance sent none (not profiled)."""
-        return cls(*values) if len(values) == 3 else None
+        """The model a heartbeat carries; None when the instance sent none or an unusable one
+        (not `profiled`): the policy then treats the instance as not profiled."""
+        if len(values) != 3:
+            return None
+        model = cls(*values)
+        return model if model.profiled else None
 
     @classmethod
     def fit(cls, samples: list[tuple[int, int, float]]) -> StepModel:
         """Least squares over (batch, tokens, seconds); coefficients clamped at zero (noise can
-        make a small one negative, and a negative cost would let the policy promise anything)."""
+        make a small one negative, and a negative cost would let the policy promise anything).
+        A per-token cost clamped to zero leaves a model that is not `profiled`."""
         x = np.array([[1.0, b, t] for b, t, _ in samples])
         y = np.array([s for _, _, s in samples])
         coef = np.linalg.lstsq(x, y, rcond=None)[0]

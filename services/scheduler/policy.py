@@ -76,21 +76,22 @@ def capacity_tokens(load: InstanceLoad) -> int:
 def bounds(
     decode: InstanceLoad, decodes: list[InstanceLoad], executors: list[InstanceLoad], mean_len: float, slo_s: float
 ) -> Bounds | None:
-    """OB_mem over the cluster and OB_comp of `decode`; None when an instance is not profiled."""
+    """OB_mem over the cluster and OB_comp of `decode`; None when an instance is not profiled
+    (it sent no model, or one whose per-token cost is not positive: `StepModel.from_wire`)."""
     decode_models = [StepModel.from_wire(d.attention_model) for d in decodes]
     executor_models = [StepModel.from_wire(e.attention_model) for e in executors]
     model = StepModel.from_wire(decode.step_model)
     if model is None or None in decode_models or None in executor_models or not executors:
         return None
     capacity = sum(map(capacity_tokens, executors)) / max(1, sum(map(capacity_tokens, decodes)))
-    bandwidth = sum(1 / max(m.per_token_s, 1e-12) for m in executor_models if m) / sum(
-        1 / max(m.per_token_s, 1e-12) for m in decode_models if m
+    # from_wire admits only models with a positive per-token cost: every bandwidth is finite
+    bandwidth = sum(1 / m.per_token_s for m in executor_models if m) / sum(
+        1 / m.per_token_s for m in decode_models if m
     )
     seats = decode.max_num_seqs or 1
     mean_len = max(mean_len, 1.0)
     # B_tpot: the SLO with every request's attention local, and the decode instance's own KV
-    per_request = model.per_seq_s + model.per_token_s * mean_len
-    b_slo = (slo_s - model.fixed_s) / per_request if per_request > 0 else math.inf
+    b_slo = (slo_s - model.fixed_s) / (model.per_seq_s + model.per_token_s * mean_len)
     b_tpot = min(seats, capacity_tokens(decode) / mean_len, b_slo)
     # B_max: the SLO with attention costing the decode instance nothing
     b_max = min(seats, (slo_s - model.fixed_s) / model.per_seq_s if model.per_seq_s > 0 else math.inf)

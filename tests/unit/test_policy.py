@@ -4,17 +4,21 @@ admission condition refusing on its own, and the start-up profiles it reads."""
 from __future__ import annotations
 
 import dataclasses
+import math
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
+from common import profiling
 from common.config import EngineConfig, parse_offload_ratio
 from common.engine import Engine
 from common.kv_pool import KVLayout
 from common.messages import InstanceLoad
 from common.offload import ExecutorCore
-from common.profiling import RUNS, grid, profile_decode_attention, profile_engine, profile_executor
+from common.profiling import RUNS, blocks_needed, grid, profile_decode_attention, profile_engine, profile_executor
 from common.step_model import StepModel
 from kernels.backend import get_backend
 from services.scheduler.policy import Books, Bounds, bounds, decide
@@ -137,24 +141,232 @@ def test_step_model_fit_recovers_known_costs() -> None:
     assert StepModel.from_wire([]) is None
 
 
-def test_grid_fits_the_pool() -> None:
-    for capacity in (64, 2048, 1 << 20):
-        points = grid(capacity, 64, 4096, 16)
-        assert len({b for b, _ in points}) == 2 or capacity < 256  # two batch sizes to tell costs apart
-        for batch, context in points:  # the runs add up to RUNS tokens per request
-            assert batch * -(-(context + RUNS + 1) // 16) * 16 <= capacity
+def test_grid_is_fixed_whatever_the_pool() -> None:
+    """Two batch sizes and two contexts, clipped only by the model's context; never by the pool
+    (a grid sized from a 384-token pool held batch 1 alone and left the slope to noise)."""
+    full = [(1, 64), (8, 64), (1, 512), (8, 512)]
+    assert grid() == grid(2048) == grid(512 + RUNS + 2) == full
+    # a short model context clips the long context, and the short one to half of it
+    assert grid(100) == [(1, 37), (8, 37), (1, 74), (8, 74)]
+    assert grid(RUNS + 4) == [(1, 1), (8, 1), (1, 2), (8, 2)]
+    with pytest.raises(ValueError, match="no room to profile"):
+        grid(RUNS + 3)
+    for max_len in (RUNS + 4, 100, 300, 2048):
+        points = grid(max_len)
+        assert len({b for b, _ in points}) == 2 and len({c for _, c in points}) == 2
+        assert all(context + RUNS + 2 <= max_len for _, context in points)  # Engine.validate
+    # the largest point: 8 requests of 512 + RUNS + 2 = 538 tokens, 34 blocks of 16 each
+    assert blocks_needed(grid(), 16) == 8 * 34
+    assert blocks_needed(grid(100), 8) == 8 * 13  # 74 + 26 = 100 tokens, 13 blocks of 8
 
 
-def test_profiles_leave_the_pools_empty(llama_dir: Path) -> None:
-    engine = Engine.from_folder(llama_dir, EngineConfig(block_size=8, kv_cache_bytes=2**20))
+def test_a_non_positive_slope_is_not_profiled() -> None:
+    """A per-token cost at or below zero is no model: never an infinite attention bandwidth."""
+    for per_token in (0.0, -1e-7, float("nan"), float("inf")):
+        assert StepModel.from_wire([0.001, 1e-5, per_token]) is None
+        assert not StepModel(0.001, 1e-5, per_token).profiled
+    assert StepModel.from_wire([float("nan"), 1e-5, 1e-7]) is None
+    assert StepModel.from_wire([0.001, 1e-5, 1e-7]) == StepModel(0.001, 1e-5, 1e-7)
+    # noise that makes longer contexts look faster: the slope is clamped to 0, not profiled
+    flat = StepModel.fit([(1, 64, 0.002), (8, 512, 0.003), (1, 512, 0.0019), (8, 4096, 0.0029)])
+    assert flat.per_token_s == 0.0 and not flat.profiled
+    assert StepModel.from_wire(flat.to_wire()) is None
+    # an executor, a decode instance's attention or its step sent such a model: no bound at all,
+    # and the policy refuses as not profiled (it used to read 1 / 1e-12 tokens/s and refuse by C1)
+    d = _decode()
+    zero = StepModel(0.0001, 1e-6, 0.0).to_wire()
+    for instance in (
+        dataclasses.replace(d, attention_model=zero),
+        dataclasses.replace(d, step_model=zero),
+    ):
+        assert bounds(instance, [instance], [_executor()], 100, SLO) is None
+    assert bounds(d, [d], [_executor(per_token_s=0.0)], 100, SLO) is None
+    assert bounds(d, [d], [_executor(), _executor(per_token_s=-1e-7)], 100, SLO) is None
+    assert _decide(decode=_decode(step_model=zero)) == (False, "not_profiled")
+
+
+def test_bounds_read_injected_step_models() -> None:
+    """Every bound comes from the models the heartbeats carry, none from a clamp."""
+    d = _decode(
+        step_model=StepModel(0.020, 0.002, 20e-6).to_wire(),
+        attention_model=StepModel(0.0, 0.0, 4e-6).to_wire(),
+        total_blocks=50,  # 800 KV tokens
+        max_num_seqs=32,
+    )
+    b = bounds(d, [d], [_executor(blocks=100, per_token_s=16e-6)], mean_len=200, slo_s=SLO)
+    assert b is not None
+    assert b.memory_capacity == pytest.approx(1600 / 800)
+    assert b.memory_bandwidth == pytest.approx(4e-6 / 16e-6)
+    # B_tpot = min(32 seats, 800 / 200 = 4 by KV, 0.08 / (0.002 + 0.004) = 13.3 by SLO) = 4;
+    # B_max = min(32, 0.08 / 0.002 = 40) = 32
+    assert b.compute == pytest.approx((32 - 4) / 4)
+    assert b.offload == pytest.approx(0.25)
+
+
+# A made-up step time, so that the profiling tests below check what was measured, on which
+# memory, and what was fitted, without depending on this machine's timing.
+TRUE = StepModel(0.003, 0.0002, 2e-6)
+
+
+def _fake_clock(
+    monkeypatch: pytest.MonkeyPatch, state: Callable[[], tuple[int, int]], flat_first: bool = False
+) -> list[tuple[int, int]]:
+    """Replace `_best_time`: run the step for real (the profile's requests must be in place), and
+    report TRUE's time of the batch and context tokens the instance holds (`state`) instead of
+    the measured one. `flat_first`: the first four points report one time (an unusable fit)."""
+    seen: list[tuple[int, int]] = []
+
+    def best_time(run: Callable[[], object], budget_s: float, sync: Callable[[], None]) -> float:
+        batch, tokens = state()
+        seen.append((batch, tokens))
+        for _ in range(3):
+            run()
+            sync()
+        return 0.001 if flat_first and len(seen) <= 4 else TRUE.time(batch, tokens)
+
+    monkeypatch.setattr(profiling, "_best_time", best_time)
+    return seen
+
+
+def _recorder(monkeypatch: pytest.MonkeyPatch, name: str) -> list[weakref.ref[object]]:
+    """Record (weakly: the profile must drop them) every scratch `Engine` or `ExecutorCore`
+    the profiling module makes."""
+    made: list[weakref.ref[object]] = []
+    base = getattr(profiling, name)
+
+    class Recording(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(weakref.ref(self))
+
+    monkeypatch.setattr(profiling, name, Recording)
+    return made
+
+
+def _held(engine_or_core: Engine | ExecutorCore) -> tuple[int, int]:
+    """(requests, context tokens) the instance holds now: the point being timed."""
+    owners = engine_or_core.blocks.owners()
+    return len(owners), sum(engine_or_core.blocks.num_tokens(o) for o in owners)
+
+
+def _tiny_engine(llama_dir: Path) -> Engine:
+    """An engine with 384 tokens of KV (512 bytes each), as the auto-policy integration test gives
+    its decode instances: too small for the profile grid."""
+    engine = Engine.from_folder(llama_dir, EngineConfig(block_size=16, kv_cache_bytes=384 * 512))
+    assert engine.capacity_tokens == 384 < blocks_needed(grid(), 16) * 16
+    for layer in range(engine.spec.num_layers):  # a sentinel the profile must not overwrite
+        engine.pool.k[layer].fill_(7.0)
+        engine.pool.v[layer].fill_(7.0)
+    return engine
+
+
+def _pool_untouched(engine: Engine) -> bool:
+    return all(bool((t == 7.0).all()) for t in engine.pool.k + engine.pool.v)
+
+
+def test_a_tiny_pool_profiles_its_steps_on_a_scratch_engine(llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = _tiny_engine(llama_dir)
+    made = _recorder(monkeypatch, "Engine")
+
+    def state() -> tuple[int, int]:
+        scratch = made[-1]()
+        assert isinstance(scratch, Engine)
+        return _held(scratch)
+
+    seen = _fake_clock(monkeypatch, state)
+    model = profile_engine(engine, budget_s=0.0)
+    # one scratch engine, on the same weights, with a pool just big enough for the grid's largest point
+    assert len(made) == 1 and made[0]() is None  # and dropped before the profile returned
+    assert seen == [(b, b * c) for b, c in grid(engine.spec.max_model_len)]
+    for got, want in zip(model.to_wire(), TRUE.to_wire(), strict=True):
+        assert got == pytest.approx(want, rel=1e-6)
+    assert model.profiled and StepModel.from_wire(model.to_wire()) == model
+    # the engine's own pool and blocks were never touched
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks and not engine.requests
+    engine.check_integrity()
+    assert _pool_untouched(engine)
+
+
+def test_the_scratch_engine_shares_the_weights(llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = _tiny_engine(llama_dir)
+    scratch: list[Engine] = []
+
+    def state() -> tuple[int, int]:
+        return _held(scratch[-1])
+
+    class Keeping(Engine):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            scratch.append(self)
+
+    monkeypatch.setattr(profiling, "Engine", Keeping)
+    _fake_clock(monkeypatch, state)
+    profile_engine(engine, budget_s=0.0)
+    (kept,) = scratch
+    assert kept.model is engine.model
+    assert kept.blocks.num_blocks == blocks_needed(grid(engine.spec.max_model_len), 16)
+    assert kept.blocks.num_free_blocks == kept.blocks.num_blocks and not kept.requests
+
+
+def test_an_unusable_fit_is_profiled_once_more(llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = _tiny_engine(llama_dir)
+    made = _recorder(monkeypatch, "Engine")
+
+    def state() -> tuple[int, int]:
+        scratch = made[-1]()
+        assert isinstance(scratch, Engine)
+        return _held(scratch)
+
+    seen = _fake_clock(monkeypatch, state, flat_first=True)
+    model = profile_engine(engine, budget_s=0.0)
+    assert len(seen) == 8 and model.per_token_s == pytest.approx(TRUE.per_token_s)
+
+
+def test_attention_on_a_tiny_pool_profiles_on_a_scratch_core(llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = _tiny_engine(llama_dir)
+    made = _recorder(monkeypatch, "ExecutorCore")
+
+    def state() -> tuple[int, int]:
+        core = made[-1]()
+        assert isinstance(core, ExecutorCore)
+        return _held(core)
+
+    seen = _fake_clock(monkeypatch, state)
+    model = profile_decode_attention(engine, budget_s=0.0)
+    assert len(made) == 1 and made[0]() is None
+    assert seen == [(b, b * c) for b, c in grid()]
+    assert model.per_token_s == pytest.approx(TRUE.per_token_s) and model.profiled
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks and _pool_untouched(engine)
+    # an executor with as small a pool does the same, and its own core is left as it was
+    spec = engine.spec
+    layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, 16, spec.dtype)
+    core = ExecutorCore(layout, 24, get_backend("torch"), spec.head_dim**-0.5, torch.device("cpu"))
+    made.clear()
+    seen.clear()
+    model = profile_executor(core, spec.num_heads, budget_s=0.0)
+    assert len(made) == 1 and made[0]() is None
+    assert seen == [(b, b * c) for b, c in grid()] and model.profiled
+    assert core.blocks.num_free_blocks == 24 and not core.max_tokens and bool((core.pool.k[0] == 0).all())
+
+
+def test_profiles_leave_the_pools_empty(llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real runs on pools that hold the grid (no scratch): nothing stays allocated. Timings are
+    real here, so only their shape is checked (neighbours on the same cores can flatten a fit)."""
+    engines, cores = _recorder(monkeypatch, "Engine"), _recorder(monkeypatch, "ExecutorCore")
+    engine = Engine.from_folder(llama_dir, EngineConfig(block_size=8, kv_cache_bytes=4 * 2**20))
+    assert engine.blocks.num_blocks >= blocks_needed(grid(), 8)
     model = profile_engine(engine, budget_s=0.01)
-    assert model.per_token_s > 0 and model.time(8, 800) > model.time(1, 10)
+    assert all(math.isfinite(v) and v >= 0 for v in model.to_wire())
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks and not engine.requests
     spec = engine.spec
     layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, 8, spec.dtype)
-    core = ExecutorCore(layout, 256, get_backend("torch"), spec.head_dim**-0.5, torch.device("cpu"))
-    executor = profile_executor(core, spec.num_heads, budget_s=0.01)
-    assert executor.per_token_s > 0
-    assert profile_decode_attention(engine, budget_s=0.01).per_token_s > 0
+    core = ExecutorCore(layout, 1024, get_backend("torch"), spec.head_dim**-0.5, torch.device("cpu"))
+    for attention in (
+        profile_executor(core, spec.num_heads, budget_s=0.01),
+        profile_decode_attention(engine, budget_s=0.01),
+    ):
+        assert all(math.isfinite(v) and v >= 0 for v in attention.to_wire())
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
-    assert core.blocks.num_free_blocks == 256 and not core.max_tokens and core.reserved_blocks == 0
+    assert core.blocks.num_free_blocks == 1024 and not core.max_tokens and core.reserved_blocks == 0
+    # no scratch engine; one core, profile_decode_attention's view of the engine's own pool
+    assert not engines and len(cores) == 1
