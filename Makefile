@@ -18,7 +18,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# The C++ CPU kernels, compiled with this machine's compiler into torch's extension cache;
+# `kernels.cpu.load()` rebuilds by itself when the source changes, this only moves the wait here.
+KERNELS := $(VENV)/.kernels
+$(KERNELS): $(STAMP) kernels/cpu/paged_attention.cpp kernels/cpu/__init__.py
+	$(PY) -m kernels.cpu
+	touch $(KERNELS)
+
+install: $(STAMP) $(KERNELS)
 
 $(MODEL_DIR)/config.json: $(STAMP)
 	$(VENV)/bin/adrenaline model make-tiny $(MODEL_DIR)
@@ -28,7 +35,7 @@ compose-config: $(STAMP)
 	@err=$$($(VENV)/bin/docker-compose -f compose.yaml config --quiet 2>&1); \
 	if [ -n "$$err" ]; then echo "compose.yaml is invalid: $$err"; exit 1; fi; echo "compose.yaml is valid"
 
-run: $(MODEL_DIR)/config.json
+run: $(MODEL_DIR)/config.json $(KERNELS)
 	$(VENV)/bin/adrenaline up --model $(MODEL_DIR) --port $(PORT)
 
 lint: $(STAMP)
@@ -38,12 +45,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(PY) -m mypy
 
-unit: $(STAMP)
+unit: $(STAMP) $(KERNELS)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
 test: lint typecheck compose-config unit
 
-bench: $(MODEL_DIR)/config.json
+bench: $(MODEL_DIR)/config.json $(KERNELS)
 	$(PY) -m benchmarks.engine
 
 clean:

@@ -1,11 +1,16 @@
-"""Decode-step time of the engine against the floor memory bandwidth sets, on this machine.
+"""Decode-step time of the engine against the floor this machine sets (a roofline), on one core.
 
-A decode step must read every weight once and every cached key and value of the batch once;
-nothing can be faster than those bytes divided by the machine's copy bandwidth, measured here
-in the same run. The ratio measured/floor says how far the engine is from that limit (1.0 is
-the limit; CPU kernels also pay for compute, gathers and Python overhead).
+A decode step must read every cached key and value of the batch once (attention, memory-bound)
+and run every weight matrix over the batch (the GEMMs: memory-bound at small batches, where
+reading the weights dominates, compute-bound at large ones). Nothing can be faster than
 
-    python -m benchmarks.engine [--model DIR] [--batch-sizes 1 4 16 64] [--context-lens 128 512 2048]
+    floor = KV bytes / copy bandwidth + max(weight bytes / copy bandwidth, GEMM flops / GEMM rate)
+
+with the copy bandwidth and the GEMM rate (a large float32 matmul, the best case of the same
+BLAS the model uses) measured here in the same run. The ratio measured/floor says how far the
+engine is from that limit (1.0 is the limit; what is left is Python, small-op and kernel overhead).
+
+    python -m benchmarks.engine [--model DIR] [--backend cpu|torch] [--batch-sizes 1 4 16 32 64]
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ class Row:
     batch_size: int
     context_len: int
     step_ms: float  # median decode-step time
-    floor_ms: float  # (weight bytes + KV bytes) / measured copy bandwidth
+    floor_ms: float  # the roofline above, from bandwidth and GEMM rate measured in the same run
     ratio: float  # step_ms / floor_ms
     tokens_per_s: float
 
@@ -52,6 +57,24 @@ def copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
         dst.copy_(src)
         times.append(time.perf_counter() - start)
     return nbytes / min(times)
+
+
+def gemm_rate(n: int = 1024, repeats: int = 5) -> float:
+    """Float32 multiply-adds per second (x2: flops) of one large square matmul on this core."""
+    a = torch.randn(n, n)
+    b = torch.randn(n, n)
+    torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / min(times)
+
+
+def gemm_params(model: CausalLM) -> int:
+    """Weights a decode step multiplies by (every Linear, the LM head too); the embedding is a lookup."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
 def weight_bytes(model: CausalLM) -> int:
@@ -81,7 +104,9 @@ def time_decode_step(
             blocks.free(owner)
 
 
-def run(model_dir: Path, batch_sizes: list[int], context_lens: list[int], repeats: int, block_size: int) -> list[Row]:
+def run(
+    model_dir: Path, batch_sizes: list[int], context_lens: list[int], repeats: int, block_size: int, backend: str
+) -> list[Row]:
     spec = ModelSpec.from_folder(model_dir)
     model = load_model(spec)
     layout = KVLayout(spec.num_layers, spec.num_kv_heads, spec.head_dim, block_size, spec.dtype)
@@ -89,19 +114,24 @@ def run(model_dir: Path, batch_sizes: list[int], context_lens: list[int], repeat
     pool = KVPool(layout, num_blocks, torch.device("cpu"))
     for cache in pool.k + pool.v:
         cache.normal_()
-    attention = PagedAttention(get_backend("torch"), pool, model.scale)
+    attention = PagedAttention(get_backend(backend), pool, model.scale)
     blocks = BlockManager(num_blocks, block_size)
     bandwidth = copy_bandwidth()
+    flops = gemm_rate()
     weights = weight_bytes(model)
+    params = gemm_params(model)
     rows = []
     grid = [(b, c) for c in context_lens for b in batch_sizes]
     for batch, context in tqdm(grid, desc="decode steps", unit="config"):
         step = time_decode_step(model, attention, blocks, batch, context, repeats)
-        floor = (weights + batch * context * layout.bytes_per_token) / bandwidth
+        gemm = max(weights / bandwidth, 2 * batch * params / flops)
+        floor = batch * context * layout.bytes_per_token / bandwidth + gemm
         rows.append(Row(batch, context, step * 1e3, floor * 1e3, step / floor, batch / step))
     print(
         f"model {model_dir}: {weights / 2**20:.1f} MiB of weights, KV {layout.bytes_per_token} B/token, "
-        f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, torch threads {torch.get_num_threads()}"
+        f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, GEMM {flops / 1e9:.0f} GFLOP/s, "
+        f"torch threads {torch.get_num_threads()}, "
+        f"decode attention: {backend}"
     )
     return rows
 
@@ -119,8 +149,11 @@ def markdown(rows: list[Row]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="HF folder; default: the embedded default model")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64])
-    parser.add_argument("--context-lens", type=int, nargs="+", default=[128, 512, 2048])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 32, 64])
+    parser.add_argument("--context-lens", type=int, nargs="+", default=[128, 512, 1024, 2048])
+    parser.add_argument(
+        "--backend", default="cpu", help="decode attention: cpu (C++, the default) or torch (reference)"
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 = one core, as a pinned instance)")
@@ -129,7 +162,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or make_tiny(Path(tmp) / "default", "llama", preset="default")
-        rows = run(model_dir, args.batch_sizes, args.context_lens, args.repeats, args.block_size)
+        rows = run(model_dir, args.batch_sizes, args.context_lens, args.repeats, args.block_size, args.backend)
     print(markdown(rows))
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))

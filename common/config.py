@@ -16,7 +16,7 @@ class EngineConfig:
     )
     device: str = "cpu"
     dtype: str | None = None  # None serves the checkpoint's own dtype
-    attention_backend: str | None = None  # None picks triton on CUDA, torch elsewhere
+    attention_backend: str | None = None  # cpu, torch or triton; None: triton on CUDA, else cpu (C++)
 
     def __post_init__(self) -> None:
         for name in ("block_size", "kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens"):

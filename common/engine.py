@@ -32,7 +32,7 @@ from common.offload import ExecutorClient, RemoteGroup, SplitAttention
 from common.paged_attention import PagedAttention, decode_metadata, prefill_metadata
 from common.request import FinishReason, Request, Status
 from common.sampling import SamplingParams, sample
-from kernels.backend import default_backend_name, get_backend
+from kernels.backend import default_backend, get_backend
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class Engine:
         num_blocks = self.layout.blocks_for_budget(config.kv_cache_bytes)
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.pool = KVPool(self.layout, num_blocks, self.device)
-        backend = get_backend(config.attention_backend or default_backend_name(self.device))
+        backend = get_backend(config.attention_backend) if config.attention_backend else default_backend(self.device)
         self.attention = PagedAttention(backend, self.pool, model.scale)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []

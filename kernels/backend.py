@@ -17,6 +17,7 @@ import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+import structlog
 import torch
 
 
@@ -79,6 +80,7 @@ class AttentionBackend(ABC):
 
 
 _BACKENDS = {
+    "cpu": ("kernels.cpu_backend", "CpuBackend"),
     "torch": ("kernels.torch_backend", "TorchBackend"),
     "triton": ("kernels.triton_backend", "TritonBackend"),
 }
@@ -94,6 +96,13 @@ def get_backend(name: str) -> AttentionBackend:
     return backend
 
 
-def default_backend_name(device: torch.device) -> str:
-    """Triton on CUDA, torch everywhere else."""
-    return "triton" if device.type == "cuda" else "torch"
+def default_backend(device: torch.device) -> AttentionBackend:
+    """Triton on CUDA; on CPU the C++ kernels, or the torch reference where they cannot be built
+    (no compiler): slower, never wrong, and said so in the log."""
+    if device.type == "cuda":
+        return get_backend("triton")
+    try:
+        return get_backend("cpu")
+    except Exception as exc:
+        structlog.get_logger(__name__).warning("C++ CPU kernels unavailable, using the torch reference", error=str(exc))
+        return get_backend("torch")

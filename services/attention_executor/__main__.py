@@ -14,7 +14,7 @@ from common.logging import configure
 from common.model.spec import ModelSpec
 from common.offload import ExecutorCore
 from common.tensor_channel import TensorChannel
-from kernels.backend import default_backend_name, get_backend
+from kernels.backend import default_backend
 from services.attention_executor.service import ExecutorService
 from services.runtime import InstanceSettings, run_until_signalled
 
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     core = ExecutorCore(
         layout,
         layout.blocks_for_budget(settings.kv_cache_bytes),
-        get_backend(default_backend_name(device)),
+        default_backend(device),
         spec.head_dim**-0.5,
         device,
     )

@@ -1,0 +1,33 @@
+"""The CPU default: the torch backend with decode attention in C++ (`kernels.cpu`).
+
+Prefill attention (compute-bound, one SDPA call per prompt) and the KV store (one index_copy_)
+are already near what the machine can do in torch; paged decode attention is memory-bound and
+the torch version reads the KV several times, so that one operation is replaced.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import cpu
+from kernels.backend import DecodeMetadata
+from kernels.torch_backend import TorchBackend
+
+
+class CpuBackend(TorchBackend):
+    name = "cpu"
+
+    def __init__(self) -> None:
+        cpu.load()
+
+    def paged_decode_attention(
+        self,
+        query: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: DecodeMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        return cpu.paged_decode_attention(
+            query.contiguous(), k_cache, v_cache, meta.block_tables, meta.context_lens, scale
+        )
