@@ -3,23 +3,28 @@
 Control messages (shapes, tags, who sends what) travel over NATS; this module only moves bytes.
 Peers learn each other's worker address out of band (`TensorChannel.address`, plain bytes) and
 connect with `create_endpoint_from_worker_address`, the only way shared memory works here
-(DESIGN.md, "Gotchas"). Tag matching in UCX is per worker, not per endpoint, so a tag must be
+(docs/services.md, "UCX"). Tag matching in UCX is per worker, not per endpoint, so a tag must be
 unique among everything in flight towards one process (e.g. derived from request id and layer).
 
 Each tensor travels as its own tagged message, in order, with the same tag: packing them would
 cost a copy on the sender, and UCX matches one sender's messages with one tag in the order sent.
 
-Requests go straight to the ucxx worker and endpoint (`tag_send`, `tag_recv`) and are awaited by
-polling their completion, as ucxx's own `wait_yield` does: the coroutine wrapper `Endpoint.send`
-awaits one message at a time, and running several as tasks cost ~40 us more a round trip here.
+Progress is driven here, not by ucxx's asyncio helpers: ucxx 0.52's "blocking" mode arms the
+worker once, after which its epoll descriptor stays readable and the event loop wakes without
+pause (an idle process spun a whole core). The rule UCX documents for `ucp_worker_arm` is kept
+instead: after posting work, and whenever the descriptor is readable, progress until `arm()`
+succeeds; only then does the loop sleep on the descriptor. Waiters are futures that the
+progress pass resolves when their requests complete, so nothing polls. Every UCX call happens
+on the event loop's thread (the worker is not shared between threads).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,17 +33,12 @@ import torch
 # (ours and ucxx's own defaults) is reported as a warning in each process.
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
 
-import ucxx
-import ucxx.core
 from ucxx._lib.arr import Array
+from ucxx._lib.libucxx import UCXAddress, UCXContext, UCXEndpoint, UCXWorker
 from ucxx.types import Tag
 
 from common.errors import AdrenalineError
 
-# Waiting spins with `sleep(0)` (what ucxx's own `wait_yield` does) for this long, which keeps the
-# round trip in the tens of microseconds, then sleeps between checks so an idle wait stops burning a core.
-_SPIN_S = 0.005
-_IDLE_SLEEP_S = 0.0005
 # How long closing one endpoint may wait for its peer; a dead peer must not stall shutdown.
 _CLOSE_PERIOD_NS = 100_000_000
 
@@ -58,10 +58,19 @@ class TransferTimeout(TransferError):
 
 @dataclass(frozen=True, eq=False)
 class Peer:
-    """A connected remote worker; `endpoint` is the `ucxx` UCXEndpoint made from `address`."""
+    """A connected remote worker; `endpoint` is the ucxx UCXEndpoint made from `address`."""
 
     address: bytes
     endpoint: Any
+
+
+@dataclass(eq=False)
+class _Waiter:
+    """UCX requests someone awaits; `future` is resolved by the progress pass that sees them done."""
+
+    requests: list[Any]
+    future: asyncio.Future[None]
+    memory: list[Any] = field(default_factory=list)  # what UCX reads or writes: alive until completion
 
 
 # dtypes numpy and `__cuda_array_interface__` both describe; others (bfloat16, float8) travel as same-width ints.
@@ -88,26 +97,32 @@ def _sync_cuda(tensors: Sequence[torch.Tensor]) -> None:
 
 
 class TensorChannel:
-    """The process's UCX worker plus cached endpoints; one channel per process (ucxx keeps one context)."""
+    """The process's UCX worker, progressed on one event loop, plus cached endpoints to peers."""
 
-    def __init__(self, ctx: Any) -> None:
-        self._ctx: Any = ctx
+    def __init__(self, context: Any, worker: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._context: Any = context
+        self._worker_obj: Any = worker
+        self._loop = loop
         self._peers: dict[bytes, Peer] = {}
+        self._waiters: list[_Waiter] = []
+        self.spin_s = float(os.environ.get("ADRENALINE_UCX_SPIN_US", 100)) * 1e-6
         # Requests unfinished at their timeout, with the memory they read or write: UCX holds raw pointers,
         # so that memory must live until they complete (then they are dropped) or the channel closes.
-        self._orphans: list[tuple[list[Any], list[Any]]] = []
+        self._orphans: list[_Waiter] = []
+        worker.init_blocking_progress_mode()
+        self._fd: int = worker.epoll_file_descriptor
+        loop.add_reader(self._fd, self._progress)
+        self._progress()
 
     @classmethod
-    async def create(cls, progress_mode: str | None = None) -> TensorChannel:
-        """Create the process's worker. `progress_mode` defaults to $UCXPY_PROGRESS_MODE, else "blocking":
-        measured here (DESIGN.md) it has the best tail latency (p99 66 us against 1.5 ms polling, 4 ms thread)."""
-        mode = progress_mode or os.environ.get("UCXPY_PROGRESS_MODE", "blocking")
+    async def create(cls) -> TensorChannel:
+        """Create a UCX context and worker progressed by the running event loop."""
         try:
-            # Inside the running loop on purpose: ucxx attaches its progress task to the current event loop.
-            ucxx.init(progress_mode=mode)
-        except RuntimeError as e:
-            raise TransferError(f"UCX is already initialised in this process: close the other channel ({e})") from e
-        return cls(ucxx.core._get_ctx())
+            context = UCXContext({})
+            worker = UCXWorker(context, enable_delayed_submission=False, enable_python_future=False)
+        except Exception as e:
+            raise TransferError(f"UCX could not start: {e}") from e
+        return cls(context, worker, asyncio.get_running_loop())
 
     @property
     def address(self) -> bytes:
@@ -115,21 +130,64 @@ class TensorChannel:
         return bytes(self._worker().address)
 
     def _worker(self) -> Any:
-        # Callers keep only the worker in their locals: a traceback kept by our caller must not pin the
-        # context, or `close` could not release it (ucxx.reset refuses while anything references it).
-        if self._ctx is None:
+        if self._worker_obj is None:
             raise TransferError("tensor channel is closed")
-        return self._ctx.worker
+        return self._worker_obj
+
+    def _progress(self) -> None:
+        """Progress until the worker arms, then resolve the waiters whose requests completed.
+
+        Runs when the epoll descriptor is readable and after every post. `arm()` fails while
+        events are pending, so looping until it succeeds leaves none behind: the descriptor then
+        becomes readable again only for new events, and an idle process sleeps.
+        """
+        worker = self._worker_obj
+        if worker is None:
+            return
+        while True:
+            while worker.progress_once():
+                pass
+            if worker.arm():
+                break
+        if self._waiters:
+            pending = []
+            for waiter in self._waiters:
+                if waiter.future.done():  # timed out or cancelled: now an orphan
+                    continue
+                if all(r.completed for r in waiter.requests):
+                    waiter.future.set_result(None)
+                else:
+                    pending.append(waiter)
+            self._waiters = pending
+
+    def _spin(self, requests: list[Any]) -> bool:
+        """Progress for up to `spin_s` while `requests` are unfinished, then arm; True if they finished.
+
+        An epoll wake-up costs tens of microseconds per protocol hop here (a 24 KiB rendezvous
+        round trip crosses several), so a waiter that expects its answer within microseconds
+        (a decode layer's round trip) first progresses in a short, bounded loop. It never runs
+        without a waiter: an idle process sleeps on the descriptor.
+        """
+        worker = self._worker_obj
+        deadline = time.perf_counter() + self.spin_s
+        done = False
+        while worker is not None:
+            worker.progress_once()
+            done = all(r.completed for r in requests)
+            if done or time.perf_counter() >= deadline:
+                break
+            os.sched_yield()  # a peer on this core (the one that owes the answer) runs first
+        self._progress()
+        return done or all(r.completed for r in requests)
 
     async def connect(self, peer_address: bytes) -> Peer:
         """Endpoint to a peer's worker, cached per address. Error handling is off: shared memory needs it."""
         peer = self._peers.get(peer_address)
         if peer is None:
             worker = self._worker()
-            address = ucxx.get_ucx_address_from_buffer(peer_address)
-            endpoint = worker.create_endpoint_from_worker_address(address, False)
-            if not self._ctx.progress_mode.startswith("thread"):
-                worker.progress()  # start the wire-up now, as ucxx's own create_endpoint does
+            address = UCXAddress.create_from_buffer(peer_address)
+            endpoint = UCXEndpoint.create_from_worker_address(worker, address, False)
+            self._progress()  # start the wire-up now
             peer = self._peers[peer_address] = Peer(peer_address, endpoint)
         return peer
 
@@ -145,7 +203,7 @@ class TensorChannel:
         ucx_tag = Tag(tag)
         arrays = [Array(_as_buffer(t)) for t in tensors]
         requests = [peer.endpoint.tag_send(a, ucx_tag) for a in arrays]
-        await self._complete(requests, arrays, tag, timeout, "send")
+        await self._complete(requests, [*tensors, *arrays], tag, timeout, "send")
         return sum(t.nbytes for t in tensors)
 
     async def recv_into(
@@ -180,24 +238,23 @@ class TensorChannel:
     async def _complete(
         self, requests: list[Any], memory: list[Any], tag: int, timeout: float | None, what: str
     ) -> None:
-        """Wait for all `requests`, spinning with `sleep(0)` like ucxx's `wait_yield` for the first
-        milliseconds (keeps round trips in the tens of microseconds) and then sleeping between checks,
-        so that a long wait stops burning a core. UCX progress runs on the event loop meanwhile."""
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        deadline = None if timeout is None else start + timeout
-        try:
-            while not all(r.completed for r in requests):
-                now = loop.time()
-                if deadline is not None and now >= deadline:
+        """Wait for all `requests`: progress once (small messages often complete at once), else
+        sleep until a progress pass resolves our future, or the timeout."""
+        if not self._spin(requests):
+            waiter = _Waiter(requests, self._loop.create_future(), memory)
+            self._waiters.append(waiter)
+            try:
+                async with asyncio.timeout(timeout):
+                    await waiter.future
+            except BaseException as exc:  # a timeout, or our caller cancelled us
+                self._orphans = [o for o in self._orphans if not all(r.completed for r in o.requests)]
+                self._orphans.append(waiter)
+                if isinstance(exc, TimeoutError):
                     done = sum(r.completed for r in requests)
-                    raise TransferTimeout(tag, timeout or 0.0, f"{what}: {done} of {len(requests)} messages done")
-                pause = 0.0 if now - start < _SPIN_S else _IDLE_SLEEP_S
-                await asyncio.sleep(pause if deadline is None else min(pause, deadline - now))
-        except BaseException:  # a timeout, or our caller cancelled us
-            self._orphans = [o for o in self._orphans if not all(r.completed for r in o[0])]
-            self._orphans.append((requests, memory))
-            raise
+                    raise TransferTimeout(
+                        tag, timeout or 0.0, f"{what}: {done} of {len(requests)} messages done"
+                    ) from None
+                raise
         try:
             for r in requests:
                 r.check_error()
@@ -206,12 +263,17 @@ class TensorChannel:
 
     async def close(self) -> None:
         """Close endpoints (bounded wait, a dead peer must not stall shutdown), drop orphaned requests
-        (freeing a request cancels it in ucxx) and release the process's UCX context."""
-        if self._ctx is None:
+        (freeing a request cancels it in ucxx) and release the worker and context."""
+        if self._worker_obj is None:
             return
+        self._loop.remove_reader(self._fd)
         for peer in self._peers.values():
             peer.endpoint.close_blocking(period=_CLOSE_PERIOD_NS, max_attempts=1)
         self._peers.clear()
+        for waiter in self._waiters:
+            if not waiter.future.done():
+                waiter.future.set_exception(TransferError("tensor channel closed"))
+        self._waiters.clear()
         self._orphans.clear()
-        self._ctx = None
-        ucxx.reset()
+        self._worker_obj = None
+        self._context = None
