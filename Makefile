@@ -52,6 +52,7 @@ test: lint typecheck compose-config unit
 
 bench: $(MODEL_DIR)/config.json $(KERNELS)
 	$(PY) -m benchmarks.engine
+	$(PY) -m benchmarks.versus_hf
 
 clean:
 	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache

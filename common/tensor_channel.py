@@ -105,7 +105,7 @@ class TensorChannel:
         self._loop = loop
         self._peers: dict[bytes, Peer] = {}
         self._waiters: list[_Waiter] = []
-        self.spin_s = float(os.environ.get("ADRENALINE_UCX_SPIN_US", 100)) * 1e-6
+        self.spin_s = float(os.environ.get("ADRENALINE_UCX_SPIN_US", 200)) * 1e-6
         # Requests unfinished at their timeout, with the memory they read or write: UCX holds raw pointers,
         # so that memory must live until they complete (then they are dropped) or the channel closes.
         self._orphans: list[_Waiter] = []

@@ -1,0 +1,145 @@
+"""The engine against transformers' `generate`, side by side in one run, on the same prompts.
+
+Both run greedy, in this process, with the same torch threads, on the same random prompts:
+transformers as one static batch (`generate` with a padded batch and its KV cache; equal-length
+prompts need no padding), the engine with continuous batching over its paged KV cache. Every
+request generates exactly `output_len` tokens (end-of-sequence ignored on both sides), and the
+two are run alternately, `--repeats` times each, so drift of a shared machine hits both alike.
+Output throughput is generated tokens over wall time, prefill included. Where prompts have one
+length (no padding on the transformers side), the benchmark also checks that both produced the
+same tokens.
+
+    python -m benchmarks.versus_hf [--model DIR] [--threads 1] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+
+from common.config import EngineConfig
+from common.engine import Engine
+from common.model.tiny import make_tiny
+from common.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    num_prompts: int
+    prompt_lens: tuple[int, int]  # uniform in [low, high]; low == high: one length
+    output_len: int
+
+    def prompts(self, vocab: int, seed: int = 0) -> list[list[int]]:
+        gen = torch.Generator().manual_seed(seed)
+        low, high = self.prompt_lens
+        lengths = torch.randint(low, high + 1, (self.num_prompts,), generator=gen).tolist()
+        return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+WORKLOADS = [
+    Workload("32 x 128 in, 64 out", 32, (128, 128), 64),
+    Workload("32 x 512 in, 128 out", 32, (512, 512), 128),
+    Workload("32 x 32-512 in (mixed), 128 out", 32, (32, 512), 128),
+]
+
+
+@dataclass(frozen=True)
+class Result:
+    workload: str
+    hf_tok_s: float  # median over repeats
+    engine_tok_s: float
+    ratio: float  # engine / transformers, median of the per-repeat ratios
+    same_tokens: bool | None  # None where padding makes transformers' numerics differ by design
+
+
+def hf_generate(model: PreTrainedModel, prompts: list[list[int]], output_len: int) -> list[list[int]]:
+    """One static, left-padded batch; every row generates exactly `output_len` tokens."""
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    # `generate` fills an unset eos_token_id from the model's own generation config, so the model's
+    # default is cleared: rows must not stop (or be padded) at end-of-sequence, as in the engine.
+    model.generation_config.eos_token_id = None
+    config = GenerationConfig(max_new_tokens=output_len, do_sample=False, pad_token_id=0, use_cache=True)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    rows: list[list[int]] = out[:, width:].tolist()
+    if any(len(r) != output_len for r in rows):
+        raise RuntimeError("transformers stopped early: the comparison would not be like for like")
+    return rows
+
+
+def engine_generate(engine: Engine, prompts: list[list[int]], output_len: int) -> list[list[int]]:
+    params = SamplingParams(max_new_tokens=output_len, temperature=0.0, ignore_eos=True)
+    return [r.output_token_ids for r in engine.generate(prompts, params)]
+
+
+def run(model_dir: Path, workloads: list[Workload], repeats: int) -> list[Result]:
+    hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    config = EngineConfig(kv_cache_bytes=1 << 30, max_num_seqs=256, max_num_batched_tokens=8192)
+    engine = Engine.from_folder(model_dir, config)
+    results = []
+    for w in workloads:
+        prompts = w.prompts(engine.spec.vocab_size)
+        generated = w.num_prompts * w.output_len
+        hf_generate(hf, prompts[:2], 2)  # warm-up: first-call allocations and kernel choice
+        engine_generate(engine, prompts[:2], 2)
+        hf_rates, engine_rates, ratios = [], [], []
+        same: bool | None = None
+        for _ in range(repeats):
+            start = time.perf_counter()
+            hf_out = hf_generate(hf, prompts, w.output_len)
+            hf_rates.append(generated / (time.perf_counter() - start))
+            start = time.perf_counter()
+            engine_out = engine_generate(engine, prompts, w.output_len)
+            engine_rates.append(generated / (time.perf_counter() - start))
+            ratios.append(engine_rates[-1] / hf_rates[-1])
+            if w.prompt_lens[0] == w.prompt_lens[1]:
+                same = engine_out == hf_out and (same is not False)
+        hf_rate, engine_rate = statistics.median(hf_rates), statistics.median(engine_rates)
+        results.append(Result(w.name, hf_rate, engine_rate, statistics.median(ratios), same))
+    return results
+
+
+def markdown(results: list[Result]) -> str:
+    lines = [
+        "| workload | transformers tok/s | engine tok/s | engine / transformers | same tokens |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for r in results:
+        same = "n/a (padded)" if r.same_tokens is None else ("yes" if r.same_tokens else "**no**")
+        lines.append(f"| {r.workload} | {r.hf_tok_s:.0f} | {r.engine_tok_s:.0f} | {r.ratio:.2f}x | {same} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None, help="HF folder; default: the embedded default model")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for both (1 = one core)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model or make_tiny(Path(tmp) / "default", "llama", preset="default")
+        results = run(model_dir, WORKLOADS, args.repeats)
+    print(f"torch threads {torch.get_num_threads()}, {args.repeats} repeats, medians")
+    print(markdown(results))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+
+
+if __name__ == "__main__":
+    main()
