@@ -74,7 +74,7 @@ def hf_generate(model: PreTrainedModel, prompts: list[list[int]], output_len: in
     model.generation_config.eos_token_id = None
     config = GenerationConfig(max_new_tokens=output_len, do_sample=False, pad_token_id=0, use_cache=True)
     with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)  # type: ignore[operator]
     rows: list[list[int]] = out[:, width:].tolist()
     if any(len(r) != output_len for r in rows):
         raise RuntimeError("transformers stopped early: the comparison would not be like for like")

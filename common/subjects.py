@@ -25,8 +25,13 @@ class Subjects:
 
     @property
     def load(self) -> str:
-        """instances -> scheduler: `InstanceLoad` heartbeats."""
-        return f"{self.prefix}.instances.load"
+        """Every instance's `InstanceLoad` heartbeats (a wildcard: subscribe only, see `load_of`)."""
+        return f"{self.prefix}.instances.load.>"
+
+    def load_of(self, role: str) -> str:
+        """instances -> scheduler (and peers that watch one role): `InstanceLoad` heartbeats of `role`.
+        Per role so that a decode instance watching executors is not woken by every heartbeat."""
+        return f"{self.prefix}.instances.load.{role}"
 
     @property
     def abort(self) -> str:

@@ -155,7 +155,7 @@ async def heartbeat(bus: Bus, subjects: Subjects, load: Callable[[], InstanceLoa
         try:
             current = load()
             metrics.observe_pool(current.total_blocks, current.free_blocks, current.running, current.waiting)
-            await bus.publish(subjects.load, current)
+            await bus.publish(subjects.load_of(current.role), current)
         except Exception as exc:  # a reconnecting NATS client must not kill the instance
             log.warning("heartbeat failed", error=str(exc))
         await asyncio.sleep(interval)

@@ -191,7 +191,7 @@ class ExecutorService:
                 neighbour_up.set()
 
         if self.settings.colocated_with:
-            sub = await self.bus.subscribe(self.subjects.load, InstanceLoad, on_load)
+            sub = await self.bus.subscribe(self.subjects.load_of("prefill"), InstanceLoad, on_load)
             waits = {asyncio.create_task(neighbour_up.wait()), asyncio.create_task(stop.wait())}
             await asyncio.wait(waits, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
             for task in waits:

@@ -334,7 +334,7 @@ class DecodeService:
             ),
             await self.bus.subscribe(self.subjects.abort, AbortRequest, self.on_abort),
             await self.bus.subscribe(self.subjects.admitted, Admitted, self.on_admitted),
-            await self.bus.subscribe(self.subjects.load, InstanceLoad, self.on_load),
+            await self.bus.subscribe(self.subjects.load_of("executor"), InstanceLoad, self.on_load),
         ]
         watch = asyncio.create_task(self.watch_executors())
         self.step_model = await asyncio.to_thread(profile_engine, self.engine)
