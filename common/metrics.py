@@ -36,8 +36,8 @@ TRANSFER_SECONDS = Histogram(
 _PER_LAYER_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 LAYER_ROUND_TRIP_SECONDS = Histogram(
     "adrenaline_offload_layer_round_trip_seconds",
-    "Decode side, per layer and executor: from shipping q/k/v to holding the attention output "
-    "(local attention runs in between, so this is the remote time left visible plus the overlap)",
+    "Decode side, per layer and executor: from posting q/k/v to the executor's answer arriving "
+    "(the remote round trip itself; local attention overlaps it, the exposed part is the stall)",
     buckets=_PER_LAYER_BUCKETS,
 )
 LOCAL_ATTENTION_SECONDS = Histogram(
@@ -58,7 +58,8 @@ EXECUTOR_ATTENTION_BYTES = Counter(
 )
 EXECUTOR_STEP_SECONDS = Histogram(
     "adrenaline_executor_step_seconds",
-    "Executor side: one decode instance's step here, from its first q/k/v to its last output",
+    "Executor side: one decode instance's step here, busy time only (storing k/v and attention, "
+    "summed over layers; the waits for each layer's q/k/v and the sends excluded)",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
 DECODE_ROWS = Counter(

@@ -160,12 +160,12 @@ class ExecutorService:
         peer = await self.channel.connect(begin.decode_address)
         qkv = torch.empty(n, spec.q_size + 2 * spec.kv_size, dtype=spec.dtype)
         layer_bytes = sum(begin.context_lens) * self.core.layout.bytes_per_token // spec.num_layers
-        started = 0.0
+        busy = 0.0  # the waits for each layer's q/k/v are the decode instance's time, not ours
         try:
             for layer in range(spec.num_layers):
                 tag = begin.tag_base + layer
                 await self.channel.recv_into(tag, [qkv], timeout=self.settings.transfer_timeout_s)
-                started = started or time.perf_counter()
+                started = time.perf_counter()
                 q, k, v = qkv.split([spec.q_size, spec.kv_size, spec.kv_size], dim=1)
                 out = self.core.attend(
                     layer,
@@ -174,9 +174,11 @@ class ExecutorService:
                     v.reshape(n, spec.num_kv_heads, spec.head_dim),
                     meta,
                 )
-                await self.channel.send(peer, tag, [out.reshape(n, -1).contiguous()])
+                answer = out.reshape(n, -1).contiguous()
+                busy += time.perf_counter() - started
+                await self.channel.send(peer, tag, [answer])
                 metrics.EXECUTOR_ATTENTION_BYTES.inc(layer_bytes)
-            metrics.EXECUTOR_STEP_SECONDS.observe(time.perf_counter() - started)
+            metrics.EXECUTOR_STEP_SECONDS.observe(busy)
         except TransferError as exc:
             log.warning("decode step failed", decode_id=begin.decode_id, error=str(exc))
 

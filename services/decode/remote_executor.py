@@ -65,7 +65,7 @@ class RemoteExecutor(ExecutorClient):
         self._step = 0
         self._rows = 0
         self._tag_base = 0
-        self._inflight: dict[int, tuple[Future[int], Future[int], torch.Tensor, float]] = {}
+        self._inflight: dict[int, tuple[Future[int], Future[float], torch.Tensor, float]] = {}
         self._failed = ""  # set (from the event loop) when the executor is known dead
         self._io: set[asyncio.Task[int]] = set()  # this executor's transfers running on the loop
 
@@ -81,6 +81,11 @@ class RemoteExecutor(ExecutorClient):
         self._failed = reason
         for task in list(self._io):
             task.cancel()
+
+    async def _arrival(self, transfer: Coroutine[Any, Any, int]) -> float:
+        """When `transfer` completed, read on the event loop as the progress pass resolves it."""
+        await self._tracked(transfer)
+        return time.perf_counter()
 
     async def _tracked(self, transfer: Coroutine[Any, Any, int]) -> int:
         """Run one transfer on the loop where `fail` can cancel it."""
@@ -122,7 +127,7 @@ class RemoteExecutor(ExecutorClient):
         started = time.perf_counter()
         recv_io = self.channel.recv_into(tag, [out], self.timeout)
         send_io = self.channel.send(self.peer, tag, [packed], self.timeout)
-        recv = asyncio.run_coroutine_threadsafe(self._tracked(recv_io), self.loop)
+        recv = asyncio.run_coroutine_threadsafe(self._arrival(recv_io), self.loop)
         send = asyncio.run_coroutine_threadsafe(self._tracked(send_io), self.loop)
         self._inflight[layer] = (send, recv, out, started)
 
@@ -130,7 +135,7 @@ class RemoteExecutor(ExecutorClient):
         send, recv, out, started = self._inflight.pop(layer)
         try:
             send.result(self.timeout + 1)
-            recv.result(self.timeout + 1)
+            arrived = recv.result(self.timeout + 1)
         except ExecutorFailed:
             self._inflight.clear()
             raise
@@ -140,7 +145,7 @@ class RemoteExecutor(ExecutorClient):
         except Exception as exc:  # TransferError, or the loop's future timing out
             self._inflight.clear()
             raise ExecutorFailed(self.executor_id, exc) from exc
-        metrics.LAYER_ROUND_TRIP_SECONDS.observe(time.perf_counter() - started)
+        metrics.LAYER_ROUND_TRIP_SECONDS.observe(arrived - started)
         return out.view(self._rows, self.spec.num_heads, self.spec.head_dim)
 
     def release(self, request_id: str) -> None:
