@@ -1,9 +1,11 @@
 """Output tokens to text, incrementally, with stop strings.
 
-Text is always the decode of the WHOLE output so far, and each step emits only its new suffix:
-decoding token by token would split multi-byte characters and break tokenizers whose pieces
-depend on their neighbours (SentencePiece's leading spaces). Two kinds of text are held back
-until the next step decides them:
+Text is decoded incrementally, as vLLM and TGI do: decoding token by token would split
+multi-byte characters and break tokenizers whose pieces depend on their neighbours
+(SentencePiece's leading spaces), and decoding the whole output at every step costs O(n^2) over
+a long generation. So each step decodes a short window that starts a few tokens back, at the
+last settled boundary (`_prefix`), and keeps what the window adds beyond the text of its settled
+part (`_prefix:_read`). Two kinds of text are held back until the next step decides them:
 
 - a trailing U+FFFD: the last token ended inside a UTF-8 character that the next completes;
 - a trailing piece that could be the start of a stop string: if the stop string completes, the
@@ -48,6 +50,9 @@ class TextStream:
         self.finish_reason: str | None = None
         self.stopped_by_string = False
         self._pending = Piece()  # tokens whose text is held back, with their logprobs
+        self._settled = ""  # decoded text of token_ids[:_read], final
+        self._prefix = 0  # the decode window starts here: the token before the settled boundary
+        self._read = 0  # token_ids[:_read] are settled
 
     @property
     def finished(self) -> bool:
@@ -60,7 +65,7 @@ class TextStream:
         self._pending.token_ids += event.token_ids
         self._pending.logprobs += event.logprobs
         self._pending.top_logprobs += event.top_logprobs
-        full: str = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        full = self._decode()
         final = event.finish_reason is not None
         cut = self._find_stop(full)
         if cut is not None:
@@ -75,6 +80,22 @@ class TextStream:
         piece.text = full[len(self.text) : end]
         self.text += piece.text
         return piece
+
+    def _decode(self) -> str:
+        """The whole output's text so far, decoding only the window since the last settled boundary.
+        The window's new text settles once it does not end inside a UTF-8 character."""
+        decode = self.tokenizer.decode
+        before = decode(self.token_ids[self._prefix : self._read], skip_special_tokens=True)
+        window = decode(self.token_ids[self._prefix :], skip_special_tokens=True)
+        if window.startswith(before):
+            tail = window[len(before) :]
+        else:  # a tokenizer that rewrites text across the boundary: decode it all, once
+            tail = decode(self.token_ids, skip_special_tokens=True)[len(self._settled) :]
+        if tail.endswith(REPLACEMENT):
+            return self._settled + tail
+        self._settled += tail
+        self._prefix, self._read = self._read, len(self.token_ids)
+        return self._settled
 
     def _find_stop(self, full: str) -> int | None:
         """Where the earliest stop string starts, searching only text that can hold a new match."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
@@ -85,3 +86,22 @@ def test_max_tokens_defaults_to_16_within_the_context(prompts: PromptBuilder) ->
     with pytest.raises(APIError) as bad:
         prompts.sampling(request, 64, None, None)
     assert (bad.value.param, bad.value.code) == ("prompt", "context_length_exceeded")
+
+
+def test_incremental_text_equals_decoding_the_whole_output() -> None:
+    """Decoding a window per step gives exactly what decoding everything at once gives, whatever the
+    tokens: multi-byte characters split across tokens, ids chosen at random, one or several per event."""
+    tokenizer = make_tokenizer(384)
+    rng = random.Random(5)
+    samples = ["naïve café ☕ — 日本語 🙂", "hello world, hello again", "ümlaut ß ø 🚀🚀 end"]
+    streams = [tokenizer.encode(s, add_special_tokens=False) for s in samples]
+    streams += [[rng.randrange(3, 384) for _ in range(80)] for _ in range(5)]
+    for ids in streams:
+        text = TextStream(tokenizer, [])
+        i = 0
+        while i < len(ids):
+            n = rng.randint(1, 3)
+            last = i + n >= len(ids)
+            text.add(_event(*ids[i : i + n], finish="length" if last else None))
+            i += n
+        assert text.text == tokenizer.decode(ids, skip_special_tokens=True)
