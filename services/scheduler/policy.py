@@ -18,8 +18,12 @@ attention work) as in PAPER.md, from what the instances measured at start-up
 A request is offloaded only if
   (C1) the offloaded requests at their maximum lengths, plus this one, stay within OB times the
        decode instance's KV capacity, and the executor has room for this one's maximum length;
-  (C2) the offloaded-to-local ratios of the current total context and of the batch size, with
-       this request, stay within OB (so with nothing local to hide behind, nothing is offloaded);
+  (C2) unless the decode instance is under memory pressure (below): the offloaded-to-local
+       ratios of the current total context and of the batch size, with this request, stay
+       within OB, so that remote attention hides under local attention (with nothing local to
+       hide behind, nothing is offloaded). Under memory pressure a request kept local waits for
+       room rather than runs sooner, so C2 would leave the executor idle exactly when a few long
+       local requests fill the decode instance; C1 and the SLO still bound what is offloaded;
   (SLO) the decode step predicted with it, plus the executor wait the decode instance measures
        (`offload_stall_s`), meets the TPOT SLO;
 and only if it is worth it: the decode instance cannot hold the request's maximum length
@@ -121,7 +125,9 @@ def decide(
         return Decision(False, "executor_full")
     if books.offloaded_max_tokens + max_tokens > ob * capacity_tokens(decode):
         return Decision(False, "c1")
-    if (
+    # Under memory pressure C2 does not apply: kept local, the request would wait for room (module docstring).
+    pressure = decode_free_tokens < max_tokens
+    if not pressure and (
         books.offloaded_tokens + prompt_tokens > ob * books.local_tokens
         or books.offloaded_batch + 1 > ob * books.local_batch
     ):
@@ -130,7 +136,7 @@ def decide(
     stall = decode.offload_stall_s
     if model.time(batch + 1, books.local_tokens) + (stall or 0.0) > slo_s:
         return Decision(False, "slo")
-    if decode_free_tokens < max_tokens:
+    if pressure:
         return Decision(True, "memory_pressure")
     if stall is None:  # never measured: offload one request, whose steps will tell
         return Decision(books.offloaded_batch == 0, "probe")

@@ -1,5 +1,6 @@
 """Offloading through the services: prefill -> attention executor KV hand-off, and per-layer q/k/v
-round trips between decode and executor processes over UCX, at fixed offload ratios."""
+round trips between decode and executor processes over UCX, at fixed offload ratios and under the
+auto policy."""
 
 from __future__ import annotations
 
@@ -15,29 +16,27 @@ from common.messages import Sampling
 from tests.integration.cluster import BackendCluster, Client
 
 
-def _prompts(n: int, seed: int = 8) -> list[list[int]]:
+def _prompts(n: int, seed: int = 8, lengths: tuple[int, int] = (2, 50)) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(2, 50, (n,), generator=gen).tolist()
-    return [torch.randint(3, 384, (length,), generator=gen).tolist() for length in lengths]
+    sizes = torch.randint(*lengths, (n,), generator=gen).tolist()
+    return [torch.randint(3, 384, (size,), generator=gen).tolist() for size in sizes]
+
+
+def _hf_greedy(
+    folder: Path, prompts: list[list[int]], max_new_tokens: int, ignore_eos: bool = False
+) -> list[list[int]]:
+    hf = AutoModelForCausalLM.from_pretrained(folder)
+    eos = {"eos_token_id": None} if ignore_eos else {}
+    return [
+        hf.generate(torch.tensor([p]), max_new_tokens=max_new_tokens, do_sample=False, **eos)[0, len(p) :].tolist()
+        for p in prompts
+    ]
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize(("ratio", "prefills"), [(1.0, 1), (0.5, 2), (1.0, 2), ("auto", 1), ("auto", 2)])
-def test_offloaded_greedy_equals_transformers(
-    llama_dir: Path, tmp_path: Path, ratio: float | str, prefills: int
-) -> None:
-    """Fixed ratios, and the auto policy with each decode instance's KV capped at 384 tokens (about
-    five of these requests at their full length), so that memory pressure makes it offload."""
-    decode_kv = 384 * 512 if ratio == "auto" else 64 * 2**20
-    cluster = BackendCluster(
-        llama_dir,
-        tmp_path,
-        prefills=prefills,
-        decodes=2,
-        executors=True,
-        offload_ratio=ratio,
-        decode_kv_bytes=decode_kv,
-    )
+@pytest.mark.parametrize(("ratio", "prefills"), [(1.0, 1), (0.5, 2), (1.0, 2)])
+def test_offloaded_greedy_equals_transformers(llama_dir: Path, tmp_path: Path, ratio: float, prefills: int) -> None:
+    cluster = BackendCluster(llama_dir, tmp_path, prefills=prefills, decodes=2, executors=True, offload_ratio=ratio)
     cluster.start()
     prompts = _prompts(12)
     sampling = Sampling(max_new_tokens=24, temperature=0.0)
@@ -59,6 +58,79 @@ def test_offloaded_greedy_equals_transformers(
             return [tokens for tokens, _ in results], sum(r.offloaded for r in replies)
 
         outputs, offloaded = asyncio.run(scenario())
+    finally:
+        cluster.stop()
+    assert offloaded == round(len(prompts) * ratio)
+    assert outputs == _hf_greedy(llama_dir, prompts, 24)
+
+
+# The auto policy's test, in tokens of a 384-token decode pool (24 blocks of 16): a resident fits
+# it (374 tokens at most) and holds 320 from its routing on; a wave request needs 66 to 91 to be
+# admitted locally (more than the 64 left) and may grow to 89 to 114 (0.3 of the pool at most).
+RESIDENT_PROMPT, RESIDENT_NEW = 310, 64
+WAVE_LENGTHS, WAVE_NEW = (65, 91), 24  # prompt lengths drawn from [65, 91)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("prefills", [1, 2])
+def test_auto_offloads_under_memory_pressure(llama_dir: Path, tmp_path: Path, prefills: int) -> None:
+    """The auto policy keeps some requests local and offloads others, decided by the scheduler's
+    books rather than by how fast the cluster runs.
+
+    Each decode instance's KV is capped at 384 tokens. First one resident request per decode
+    instance (310 prompt tokens, 64 new ones, EOS ignored): the pool is empty and holds it, so it
+    is kept local (by C1 or C2: nothing local to hide behind), and the second goes to the decode
+    instance the first left empty. From its routing until its end, a resident leaves at most 64
+    tokens free (320 in whole blocks), fewer than any wave request's prompt (65 to 90 tokens) or
+    maximum length (89 to 114): the wave is under memory pressure. So its first request is
+    offloaded (C1 holds: OB is about 0.5 with one executor and 1.0 with two, and 114 tokens need
+    0.3 of 384), and the later ones are offloaded while C1 allows and wait (429) otherwise, until
+    the residents end and they run locally. The residents are still running when the wave's first
+    request is decided: each of these three is sent as soon as the one before is routed, while a
+    resident needs its prefill, a KV transfer and 64 decode steps to end. (Short requests on a
+    near-empty pool were offloaded only as C2 probes, which need enough local requests still
+    running: when routing was slower than decoding, all were refused.)
+    """
+    cluster = BackendCluster(
+        llama_dir,
+        tmp_path,
+        prefills=prefills,
+        decodes=2,
+        executors=True,
+        offload_ratio="auto",
+        decode_kv_bytes=384 * 512,  # 512 bytes per token of KV for this model
+    )
+    cluster.start()
+    residents = _prompts(2, seed=3, lengths=(RESIDENT_PROMPT, RESIDENT_PROMPT + 1))
+    wave = _prompts(12, seed=8, lengths=WAVE_LENGTHS)
+    resident_sampling = Sampling(max_new_tokens=RESIDENT_NEW, temperature=0.0, ignore_eos=True)
+    wave_sampling = Sampling(max_new_tokens=WAVE_NEW, temperature=0.0)
+    instances = [f"prefill-{i}" for i in range(prefills)] + ["decode-0", "decode-1"]
+    instances += [f"executor-{i}" for i in range(prefills)]
+    try:
+
+        async def scenario() -> tuple[list[list[int]], list[list[int]], int]:
+            client = await Client.connect(cluster.nats.url)
+            await client.wait_ready(prefills=prefills, decodes=2, executors=prefills)
+            held = [await client.submit_retrying(f"r{i}", p, resident_sampling) for i, p in enumerate(residents)]
+            assert [r.accepted and not r.offloaded for r in held] == [True, True], held
+            assert {r.decode_id for r in held} == {"decode-0", "decode-1"}, held
+            first = await client.submit_retrying("w0", wave[0], wave_sampling)
+            running = [not client.done[f"r{i}"].is_set() for i in range(len(residents))]
+            assert first.accepted and first.offloaded, (first, "residents still running:", running)
+            replies = [first] + await asyncio.gather(
+                *(client.submit_retrying(f"w{i}", p, wave_sampling) for i, p in enumerate(wave) if i > 0)
+            )
+            assert all(r.accepted for r in replies), [r.error for r in replies]
+            held_out = [await client.result(f"r{i}") for i in range(len(residents))]
+            assert all(last.finish_reason == "length" for _, last in held_out), held_out
+            results = [await client.result(f"w{i}") for i in range(len(wave))]
+            assert all(last.finish_reason in ("length", "stop") for _, last in results), results
+            await client.wait_all_free(instances)
+            await client.bus.close()
+            return [t for t, _ in held_out], [t for t, _ in results], sum(r.offloaded for r in replies)
+
+        resident_outputs, outputs, offloaded = asyncio.run(scenario())
         decisions = {
             k: v
             for k, v in cluster.metrics("scheduler").items()
@@ -66,17 +138,12 @@ def test_offloaded_greedy_equals_transformers(
         }
     finally:
         cluster.stop()
-    if ratio == "auto":
-        assert 0 < offloaded < len(prompts), decisions
-        offload_reasons = sum(v for k, v in decisions.items() if 'offloaded="true"' in k)
-        assert offload_reasons == offloaded, decisions
-    else:
-        assert offloaded == round(len(prompts) * float(ratio))
-    hf = AutoModelForCausalLM.from_pretrained(llama_dir)
-    for prompt, tokens in zip(prompts, outputs, strict=True):
-        assert (
-            tokens == hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt) :].tolist()
-        )
+    assert 0 < offloaded < len(wave) + len(residents), decisions
+    pressure = 'adrenaline_scheduler_offload_decisions_total{offloaded="true",reason="memory_pressure"}'
+    assert decisions.get(pressure, 0) >= 1, decisions
+    assert sum(v for k, v in decisions.items() if 'offloaded="true"' in k) == offloaded, decisions
+    assert resident_outputs == _hf_greedy(llama_dir, residents, RESIDENT_NEW, ignore_eos=True)
+    assert outputs == _hf_greedy(llama_dir, wave, WAVE_NEW)
 
 
 @pytest.mark.timeout(180)

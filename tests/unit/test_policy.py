@@ -107,12 +107,38 @@ def test_each_condition_refuses_on_its_own() -> None:
     assert _decide(executor_free_tokens=99) == (False, "executor_full")
     # C1: offloaded at max length (1550) + 100 > 1.0 * 1600
     assert _decide(books=Books(8, 800, 2, 200, 1550)) == (False, "c1")
-    # C2 by tokens (offloaded 760 + 50 > 800) and by batch (8 + 1 > 8)
-    assert _decide(books=Books(8, 800, 2, 760)) == (False, "c2")
-    assert _decide(books=Books(8, 800, 8, 200)) == (False, "c2")
-    assert _decide(books=Books(0, 0, 0, 0)) == (False, "c2")  # nothing local to hide behind
+    # C2, with room locally (it does not apply under memory pressure, below): by tokens
+    # (offloaded 760 + 50 > 800) and by batch (8 + 1 > 8)
+    room = {"decode_free_tokens": 1000}
+    assert _decide(**room, books=Books(8, 800, 2, 760)) == (False, "c2")
+    assert _decide(**room, books=Books(8, 800, 8, 200)) == (False, "c2")
+    assert _decide(**room, books=Books(0, 0, 0, 0)) == (False, "c2")  # nothing local to hide behind
     # SLO: 10 ms + 11 * 1 ms + 800 * 10 us = 29 ms, + 80 ms of measured wait > 100 ms
     assert _decide(decode=_decode(offload_stall_s=0.08)) == (False, "slo")
+
+
+def test_memory_pressure_offloads_whatever_the_local_batch() -> None:
+    """C2 keeps a request local only to hide remote attention under local attention. When the
+    decode instance cannot hold the request (one long local request fills it, or its local batch
+    is momentarily empty), keeping it local means waiting for room: C2 used to refuse every such
+    request, leaving the executor idle. C1 and the SLO still refuse on their own."""
+    never_measured = _decode()  # no executor wait measured yet: offload_stall_s is None
+    # one local request of 310 tokens; 64 tokens free, the new request may grow to 100
+    one_long = {"decode": never_measured, "books": Books(1, 310, 0, 0), "decode_free_tokens": 64}
+    assert _decide(**one_long) == (True, "memory_pressure")
+    # C2 by batch (0 + 1 > 0.5 * 1) had refused it, as it still does with room locally
+    assert _decide(**one_long, bound=Bounds(1.0, 1.0, 0.5)) == (True, "memory_pressure")
+    assert _decide(**{**one_long, "decode_free_tokens": 1000}, bound=Bounds(1.0, 1.0, 0.5)) == (False, "c2")
+    # nothing local at all (by tokens and by batch), still no room for its 100 tokens
+    assert _decide(books=Books(0, 0, 0, 0)) == (True, "memory_pressure")
+    assert _decide(books=Books(0, 0, 3, 300)) == (True, "memory_pressure")
+    # C1: 0.5 * 1600 = 800 tokens for the offloaded requests at their maximum lengths; 750 + 100 is over
+    full = {**one_long, "books": Books(1, 310, 5, 300, 750)}
+    assert _decide(**full, bound=Bounds(1.0, 1.0, 0.5)) == (False, "c1")
+    # SLO, from the injected step model: 10 ms + 2 * 1 ms + 310 * 10 us = 15.1 ms, + 90 ms of wait > 100 ms
+    assert _decide(**{**one_long, "decode": _decode(offload_stall_s=0.09)}) == (False, "slo")
+    slow = _decode(step_model=StepModel(0.090, 0.001, 40e-6).to_wire())  # 90 + 2 + 12.4 ms > 100 ms
+    assert _decide(**{**one_long, "decode": slow}) == (False, "slo")
 
 
 def test_with_room_locally_offloading_needs_a_hidden_round_trip() -> None:
