@@ -9,25 +9,34 @@ Output throughput is generated tokens over wall time, prefill included. Where pr
 length (no padding on the transformers side), the benchmark also checks that both produced the
 same tokens.
 
-    python -m benchmarks.versus_hf [--model DIR] [--threads 1] [--repeats 3]
+With `--served`, the whole cluster joins the comparison: `adrenaline up`'s topology with its
+defaults (as local processes, idle between runs) serves the same prompts as concurrent
+streaming completions through the official openai client (`ignore_eos`, greedy), alternately
+with the engine and transformers, and its output is checked against the engine's.
+
+    python -m benchmarks.versus_hf [--model DIR] [--threads 1] [--repeats 3] [--served]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
 import json
 import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from common.config import EngineConfig
 from common.engine import Engine
 from common.model.tiny import make_tiny
+from common.natsd import free_port
 from common.sampling import SamplingParams
 
 
@@ -59,6 +68,10 @@ class Result:
     engine_tok_s: float
     ratio: float  # engine / transformers, median of the per-repeat ratios
     same_tokens: bool | None  # None where padding makes transformers' numerics differ by design
+    served_tok_s: float | None = None  # the cluster through the OpenAI API, with --served
+    served_vs_engine: float | None = None  # medians of per-repeat ratios
+    served_vs_hf: float | None = None
+    served_same_as_engine: bool | None = None
 
 
 def hf_generate(model: PreTrainedModel, prompts: list[list[int]], output_len: int) -> list[list[int]]:
@@ -86,41 +99,119 @@ def engine_generate(engine: Engine, prompts: list[list[int]], output_len: int) -
     return [r.output_token_ids for r in engine.generate(prompts, params)]
 
 
-def run(model_dir: Path, workloads: list[Workload], repeats: int) -> list[Result]:
+async def served_generate(url: str, model: str, prompts: list[list[int]], output_len: int) -> list[str]:
+    """Every prompt (token ids) as its own streaming completion, all at once, as concurrent clients
+    would send them; returns each completion's text."""
+    import openai  # the benchmark's client dependency, only with --served
+
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+
+    async def one(prompt: list[int]) -> str:
+        stream = await client.completions.create(
+            model=model,
+            prompt=prompt,
+            max_tokens=output_len,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        return "".join([chunk.choices[0].text async for chunk in stream])
+
+    try:
+        return list(await asyncio.gather(*(one(p) for p in prompts)))
+    finally:
+        await client.close()
+
+
+def run(model_dir: Path, workloads: list[Workload], repeats: int, served: bool = False) -> list[Result]:
     hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     config = EngineConfig(kv_cache_bytes=1 << 30, max_num_seqs=256, max_num_batched_tokens=8192)
     engine = Engine.from_folder(model_dir, config)
-    results = []
-    for w in workloads:
-        prompts = w.prompts(engine.spec.vocab_size)
-        generated = w.num_prompts * w.output_len
-        hf_generate(hf, prompts[:2], 2)  # warm-up: first-call allocations and kernel choice
-        engine_generate(engine, prompts[:2], 2)
-        hf_rates, engine_rates, ratios = [], [], []
-        same: bool | None = None
-        for _ in range(repeats):
+    if not served:
+        return [_compare(hf, engine, None, w, repeats) for w in workloads]
+    from services.local_cluster import LocalCluster  # the same processes `adrenaline up` runs
+
+    cluster = LocalCluster(model=model_dir, port=free_port())
+    try:
+        cluster.start()
+        cluster.wait_ready()
+        target = Served(cluster.url, model_dir.name, AutoTokenizer.from_pretrained(model_dir))
+        return [_compare(hf, engine, target, w, repeats) for w in workloads]
+    finally:
+        cluster.stop()
+
+
+@dataclass(frozen=True)
+class Served:
+    """The cluster under comparison: where it listens and how to read its text back as tokens."""
+
+    url: str
+    model: str
+    tokenizer: Any
+
+
+def _compare(hf: PreTrainedModel, engine: Engine, served: Served | None, w: Workload, repeats: int) -> Result:
+    """One workload: transformers, the engine and (if given) the cluster, alternately, `repeats` times."""
+    prompts = w.prompts(engine.spec.vocab_size)
+    generated = w.num_prompts * w.output_len
+    hf_generate(hf, prompts[:2], 2)  # warm-up: first-call allocations and kernel choice
+    engine_generate(engine, prompts[:2], 2)
+    if served:
+        asyncio.run(served_generate(served.url, served.model, prompts[:2], 2))
+    hf_rates, engine_rates, ratios = [], [], []
+    served_rates, served_engine, served_hf = [], [], []
+    same: bool | None = None
+    served_same: bool | None = None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        hf_out = hf_generate(hf, prompts, w.output_len)
+        hf_rates.append(generated / (time.perf_counter() - start))
+        start = time.perf_counter()
+        engine_out = engine_generate(engine, prompts, w.output_len)
+        engine_rates.append(generated / (time.perf_counter() - start))
+        ratios.append(engine_rates[-1] / hf_rates[-1])
+        if w.prompt_lens[0] == w.prompt_lens[1]:
+            same = engine_out == hf_out and (same is not False)
+        if served:
             start = time.perf_counter()
-            hf_out = hf_generate(hf, prompts, w.output_len)
-            hf_rates.append(generated / (time.perf_counter() - start))
-            start = time.perf_counter()
-            engine_out = engine_generate(engine, prompts, w.output_len)
-            engine_rates.append(generated / (time.perf_counter() - start))
-            ratios.append(engine_rates[-1] / hf_rates[-1])
-            if w.prompt_lens[0] == w.prompt_lens[1]:
-                same = engine_out == hf_out and (same is not False)
-        hf_rate, engine_rate = statistics.median(hf_rates), statistics.median(engine_rates)
-        results.append(Result(w.name, hf_rate, engine_rate, statistics.median(ratios), same))
-    return results
+            served_out = asyncio.run(served_generate(served.url, served.model, prompts, w.output_len))
+            served_rates.append(generated / (time.perf_counter() - start))
+            served_engine.append(served_rates[-1] / engine_rates[-1])
+            served_hf.append(served_rates[-1] / hf_rates[-1])
+            expected = [served.tokenizer.decode(t, skip_special_tokens=True) for t in engine_out]
+            served_same = served_out == expected and (served_same is not False)
+    hf_rate, engine_rate = statistics.median(hf_rates), statistics.median(engine_rates)
+    result = Result(w.name, hf_rate, engine_rate, statistics.median(ratios), same)
+    if served:
+        result = dataclasses.replace(
+            result,
+            served_tok_s=statistics.median(served_rates),
+            served_vs_engine=statistics.median(served_engine),
+            served_vs_hf=statistics.median(served_hf),
+            served_same_as_engine=served_same,
+        )
+    return result
+
+
+def _yes(flag: bool | None, none: str) -> str:
+    return none if flag is None else ("yes" if flag else "**no**")
 
 
 def markdown(results: list[Result]) -> str:
-    lines = [
-        "| workload | transformers tok/s | engine tok/s | engine / transformers | same tokens |",
-        "|---|---:|---:|---:|---|",
-    ]
+    served = any(r.served_tok_s is not None for r in results)
+    head = "| workload | transformers tok/s | engine tok/s | engine / transformers | same tokens |"
+    rule = "|---|---:|---:|---:|---|"
+    if served:
+        head += " served tok/s | served / engine | served / transformers | served = engine |"
+        rule += "---:|---:|---:|---|"
+    lines = [head, rule]
     for r in results:
-        same = "n/a (padded)" if r.same_tokens is None else ("yes" if r.same_tokens else "**no**")
-        lines.append(f"| {r.workload} | {r.hf_tok_s:.0f} | {r.engine_tok_s:.0f} | {r.ratio:.2f}x | {same} |")
+        line = f"| {r.workload} | {r.hf_tok_s:.0f} | {r.engine_tok_s:.0f} | {r.ratio:.2f}x | "
+        line += f"{_yes(r.same_tokens, 'n/a (padded)')} |"
+        if r.served_tok_s is not None:
+            line += f" {r.served_tok_s:.0f} | {r.served_vs_engine:.2f}x | {r.served_vs_hf:.2f}x | "
+            line += f"{_yes(r.served_same_as_engine, '-')} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -129,12 +220,13 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None, help="HF folder; default: the embedded default model")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for both (1 = one core)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--served", action="store_true", help="also serve the prompts through `adrenaline up`")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or make_tiny(Path(tmp) / "default", "llama", preset="default")
-        results = run(model_dir, WORKLOADS, args.repeats)
+        results = run(model_dir, WORKLOADS, args.repeats, args.served)
     print(f"torch threads {torch.get_num_threads()}, {args.repeats} repeats, medians")
     print(markdown(results))
     if args.json:
