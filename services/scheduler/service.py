@@ -129,6 +129,7 @@ class Scheduler:
         self.instances: dict[str, _Instance] = {}
         self.inflight: dict[str, _InFlight] = {}
         self.routed = 0  # requests routed so far, for the fixed offload ratio
+        self.dispatches: set[asyncio.Task[None]] = set()  # routed requests waiting for their prefill's ack
         self.mean_len: float | None = None  # moving mean of requests' maximum lengths, for the compute bound
 
     # ---- registry --------------------------------------------------------------------------
@@ -239,6 +240,25 @@ class Scheduler:
             max_tokens,
             executor.instance_id if executor else "",
         )
+        self.routed += 1  # counted when decided: the next request's decision may come before this ack
+        dispatch = asyncio.create_task(self._dispatch(task, prefill, executor, why, max_tokens, reply))
+        self.dispatches.add(dispatch)
+        dispatch.add_done_callback(self.dispatches.discard)
+
+    async def _dispatch(
+        self,
+        task: PrefillTask,
+        prefill: InstanceLoad,
+        executor: InstanceLoad | None,
+        why: str,
+        max_tokens: int,
+        reply: Reply,
+    ) -> None:
+        """Hand a routed request to its prefill instance and answer the gateway. A task of its own:
+        NATS runs one subscription's callbacks one at a time, so awaiting the prefill's ack inside
+        `on_submit` admitted a burst of requests one round trip at a time."""
+        rid = task.request.request_id
+        decode_id = task.decode_id
         try:
             ack = await self.bus.request(
                 self.subjects.instance(prefill.instance_id, "prefill"), task, Ack, self.settings.request_timeout_s
@@ -250,20 +270,20 @@ class Scheduler:
             status = 400
         if not ack.accepted:
             self.inflight.pop(rid, None)
+            self.routed -= 1
             await self._refuse(reply, rid, status, ack.error)
             return
         log.info(
             "routed",
             request_id=rid,
             prefill_id=prefill.instance_id,
-            decode_id=decode.instance_id,
+            decode_id=decode_id,
             executor_id=task.executor_id,
             offload=why,
         )
         SUBMISSIONS.labels("200").inc()
-        self.routed += 1
         self.mean_len = max_tokens if self.mean_len is None else 0.9 * self.mean_len + 0.1 * max_tokens
-        await reply(SubmitReply(rid, True, 200, "", prefill.instance_id, decode.instance_id, executor is not None))
+        await reply(SubmitReply(rid, True, 200, "", prefill.instance_id, decode_id, executor is not None))
 
     def _offload_target(
         self, prefill: InstanceLoad, decode: InstanceLoad, decodes: list[InstanceLoad], prompt: int, max_tokens: int
@@ -364,3 +384,5 @@ class Scheduler:
         finally:
             for sub in subs:
                 await sub.unsubscribe()
+            for dispatch in self.dispatches:
+                dispatch.cancel()
