@@ -103,8 +103,20 @@ class LocalCluster:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    def engine_threads(self) -> str:
+        """torch threads per prefill and decode process when nobody chose: this machine's cores
+        shared between them. torch's default (every core in every process) oversubscribes one
+        machine, and OpenMP threads spinning for cores another process holds cost throughput
+        (measured: the served path 0.73x -> 0.75-0.81x of the in-process engine on 2 cores)."""
+        chosen = self.env.get("ADRENALINE_THREADS") or os.environ.get("ADRENALINE_THREADS")
+        if chosen:
+            return chosen
+        engines = self.replicas("prefill") + self.replicas("decode")
+        return str(max(1, len(os.sched_getaffinity(0)) // max(1, engines)))
+
     def start(self) -> None:
         self.nats = NatsServer()
+        threads = self.engine_threads()
         for role, entry in read_compose().items():
             for i in range(self.replicas(role)):
                 if self.stopping:
@@ -117,6 +129,7 @@ class LocalCluster:
                     "ADRENALINE_SUBJECTS_PREFIX": self.prefix,
                     "ADRENALINE_INSTANCE_ID": f"{role}-{i}",
                     "ADRENALINE_KV_CACHE_BYTES": str(self.kv_cache_bytes),
+                    "ADRENALINE_THREADS": threads,
                 }
                 if role == "attention-executor":
                     env["ADRENALINE_INSTANCE_ID"] = f"executor-{i}"
