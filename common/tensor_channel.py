@@ -105,7 +105,7 @@ class TensorChannel:
         self._loop = loop
         self._peers: dict[bytes, Peer] = {}
         self._waiters: list[_Waiter] = []
-        self.spin_s = float(os.environ.get("ADRENALINE_UCX_SPIN_US", 200)) * 1e-6
+        self.spin_s = float(os.environ.get("ADRENALINE_UCX_SPIN_US", 0)) * 1e-6  # see `_spin`
         # Requests unfinished at their timeout, with the memory they read or write: UCX holds raw pointers,
         # so that memory must live until they complete (then they are dropped) or the channel closes.
         self._orphans: list[_Waiter] = []
@@ -164,9 +164,10 @@ class TensorChannel:
         """Progress for up to `spin_s` while `requests` are unfinished, then arm; True if they finished.
 
         An epoll wake-up costs tens of microseconds per protocol hop here (a 24 KiB rendezvous
-        round trip crosses several), so a waiter that expects its answer within microseconds
-        (a decode layer's round trip) first progresses in a short, bounded loop. It never runs
-        without a waiter: an idle process sleeps on the descriptor.
+        round trip crosses several), so spinning halves an isolated round trip; it is off by
+        default (`ADRENALINE_UCX_SPIN_US=0`: one progress pass) because on a shared CPU the
+        spinning process takes time from the one that owes the answer (docs/benchmarks.md). It
+        never runs without a waiter: an idle process sleeps on the descriptor.
         """
         worker = self._worker_obj
         deadline = time.perf_counter() + self.spin_s
