@@ -3,7 +3,7 @@
 Control messages (shapes, tags, who sends what) travel over NATS; this module only moves bytes.
 Peers learn each other's worker address out of band (`TensorChannel.address`, plain bytes) and
 connect with `create_endpoint_from_worker_address`, the only way shared memory works here
-(docs/services.md, "UCX"). Tag matching in UCX is per worker, not per endpoint, so a tag must be
+(docs/services.md, "UCX progress"). Tag matching in UCX is per worker, not per endpoint, so a tag must be
 unique among everything in flight towards one process (e.g. derived from request id and layer).
 
 Each tensor travels as its own tagged message, in order, with the same tag: packing them would

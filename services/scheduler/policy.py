@@ -3,7 +3,7 @@
 Offloading buys a larger decode batch (an offloaded request's KV lives on the executor, not in
 the decode instance's memory) at the price of a per-layer round trip, which costs nothing only
 while local attention hides it. The policy bounds the offload ratio (offloaded over local
-attention work) as in PAPER.md, from what the instances measured at start-up
+attention work) as in the paper (arXiv 2503.20552; docs/services.md), from what the instances measured at start-up
 (`common.step_model.StepModel`, fitted by `common.profiling`) and report in their heartbeats:
 
 * memory: OB_mem = min(executor KV capacity / decode KV capacity,

@@ -1,4 +1,4 @@
-"""The load-aware offloading policy: the bounds of PAPER.md on hand-computed numbers, every
+"""The load-aware offloading policy: the paper's bounds (docs/services.md) on hand-computed numbers, every
 admission condition refusing on its own, and the start-up profiles it reads."""
 
 from __future__ import annotations
