@@ -290,15 +290,22 @@ def _pool_untouched(engine: Engine) -> bool:
     return all(bool((t == 7.0).all()) for t in engine.pool.k + engine.pool.v)
 
 
+def _latest_scratch(made: list[weakref.ref[object]], kind: type) -> Callable[[], tuple[int, int]]:
+    """What the fake clock reads: the blocks held by the scratch object made last (alive while timed)."""
+
+    def state() -> tuple[int, int]:
+        scratch = made[-1]()
+        assert isinstance(scratch, kind)
+        return _held(scratch)
+
+    return state
+
+
 def test_a_tiny_pool_profiles_its_steps_on_a_scratch_engine(llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     engine = _tiny_engine(llama_dir)
     made = _recorder(monkeypatch, "Engine")
 
-    def state() -> tuple[int, int]:
-        scratch = made[-1]()
-        assert isinstance(scratch, Engine)
-        return _held(scratch)
-
+    state = _latest_scratch(made, Engine)
     seen = _fake_clock(monkeypatch, state)
     model = profile_engine(engine, budget_s=0.0)
     # one scratch engine, on the same weights, with a pool just big enough for the grid's largest point
@@ -338,11 +345,7 @@ def test_an_unusable_fit_is_profiled_once_more(llama_dir: Path, monkeypatch: pyt
     engine = _tiny_engine(llama_dir)
     made = _recorder(monkeypatch, "Engine")
 
-    def state() -> tuple[int, int]:
-        scratch = made[-1]()
-        assert isinstance(scratch, Engine)
-        return _held(scratch)
-
+    state = _latest_scratch(made, Engine)
     seen = _fake_clock(monkeypatch, state, flat_first=True)
     model = profile_engine(engine, budget_s=0.0)
     assert len(seen) == 8 and model.per_token_s == pytest.approx(TRUE.per_token_s)
@@ -352,11 +355,7 @@ def test_attention_on_a_tiny_pool_profiles_on_a_scratch_core(llama_dir: Path, mo
     engine = _tiny_engine(llama_dir)
     made = _recorder(monkeypatch, "ExecutorCore")
 
-    def state() -> tuple[int, int]:
-        core = made[-1]()
-        assert isinstance(core, ExecutorCore)
-        return _held(core)
-
+    state = _latest_scratch(made, ExecutorCore)
     seen = _fake_clock(monkeypatch, state)
     model = profile_decode_attention(engine, budget_s=0.0)
     assert len(made) == 1 and made[0]() is None
