@@ -144,6 +144,29 @@ async def test_ping_pong_latency() -> None:
         print(f"median {median * 1e6:.0f} us, p99 {p99 * 1e6:.0f} us")
 
 
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.asyncio
+async def test_idle_after_traffic_sleeps_instead_of_spinning() -> None:
+    """After messages have moved, neither process may burn CPU while nothing moves (ucxx's own
+    blocking mode spun a whole core here). CPU time, not wall time: a busy machine cannot fail it."""
+    async with connected("pingpong") as (channel, peer, proc):
+        ping, pong = torch.randn(PING_ELEMS), torch.empty(PONG_ELEMS)
+        for i in range(PING_WARMUP + PING_ITERS):
+            await channel.send(peer, PING_TAG | i, [ping])
+            await channel.recv_into(PONG_TAG | i, [pong], timeout=10, peer=peer)
+        await asyncio.sleep(0.2)  # let the child settle into its wait for "bye"
+        ours, theirs = time.process_time(), _cpu_seconds(proc.pid)
+        await asyncio.sleep(2.0)
+        used_ours, used_theirs = time.process_time() - ours, _cpu_seconds(proc.pid) - theirs
+        # a spinning loop uses ~2 s here; a sleeping one a few milliseconds
+        assert used_ours < 0.2 and used_theirs < 0.2, (used_ours, used_theirs)
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.asyncio
 async def test_silent_peer_times_out_and_buffer_stays_untouched() -> None:
