@@ -109,7 +109,10 @@ class Bus:
                 async def reply(answer: Any) -> None:
                     await self.client.publish(reply_to, encode(answer))
 
-            await handler(message, reply)
+            try:
+                await handler(message, reply)
+            except Exception:  # a bug of ours: log it whole, and keep serving the subject
+                log.exception("message handler failed", subject=msg.subject, message_type=message_type.__name__)
 
         return await self.client.subscribe(subject, queue=queue, cb=on_message)
 

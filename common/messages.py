@@ -14,19 +14,61 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import types
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import msgpack
 
-from common.errors import AdrenalineError
+from common.errors import AdrenalineError, InvalidRequestError
+from common.sampling_checks import check_sampling
 
 VERSION = 1
 
 
 class MessageError(AdrenalineError):
     """A control message that cannot be decoded: malformed, unknown, or from another version."""
+
+
+# ---- value checks -----------------------------------------------------------------------------
+# Types alone let through messages that kill a service: a hand-off of 0 KV tokens, a heartbeat
+# with a block size of 0 (a division in every submit), a tag UCX cannot carry. Each message's
+# `__post_init__` checks its values, so a bad one is never built, here or by a peer; `decode`
+# turns the failure into a `MessageError`, which the bus logs, counts and drops.
+MAX_ID_LEN = 256  # request and instance ids
+MAX_TAG = 2**64 - 1  # UCX tags are 64-bit
+ROLES = ("prefill", "decode", "executor")
+FINISH_REASONS = (None, "stop", "length", "abort", "error")
+
+
+def _check(ok: bool, field_name: str, value: Any, wanted: str) -> None:
+    if not ok:
+        raise MessageError(f"{field_name}: {value!r} is not {wanted}")
+
+
+def _check_id(field_name: str, value: str, empty_ok: bool = False) -> None:
+    _check((empty_ok or bool(value)) and len(value) <= MAX_ID_LEN, field_name, value, f"an id of 1-{MAX_ID_LEN} chars")
+
+
+def _check_subject(field_name: str, value: str) -> None:
+    """A concrete NATS subject to publish to: no wildcards, no whitespace, no empty tokens."""
+    tokens = value.split(".")
+    ok = 0 < len(value) <= MAX_ID_LEN and all(t and t not in ("*", ">") for t in tokens)
+    _check(ok and not any(c.isspace() for c in value), field_name, value, "a NATS subject without wildcards")
+
+
+def _check_count(field_name: str, value: int, low: int = 0, high: int = 2**62) -> None:
+    _check(low <= value <= high, field_name, value, f"in [{low}, {high}]")
+
+
+def _check_tokens(field_name: str, values: list[int], nonempty: bool) -> None:
+    _check(bool(values) or not nonempty, field_name, values, "non-empty")
+    _check(all(0 <= t < 2**31 for t in values), field_name, values[:8], "token ids in [0, 2^31)")
+
+
+def _check_seconds(field_name: str, value: float | None) -> None:
+    _check(value is None or (math.isfinite(value) and value >= 0), field_name, value, "a finite duration >= 0")
 
 
 # ---- the messages -----------------------------------------------------------------------------
@@ -43,6 +85,12 @@ class Sampling:
     ignore_eos: bool = False
     logprobs: int | None = None
 
+    def __post_init__(self) -> None:
+        try:
+            check_sampling(self)
+        except InvalidRequestError as exc:
+            raise MessageError(str(exc)) from None
+
 
 @dataclass(frozen=True)
 class SubmitRequest:
@@ -52,6 +100,11 @@ class SubmitRequest:
     prompt_token_ids: list[int]
     sampling: Sampling
     token_subject: str
+
+    def __post_init__(self) -> None:
+        _check_id("request_id", self.request_id)
+        _check_tokens("prompt_token_ids", self.prompt_token_ids, nonempty=True)
+        _check_subject("token_subject", self.token_subject)
 
 
 @dataclass(frozen=True)
@@ -65,6 +118,10 @@ class SubmitReply:
     prefill_id: str = ""
     decode_id: str = ""
     offloaded: bool = False
+
+    def __post_init__(self) -> None:
+        _check_id("request_id", self.request_id)
+        _check_count("status", self.status, 100, 599)
 
 
 @dataclass(frozen=True)
@@ -87,6 +144,20 @@ class InstanceLoad:
     offload_stall_s: float | None = None  # decode: mean wait on executors per step after local attention
     waiting_tokens: int = 0  # KV tokens its queued (preempted, or to recompute) requests will need
 
+    def __post_init__(self) -> None:
+        _check_id("instance_id", self.instance_id)
+        _check(self.role in ROLES, "role", self.role, f"one of {ROLES}")
+        _check_count("block_size", self.block_size, 1, 2**20)
+        _check_count("total_blocks", self.total_blocks)
+        _check_count("free_blocks", self.free_blocks, 0, self.total_blocks)
+        for name in ("running", "waiting", "max_num_seqs", "waiting_tokens"):
+            _check_count(name, getattr(self, name))
+        for name in ("step_model", "attention_model"):
+            values = getattr(self, name)
+            _check(len(values) in (0, 3) and all(map(math.isfinite, values)), name, values, "[] or 3 finite numbers")
+        _check_id("colocated_with", self.colocated_with, empty_ok=True)
+        _check_seconds("offload_stall_s", self.offload_stall_s)
+
 
 @dataclass(frozen=True)
 class TokenEvent:
@@ -98,6 +169,11 @@ class TokenEvent:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str = ""
+
+    def __post_init__(self) -> None:
+        _check_id("request_id", self.request_id)
+        _check_tokens("token_ids", self.token_ids, nonempty=False)
+        _check(self.finish_reason in FINISH_REASONS, "finish_reason", self.finish_reason, f"one of {FINISH_REASONS}")
 
 
 @dataclass(frozen=True)
@@ -114,6 +190,9 @@ class AbortRequest:
     request_id: str
     reason: str
 
+    def __post_init__(self) -> None:
+        _check_id("request_id", self.request_id)
+
 
 @dataclass(frozen=True)
 class PrefillTask:
@@ -124,6 +203,10 @@ class PrefillTask:
     decode_address: bytes  # the decode instance's UCX worker address, from its heartbeats
     executor_id: str = ""  # set when the request is offloaded: its KV goes to this attention executor
     executor_address: bytes = b""
+
+    def __post_init__(self) -> None:
+        _check_id("decode_id", self.decode_id)
+        _check_id("executor_id", self.executor_id, empty_ok=True)
 
 
 @dataclass(frozen=True)
@@ -154,6 +237,13 @@ class KVHandoff:
     executor_id: str = ""  # to a decode instance: the KV went to this executor instead, no transfer follows
     executor_address: bytes = b""
 
+    def __post_init__(self) -> None:
+        _check_tokens("first_token_id", [self.first_token_id], nonempty=True)
+        prompt = len(self.request.prompt_token_ids)
+        _check_count("num_kv_tokens", self.num_kv_tokens, 1, prompt)
+        _check_count("tag", self.tag, 0, MAX_TAG)
+        _check_id("executor_id", self.executor_id, empty_ok=True)
+
 
 @dataclass(frozen=True)
 class Admitted:
@@ -164,6 +254,10 @@ class Admitted:
 
     request_id: str
     instance_id: str
+
+    def __post_init__(self) -> None:
+        _check_id("request_id", self.request_id)
+        _check_id("instance_id", self.instance_id)
 
 
 @dataclass(frozen=True)
@@ -181,12 +275,24 @@ class StepBegin:
     context_lens: list[int]
     tag_base: int
 
+    def __post_init__(self) -> None:
+        _check_id("decode_id", self.decode_id)
+        _check(bool(self.request_ids), "request_ids", self.request_ids, "non-empty")
+        _check(len(self.request_ids) == len(self.context_lens), "context_lens", self.context_lens, "one per request")
+        for request_id in self.request_ids:
+            _check_id("request_ids", request_id)
+        _check(all(1 <= n < 2**31 for n in self.context_lens), "context_lens", self.context_lens[:8], ">= 1")
+        _check_count("tag_base", self.tag_base, 0, MAX_TAG)
+
 
 @dataclass(frozen=True)
 class ReleaseKV:
     """decode -> executor: the request ended; free its KV."""
 
     request_id: str
+
+    def __post_init__(self) -> None:
+        _check_id("request_id", self.request_id)
 
 
 @dataclass(frozen=True)
@@ -202,6 +308,9 @@ class ClusterStatus:
     decode: list[str]
     inflight: int
     executor: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _check_count("inflight", self.inflight)
 
 
 # ---- the codec --------------------------------------------------------------------------------
@@ -225,6 +334,7 @@ _REGISTRY: dict[str, type[Any]] = {
         ReleaseKV,
     )
 }
+MESSAGE_TYPES: tuple[type[Any], ...] = tuple(_REGISTRY.values())
 M = TypeVar("M")
 
 
@@ -297,7 +407,11 @@ def _from_wire(value: Any, hint: Any, where: str) -> Any:
         missing = required - set(value)
         if missing:
             raise MessageError(f"{where}: missing field(s) {sorted(missing)}")
-        return hint(**{k: _from_wire(v, hints[k], f"{where}.{k}") for k, v in value.items()})
+        built = {k: _from_wire(v, hints[k], f"{where}.{k}") for k, v in value.items()}
+        try:
+            return hint(**built)
+        except MessageError as exc:  # a value check (`__post_init__`)
+            raise MessageError(f"{where}.{exc}") from None
     if origin is list:
         if not isinstance(value, list):
             raise MessageError(f"{where}: expected a list, got {type(value).__name__}")

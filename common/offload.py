@@ -78,7 +78,16 @@ class ExecutorCore:
         self.max_tokens[request_id] = max_tokens
 
     def begin_step(self, request_ids: Sequence[str], context_lens: Sequence[int]) -> DecodeMetadata:
-        """One new token per request at position context_lens[i] - 1; reserve its slot, build metadata once."""
+        """One new token per request at position context_lens[i] - 1; reserve its slot, build metadata once.
+
+        Checked whole before anything changes (KeyError: an unknown request; ValueError: a length
+        that shrinks or outgrows what was reserved at admission), so a bad step takes nothing from
+        the requests that are here.
+        """
+        for request_id, n in zip(request_ids, context_lens, strict=True):
+            held, limit = self.blocks.num_tokens(request_id), self.max_tokens[request_id]
+            if not held <= n <= limit:
+                raise ValueError(f"{request_id}: context of {n} tokens, holds {held}, may grow to {limit}")
         for request_id, n in zip(request_ids, context_lens, strict=True):
             self.blocks.append(request_id, n)
         return decode_metadata(self.blocks, request_ids, context_lens, self.device)

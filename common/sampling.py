@@ -13,10 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.errors import InvalidRequestError
 from common.messages import Sampling
-
-MAX_LOGPROBS = 20
+from common.sampling_checks import check_sampling
 
 
 @dataclass(frozen=True)
@@ -32,20 +30,7 @@ class SamplingParams:
     eos_token_ids: tuple[int, ...] = field(default=(), repr=False)  # filled in by the engine
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise InvalidRequestError("max_new_tokens", f"must be an integer >= 1, got {self.max_new_tokens!r}")
-        if not _is_number(self.temperature) or not 0.0 <= self.temperature <= 100.0:
-            raise InvalidRequestError("temperature", f"must be in [0, 100], got {self.temperature!r}")
-        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            raise InvalidRequestError("top_p", f"must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
-            raise InvalidRequestError("top_k", f"must be -1, 0 (all tokens) or a positive integer, got {self.top_k!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
-            raise InvalidRequestError("seed", f"must be an integer in [0, 2**63), got {self.seed!r}")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise InvalidRequestError("stop_token_ids", f"must be non-negative integers, got {self.stop_token_ids!r}")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise InvalidRequestError("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        check_sampling(self)
 
     @property
     def greedy(self) -> bool:
@@ -65,10 +50,6 @@ def from_wire(sampling: Sampling) -> SamplingParams:
     """Parameters from a message, validated (raises InvalidRequestError naming the field)."""
     values = {f.name: getattr(sampling, f.name) for f in dataclasses.fields(Sampling)}
     return SamplingParams(**{**values, "stop_token_ids": tuple(sampling.stop_token_ids)})
-
-
-def _is_number(x: object) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and x == x  # rejects NaN
 
 
 @dataclass(frozen=True)

@@ -154,8 +154,8 @@ class ExecutorService:
         spec, n = self.spec, len(begin.request_ids)
         try:
             meta = self.core.begin_step(begin.request_ids, begin.context_lens)
-        except KeyError as exc:
-            log.warning("step names an unknown request", decode_id=begin.decode_id, error=str(exc))
+        except (KeyError, ValueError) as exc:
+            log.warning("step refused", decode_id=begin.decode_id, error=str(exc))
             return  # the decode instance times out and fails the step's requests
         peer = await self.channel.connect(begin.decode_address)
         qkv = torch.empty(n, spec.q_size + 2 * spec.kv_size, dtype=spec.dtype)

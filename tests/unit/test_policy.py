@@ -217,6 +217,7 @@ def test_bounds_read_injected_step_models() -> None:
         step_model=StepModel(0.020, 0.002, 20e-6).to_wire(),
         attention_model=StepModel(0.0, 0.0, 4e-6).to_wire(),
         total_blocks=50,  # 800 KV tokens
+        free_blocks=50,
         max_num_seqs=32,
     )
     b = bounds(d, [d], [_executor(blocks=100, per_token_s=16e-6)], mean_len=200, slo_s=SLO)
