@@ -19,6 +19,7 @@ from typing import Any
 from litestar import Litestar, Request, Response, Router, get, post
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
+from litestar.exceptions import SerializationException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.types import Guard
@@ -30,9 +31,9 @@ from common.messages import Sampling
 from common.model.spec import ModelSpec
 from services.gateway import openai_types as oa
 from services.gateway.backend import BackendClient
-from services.gateway.errors import EXCEPTION_HANDLERS, APIError
+from services.gateway.errors import EXCEPTION_HANDLERS, APIError, invalid
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.prompts import PromptBuilder, stop_strings
+from services.gateway.prompts import PromptBuilder, refuse_unsupported, stop_strings
 from services.gateway.serving import Job, Server
 from services.gateway.settings import GatewaySettings
 
@@ -63,9 +64,7 @@ _ERRORS = {
 async def completions(request: Request[Any, Any, Any], data: oa.CompletionRequest) -> Response[Any]:
     server, prompts = _server(request), _prompts(request)
     prompts.check_model(data.model)
-    if data.echo or (data.best_of or 1) != 1 or data.suffix:
-        param = "echo" if data.echo else "best_of" if (data.best_of or 1) != 1 else "suffix"
-        raise APIError(400, f"{param} is not supported", param=param)
+    refuse_unsupported(data)
     prompt = prompts.completion_prompt(data)
     sampling = prompts.sampling(data, len(prompt), data.max_tokens, data.logprobs)
     return await server.serve(request, _job(data, False, prompts.served_model_name, prompt, sampling))
@@ -83,6 +82,7 @@ async def completions(request: Request[Any, Any, Any], data: oa.CompletionReques
 async def chat_completions(request: Request[Any, Any, Any], data: oa.ChatCompletionRequest) -> Response[Any]:
     server, prompts = _server(request), _prompts(request)
     prompts.check_model(data.model)
+    refuse_unsupported(data)
     if data.top_logprobs is not None and not data.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
     logprobs = (data.top_logprobs or 0) if data.logprobs else None
@@ -90,9 +90,11 @@ async def chat_completions(request: Request[Any, Any, Any], data: oa.ChatComplet
     max_tokens = data.max_completion_tokens if data.max_completion_tokens is not None else data.max_tokens
     try:
         sampling = prompts.sampling(data, len(prompt), max_tokens, logprobs)
-    except APIError as exc:
+    except APIError as exc:  # name the field as this endpoint's client sent it
         if exc.param == "logprobs":
             exc.param = "top_logprobs"
+        elif exc.param == "max_tokens" and data.max_completion_tokens is not None:
+            exc.param = "max_completion_tokens"
         raise
     return await server.serve(request, _job(data, True, prompts.served_model_name, prompt, sampling))
 
@@ -132,6 +134,22 @@ def _prompts(request: Request[Any, Any, Any]) -> PromptBuilder:
     return prompts
 
 
+class GatewayRequest(Request[Any, Any, Any]):
+    """Litestar's request, except that a JSON body msgspec cannot decode is always a 400 that says why.
+
+    msgspec decodes an untyped body recursively, so `[[[[...` thousands deep raises RecursionError,
+    which would otherwise be a 500; Litestar's own message for bad bytes does not say it is the body.
+    """
+
+    async def json(self) -> Any:
+        try:
+            return await super().json()
+        except RecursionError:
+            raise invalid(None, "the request body nests JSON arrays or objects too deeply") from None
+        except SerializationException as exc:
+            raise invalid(None, f"the request body is not valid JSON: {exc}") from None
+
+
 def _api_key_guard(keys: tuple[str, ...]) -> Guard:
     """Require `Authorization: Bearer <key>` with one of `keys` (compared in constant time)."""
 
@@ -167,6 +185,8 @@ def create_app(settings: GatewaySettings) -> Litestar:
         on_startup=[backend.start],
         on_shutdown=[backend.close],
         exception_handlers=EXCEPTION_HANDLERS,
+        request_class=GatewayRequest,
+        request_max_body_size=oa.MAX_BODY_BYTES,
         middleware=[gateway_metrics.middleware],
         openapi_config=OpenAPIConfig(title="Adrenaline gateway", version="1", description="OpenAI-compatible API"),
         logging_config=None,  # structlog writes our lines; Litestar must not reconfigure the root logger

@@ -52,8 +52,8 @@ def invalid(param: str | None, message: str, code: str | None = None) -> APIErro
     return APIError(400, message, param, code)
 
 
-def _response(error: APIError) -> Response[dict[str, Any]]:
-    return Response(error.body(), status_code=error.status)
+def _response(error: APIError, headers: dict[str, str] | None = None) -> Response[dict[str, Any]]:
+    return Response(error.body(), status_code=error.status, headers=headers)
 
 
 def on_api_error(request: Request[Any, Any, Any], exc: APIError) -> Response[dict[str, Any]]:
@@ -64,10 +64,18 @@ _FIELD = re.compile(r"`(\w+)`")
 
 
 def on_validation_error(request: Request[Any, Any, Any], exc: ValidationException) -> Response[dict[str, Any]]:
-    """Litestar's body validation (wrong types, missing fields) as an OpenAI 400 naming the field."""
+    """Litestar's body validation (wrong types, values out of range, missing or unknown fields) as an
+    OpenAI 400 naming the field."""
     extra = exc.extra[0] if isinstance(exc.extra, list) and exc.extra else {}
     message = str(extra.get("message") or exc.detail) if isinstance(extra, dict) else str(exc.detail)
     param = extra.get("key") if isinstance(extra, dict) else None
+    if "unknown field" in message:  # named only inside the message; `param` is the object holding it
+        found = _FIELD.search(message)
+        if found:
+            param = found.group(1) if param in (None, "data") else f"{param}.{found.group(1)}"
+            return _response(invalid(param, f"Unrecognized request argument supplied: {param}"))
+    if param == "data" and message == "'data'":  # Litestar's KeyError when there is no body at all
+        return _response(invalid(None, "the request body is empty: send a JSON object"))
     if param == "data":  # the body as a whole; a missing field is named only inside the message
         found = _FIELD.search(message) if "missing required field" in message else None
         param = found.group(1) if found else None
@@ -75,8 +83,10 @@ def on_validation_error(request: Request[Any, Any, Any], exc: ValidationExceptio
 
 
 def on_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
-    """Litestar's own errors (unknown route, wrong method, malformed JSON) in OpenAI's shape."""
-    return _response(APIError(exc.status_code, str(exc.detail)))
+    """Litestar's own errors (unknown route, wrong method, too large a body) in OpenAI's shape.
+
+    Their headers are kept: a 405 carries `Allow`, which HTTP requires."""
+    return _response(APIError(exc.status_code, str(exc.detail)), exc.headers)
 
 
 def on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:

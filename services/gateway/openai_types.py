@@ -1,64 +1,144 @@
-"""Request and response bodies of the OpenAI API we serve, as msgspec structs.
+"""Request and response bodies of the OpenAI API we serve, as msgspec structs, with the limits on requests.
 
-Litestar validates request bodies against these (a wrong type is a 400 naming the field) and
-documents both directions in the generated OpenAPI schema. Unknown request fields are ignored,
-as OpenAI's own clients send fields we have no use for (`user`, `metadata`...); fields we cannot
-honour (`n` > 1, `echo`) are declared so that they can be refused by name.
+Litestar validates request bodies against these (a wrong type or a value out of range is a 400
+naming the field) and documents both directions, constraints included, in the generated OpenAPI
+schema. A request field we do not know is refused by name, as OpenAI itself does, rather than
+silently ignored: a client that sends one expects an effect we would not give. Fields OpenAI
+defines but we cannot honour (`n` > 1, `echo`, `tools`...) are declared with `unsupported(...)`:
+their neutral values, which clients send, pass; anything else is refused by name. Fields that
+only inform (`user`, `metadata`, `prompt_cache_key`...) are accepted and have no effect.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
+from msgspec import Meta
+
+from common.sampling_checks import MAX_LOGPROBS, MAX_TEMPERATURE
+
+# ---- limits on requests: each stated once, enforced by the types below and shown in /schema ----
+MAX_BODY_BYTES = 10_000_000  # a larger body is a 413 before it is parsed (Litestar's default, made explicit)
+MAX_STOP_STRINGS = 16  # a stop list longer than this is refused (`stop`)
+MAX_STOP_LENGTH = 256  # characters per stop string; every step searches the text for each of them
+MAX_TOP_K = 2**31 - 1  # above any vocabulary (where top_k keeps every token, as 0 does); an absurd one is a 400
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+"""The roles a chat message may have, and the role the chat template sees for each: `developer` is
+OpenAI's newer name for `system`, which templates know. No `tool` role: tool calling is not implemented."""
 
 
-class StreamOptions(msgspec.Struct, kw_only=True):
+def unsupported(*accepted: Any) -> Meta:
+    """Marks a field OpenAI defines but this server does not implement.
+
+    A request may leave it out, send null, or send one of `accepted` (the field's neutral values,
+    which clients send as a matter of course); `prompts.refuse_unsupported` refuses anything else
+    by name. The same words document the field in the OpenAPI schema.
+    """
+    values = " or ".join(msgspec.json.encode(v).decode() for v in accepted)
+    how = f"leave it out or send {values}" if accepted else "leave it out"
+    return Meta(description=f"Not supported by this server: {how}.", extra={"accepted": (None, *accepted), "how": how})
+
+
+def _schema(description: str | None = None, **extra: Any) -> Meta:
+    """Schema keywords Litestar cannot read from a union's members (or from a check in code), for /schema only."""
+    return Meta(description=description, extra_json_schema={"extra": extra})
+
+
+StopString = Annotated[str, Meta(max_length=MAX_STOP_LENGTH)]
+Stop = Annotated[
+    StopString | Annotated[list[StopString], Meta(max_length=MAX_STOP_STRINGS)] | None,
+    _schema(
+        f"At most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_LENGTH} characters each",
+        max_length=MAX_STOP_LENGTH,
+        max_items=MAX_STOP_STRINGS,
+    ),
+]
+_MINIMUM_0 = {"extra": {"minimum": 0}}  # Litestar leaves out a bound of 0 from /schema (it tests truthiness)
+TopK = Annotated[int, Meta(ge=-1, le=MAX_TOP_K)]
+Logprobs = Annotated[int, Meta(ge=0, le=MAX_LOGPROBS, extra_json_schema=_MINIMUM_0)]
+Temperature = Annotated[float, Meta(ge=0, le=MAX_TEMPERATURE, extra_json_schema=_MINIMUM_0)]
+TokenCount = Annotated[int, Meta(ge=1)]
+
+
+class StreamOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     include_usage: bool = False  # send a last chunk with token counts before [DONE]
+    include_obfuscation: Annotated[bool | None, unsupported(False)] = None  # chunks are never padded
 
 
-class SamplingFields(msgspec.Struct, kw_only=True):
+class SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Fields both endpoints share. None means "the default", as OpenAI clients may send explicit nulls."""
 
     model: str | None = None
-    max_tokens: int | None = None  # default 16; clamped to the context when not given
-    temperature: float | None = None  # default 1.0; 0 is greedy
+    max_tokens: TokenCount | None = None  # default 16; clamped to the context when not given
+    temperature: Temperature | None = None  # default 1.0; 0 is greedy
     top_p: float | None = None
-    top_k: int | None = None  # extension: 0 or -1 keeps all tokens
+    top_k: TopK | None = None  # extension: 0 or -1 keeps all tokens
     seed: int | None = None
-    stop: str | list[str] | None = None  # stop strings, matched in the decoded text
+    stop: Stop = None  # stop strings, matched in the decoded text
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool | None = False  # extension: generate past the end-of-sequence token
-    n: int | None = 1  # only 1 is served
-    user: str | None = None
+    n: Annotated[int | None, unsupported(1)] = 1
+    presence_penalty: Annotated[float | None, unsupported(0)] = None
+    frequency_penalty: Annotated[float | None, unsupported(0)] = None
+    logit_bias: Annotated[dict[str, float] | None, unsupported({})] = None
+    user: str | None = None  # informational
 
 
 class CompletionRequest(SamplingFields, kw_only=True):
-    prompt: str | list[Any]  # a string, or a list of token ids; a batch of prompts is refused
-    logprobs: int | None = None  # 0-20: the chosen token's logprob plus this many alternatives
-    echo: bool | None = False
-    best_of: int | None = None
-    suffix: str | None = None
+    # A string or a list of token ids, not empty (prompts.py checks it). The type admits OpenAI's batch
+    # forms (list[str], list[list[int]]) so that they are refused by name, and nothing nested deeper.
+    prompt: Annotated[str | list[int | str | list[int]], _schema(min_length=1, min_items=1)]
+    logprobs: Logprobs | None = None  # the chosen token's logprob plus this many alternatives
+    echo: Annotated[bool | None, unsupported(False)] = False
+    best_of: Annotated[int | None, unsupported(1)] = None
+    suffix: Annotated[str | None, unsupported("")] = None
 
 
-class ContentPart(msgspec.Struct, kw_only=True):
-    type: str
+class ContentPart(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    type: str  # only "text" is served; the other kinds' payloads are declared so that they are refused by type
     text: str | None = None
+    image_url: Any = None
+    input_audio: Any = None
+    file: Any = None
+    refusal: Any = None
 
 
-class ChatMessage(msgspec.Struct, kw_only=True):
-    role: str
+class ChatMessage(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    role: Annotated[str, _schema(enum=list(CHAT_ROLES))]  # one of CHAT_ROLES (prompts.py checks it)
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: Annotated[list[Any] | None, unsupported([])] = None
+    tool_call_id: Annotated[str | None, unsupported()] = None
+    function_call: Annotated[Any, unsupported()] = None
+    refusal: Annotated[str | None, unsupported()] = None
+    audio: Annotated[Any, unsupported()] = None
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
-    messages: list[ChatMessage]
-    max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    max_completion_tokens: TokenCount | None = None  # OpenAI's newer name for max_tokens
     logprobs: bool | None = False
-    top_logprobs: int | None = None  # 0-20, needs logprobs=true
+    top_logprobs: Logprobs | None = None  # needs logprobs=true
+    tools: Annotated[list[Any] | None, unsupported([])] = None
+    tool_choice: Annotated[str | dict[str, Any] | None, unsupported("none", "auto")] = None
+    parallel_tool_calls: bool | None = None  # only means something with tools
+    functions: Annotated[list[Any] | None, unsupported([])] = None
+    function_call: Annotated[str | dict[str, Any] | None, unsupported("none", "auto")] = None
+    response_format: Annotated[dict[str, Any] | None, unsupported({"type": "text"})] = None
+    store: Annotated[bool | None, unsupported(False)] = None
+    service_tier: Annotated[str | None, unsupported("auto", "default")] = None
+    modalities: Annotated[list[str] | None, unsupported(["text"])] = None
+    audio: Annotated[Any, unsupported()] = None
+    prediction: Annotated[Any, unsupported()] = None
+    reasoning_effort: Annotated[str | None, unsupported()] = None
+    verbosity: Annotated[str | None, unsupported("medium")] = None
+    web_search_options: Annotated[Any, unsupported()] = None
+    metadata: dict[str, str] | None = None  # informational
+    prompt_cache_key: str | None = None  # informational: the prefix cache needs no hint
+    safety_identifier: str | None = None  # informational
 
 
 # ---- responses ---------------------------------------------------------------------------------

@@ -7,13 +7,16 @@ with a less useful message.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Annotated, Any, get_args, get_origin
+
+import msgspec
 
 from common.errors import InvalidRequestError
 from common.messages import Sampling
 from common.sampling import SamplingParams, to_wire
 from services.gateway.errors import APIError, invalid
-from services.gateway.openai_types import ChatCompletionRequest, CompletionRequest, SamplingFields
+from services.gateway.openai_types import CHAT_ROLES, ChatCompletionRequest, CompletionRequest, SamplingFields
 
 DEFAULT_MAX_TOKENS = 16
 
@@ -55,16 +58,20 @@ class PromptBuilder:
     def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise invalid("messages", "this model's tokenizer has no chat template; use /v1/completions instead")
-        if not req.messages:
-            raise invalid("messages", "messages must not be empty")
         conversation = []
         for i, message in enumerate(req.messages):
+            if message.role not in CHAT_ROLES:
+                raise invalid(
+                    f"messages[{i}].role",
+                    f"messages[{i}].role: `{message.role}` is not a role this server takes: use one of "
+                    f"{', '.join(CHAT_ROLES)} (tool calling is not implemented, so there are no tool messages)",
+                )
             content = message.content
             if isinstance(content, list):
                 if any(part.type != "text" or part.text is None for part in content):
                     raise invalid(f"messages[{i}].content", "only text content parts are supported")
                 content = "".join(part.text or "" for part in content)
-            turn = {"role": message.role, "content": content or ""}
+            turn = {"role": CHAT_ROLES[message.role], "content": content or ""}
             if message.name is not None:
                 turn["name"] = message.name
             conversation.append(turn)
@@ -80,8 +87,6 @@ class PromptBuilder:
 
     def sampling(self, req: SamplingFields, prompt_len: int, max_tokens: int | None, logprobs: int | None) -> Sampling:
         """Validated sampling parameters; `max_tokens` defaults to 16, clamped to what the context leaves."""
-        if req.n not in (None, 1):
-            raise invalid("n", "only n=1 is supported")
         room = self.max_model_len - prompt_len
         if room <= 0:
             raise invalid(
@@ -118,3 +123,34 @@ def stop_strings(stop: str | list[str] | None) -> list[str]:
     if stop is None:
         return []
     return [stop] if isinstance(stop, str) else [s for s in stop if s]
+
+
+def refuse_unsupported(body: msgspec.Struct, where: str = "") -> None:
+    """Refuse, by name, a field marked `unsupported` that holds anything but a neutral value.
+
+    Nested structs (messages, their content parts, stream_options) are searched too, so that no
+    request asks for something we would silently leave out.
+    """
+    for name, (accepted, how) in _unsupported_fields(type(body)).items():
+        if getattr(body, name) not in accepted:
+            raise invalid(f"{where}{name}", f"{where}{name}: this server does not support `{name}`: {how}")
+    for name in body.__struct_fields__:
+        value = getattr(body, name)
+        if isinstance(value, msgspec.Struct):
+            refuse_unsupported(value, f"{where}{name}.")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, msgspec.Struct):
+                    refuse_unsupported(item, f"{where}{name}[{i}].")
+
+
+@functools.cache
+def _unsupported_fields(struct: type[msgspec.Struct]) -> dict[str, tuple[tuple[Any, ...], str]]:
+    """The fields of `struct` that `openai_types.unsupported` marks: name -> (accepted values, how to comply)."""
+    marked = {}
+    for field in msgspec.structs.fields(struct):
+        metadata = get_args(field.type)[1:] if get_origin(field.type) is Annotated else ()
+        for meta in metadata:
+            if isinstance(meta, msgspec.Meta) and meta.extra and "accepted" in meta.extra:
+                marked[field.name] = (meta.extra["accepted"], meta.extra["how"])
+    return marked
