@@ -23,11 +23,22 @@ from typing import IO
 from common.lifetime import die_with_parent
 
 
+@dataclass(frozen=True)
+class Command:
+    """How a child was started, so that it can be started again the same way."""
+
+    module: str
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    cpus: frozenset[int] | None = None
+
+
 @dataclass
 class Child:
     name: str
     process: subprocess.Popen[bytes]
     log_path: Path | None = None
+    command: Command | None = None
 
     @property
     def alive(self) -> bool:
@@ -52,7 +63,22 @@ class ProcessGroup:
         Call it from a thread that outlives the child (the main thread): the child is killed when
         the thread that started it ends.
         """
-        full_env = {**os.environ, **(env or {})}
+        command = Command(module, tuple(args), dict(env or {}), frozenset(cpus) if cpus else None)
+        child = self._start(name, command)
+        self.children.append(child)
+        return child
+
+    def respawn(self, child: Child) -> Child:
+        """Start a dead child again with its command, in its place; its log goes on in the same file."""
+        if child.alive or child.command is None:
+            raise ValueError(f"{child.name} is alive or was not spawned here")
+        fresh = self._start(child.name, child.command)
+        self.children[self.children.index(child)] = fresh
+        return fresh
+
+    def _start(self, name: str, command: Command) -> Child:
+        module, args, env, cpus = command.module, command.args, command.env, command.cpus
+        full_env = {**os.environ, **env}
         out: IO[bytes] | int | None = None
         log_path = None
         if self.log_dir is not None:
@@ -71,9 +97,7 @@ class ProcessGroup:
             out.close()  # the child has its own descriptor
         if cpus:
             os.sched_setaffinity(process.pid, cpus)
-        child = Child(name, process, log_path)
-        self.children.append(child)
-        return child
+        return Child(name, process, log_path, command)
 
     def dead(self) -> list[Child]:
         return [c for c in self.children if not c.alive]

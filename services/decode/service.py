@@ -259,6 +259,10 @@ class DecodeService:
         if entry.aborted:
             await self.bus.publish(self.subjects.abort, AbortRequest(rid, "aborted before decoding"))
             return
+        known = self.engine.executors.get(h.executor_id)
+        if isinstance(known, RemoteExecutor) and (known.failed or known.peer.address != h.executor_address):
+            # It failed, or restarted under the same id (a new UCX worker): what it held is gone.
+            await self._drop_executor(h.executor_id, "the executor restarted" if not known.failed else known.reason)
         if h.executor_id not in self.engine.executors:
             self.executor_slots += 1
             self.engine.executors[h.executor_id] = RemoteExecutor(
@@ -288,16 +292,20 @@ class DecodeService:
         try:
             outputs = await step(self.engine)
         except ExecutorFailed as exc:
-            lost = self.engine.drop_executor(exc.executor_id)
-            log.warning("executor failed", executor_id=exc.executor_id, error=str(exc), requests=len(lost))
-            for request in lost:
-                subject = self.token_subjects.pop(request.request_id, None)
-                if subject is not None:
-                    event = TokenEvent(request.request_id, [], finish_reason="error", error=str(exc))
-                    await self.bus.publish(subject, TokenBatch([event]))
+            await self._drop_executor(exc.executor_id, str(exc))
             return []
         self._observe_split(len(outputs))
         return outputs
+
+    async def _drop_executor(self, executor_id: str, error: str) -> None:
+        """End the requests whose KV lived on a failed executor and forget its client."""
+        lost = self.engine.drop_executor(executor_id)
+        log.warning("executor failed", executor_id=executor_id, error=error, requests=len(lost))
+        for request in lost:
+            subject = self.token_subjects.pop(request.request_id, None)
+            if subject is not None:
+                event = TokenEvent(request.request_id, [], finish_reason="error", error=error)
+                await self.bus.publish(subject, TokenBatch([event]))
 
     def _observe_split(self, rows: int) -> None:
         """Account a step's `rows` as local or offloaded, and how much remote time it left exposed

@@ -6,7 +6,8 @@ connects to NATS on start-up. Routes:
 
     POST /v1/completions, POST /v1/chat/completions   generate, as JSON or server-sent events
     GET  /v1/models                                    the one served model
-    GET  /health                                       200 while connected to NATS
+    GET  /health                                       readiness: 200 while a request can be served, else 503
+    GET  /live                                         liveness: 200 while the process answers
     GET  /metrics                                      Prometheus text
     GET  /schema                                       the OpenAPI schema Litestar generates
 """
@@ -112,10 +113,19 @@ async def models(request: Request[Any, Any, Any]) -> oa.ModelList:
 
 
 @get("/health", include_in_schema=False)
-async def health(request: Request[Any, Any, Any]) -> Response[dict[str, str]]:
-    if _server(request).backend.connected:
+async def health(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
+    """Readiness: 200 only while a request can be served (NATS, the scheduler, a prefill and a
+    decode instance), else 503 naming what is missing, so a load balancer sends nothing here."""
+    missing = await _server(request).backend.missing()
+    if not missing:
         return Response({"status": "ok"})
-    return Response({"status": "not connected to NATS"}, status_code=503)
+    return Response({"status": "unavailable", "missing": missing}, status_code=503)
+
+
+@get("/live", include_in_schema=False)
+async def live() -> Response[dict[str, str]]:
+    """Liveness: the process answers. A cluster that cannot serve is no reason to restart the gateway."""
+    return Response({"status": "ok"})
 
 
 @get("/metrics", include_in_schema=False)
@@ -180,7 +190,7 @@ def create_app(settings: GatewaySettings) -> Litestar:
         guards=[_api_key_guard(settings.api_keys)] if settings.api_keys else [],
     )
     return Litestar(
-        route_handlers=[v1, health, metrics],
+        route_handlers=[v1, health, live, metrics],
         state=State({"server": server, "prompts": prompts}),
         on_startup=[backend.start],
         on_shutdown=[backend.close],

@@ -14,16 +14,29 @@ with an error and, once the request is accepted, an `AbortRequest` so the backen
 from __future__ import annotations
 
 import asyncio
+import time
 
 import structlog
 from nats.aio.subscription import Subscription
 
 from common.bus import Bus, Reply, ServiceUnavailable
-from common.messages import AbortRequest, Sampling, SubmitReply, SubmitRequest, TokenBatch, TokenEvent
+from common.messages import (
+    AbortRequest,
+    ClusterStatus,
+    MessageError,
+    Sampling,
+    StatusRequest,
+    SubmitReply,
+    SubmitRequest,
+    TokenBatch,
+    TokenEvent,
+)
 from services.gateway.errors import APIError
 from services.gateway.settings import GatewaySettings
 
 log = structlog.get_logger("gateway")
+
+READINESS_TTL_S = 0.5  # how long one answer of the scheduler serves /health, and how long it may take
 
 
 class Generation:
@@ -76,6 +89,7 @@ class BackendClient:
         self._subscription: Subscription | None = None
         self._queues: dict[str, asyncio.Queue[TokenEvent]] = {}
         self._pending: set[asyncio.Task[None]] = set()  # abort publishes in flight; held so they are not collected
+        self._readiness: tuple[float, list[str]] = (-READINESS_TTL_S, [])  # (when asked, what was missing)
 
     @property
     def connected(self) -> bool:
@@ -84,6 +98,24 @@ class BackendClient:
     @property
     def inflight(self) -> int:
         return len(self._queues)
+
+    async def missing(self) -> list[str]:
+        """What the cluster lacks to serve a request now ([] when nothing): "nats", "scheduler",
+        "prefill", "decode". Asked of the scheduler at most every READINESS_TTL_S, however often a
+        load balancer probes."""
+        now = time.monotonic()
+        if now - self._readiness[0] < READINESS_TTL_S:
+            return self._readiness[1]
+        if self.bus is None or not self.connected:
+            missing = ["nats"]
+        else:
+            try:
+                status = await self.bus.request(self.subjects.status, StatusRequest(), ClusterStatus, READINESS_TTL_S)
+                missing = [role for role in ("prefill", "decode") if not getattr(status, role)]
+            except (ServiceUnavailable, MessageError):
+                missing = ["scheduler"]
+        self._readiness = (time.monotonic(), missing)
+        return missing
 
     async def start(self) -> None:
         self.bus = await Bus.connect(self.settings.nats_url, self.settings.gateway_id)

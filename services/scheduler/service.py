@@ -134,7 +134,16 @@ class Scheduler:
 
     # ---- registry --------------------------------------------------------------------------
     async def on_load(self, load: InstanceLoad, reply: Reply | None) -> None:
-        if load.instance_id not in self.instances:
+        known = self.instances.get(load.instance_id)
+        if known is not None and known.load.ucx_address != load.ucx_address:
+            # A new UCX worker under the same id: the process restarted (a supervisor brought it back
+            # sooner than `dead_after_s`), and whatever the old one held is gone with it.
+            log.warning("instance restarted", instance_id=load.instance_id, role=load.role)
+            del self.instances[load.instance_id]
+            LOST.inc()
+            await self._fail_requests_on({load.instance_id})
+            known = None
+        if known is None:
             log.info("instance joined", instance_id=load.instance_id, role=load.role)
         self.instances[load.instance_id] = _Instance(load, time.monotonic())
 
@@ -153,8 +162,11 @@ class Scheduler:
         for role in ("prefill", "decode", "executor"):
             INSTANCES.labels(role).set(len(self.live(role)))
         INFLIGHT.set(len(self.inflight))
-        if not dead:
-            return
+        if dead:
+            await self._fail_requests_on(dead)
+
+    async def _fail_requests_on(self, dead: set[str]) -> None:
+        """End every request that needed one of the `dead` instances, and tell its other holders."""
         for rid, f in list(self.inflight.items()):
             lost = next(
                 (

@@ -27,7 +27,15 @@ import uvicorn
 from transformers import AutoTokenizer
 
 from common.bus import Bus, Reply
-from common.messages import AbortRequest, SubmitReply, SubmitRequest, TokenBatch, TokenEvent
+from common.messages import (
+    AbortRequest,
+    ClusterStatus,
+    StatusRequest,
+    SubmitReply,
+    SubmitRequest,
+    TokenBatch,
+    TokenEvent,
+)
 from common.model.tiny import make_tiny
 from common.natsd import NatsServer, free_port
 from common.subjects import Subjects
@@ -85,7 +93,13 @@ class StandInBackend:
         self.bus = await Bus.connect(self.nats_url, "stand-in")
         await self.bus.subscribe(self.subjects.submit, SubmitRequest, self._on_submit, queue="scheduler")
         await self.bus.subscribe(self.subjects.abort, AbortRequest, self._on_abort)
+        await self.bus.subscribe(self.subjects.status, StatusRequest, self._on_status, queue="scheduler")
         await self.bus.flush()
+
+    async def _on_status(self, msg: StatusRequest, reply: Reply | None) -> None:
+        assert reply is not None
+        decode = [] if self.mode == "no_decode" else ["stand-in"]
+        await reply(ClusterStatus(prefill=["stand-in"], decode=decode, inflight=len(self._tasks)))
 
     async def _on_submit(self, msg: SubmitRequest, reply: Reply | None) -> None:
         assert reply is not None
@@ -440,13 +454,29 @@ def test_a_full_cluster_is_429(env: Env) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_health_is_ready_only_while_the_cluster_can_serve(env: Env) -> None:
+    assert httpx.get(f"{env.url}/health", timeout=10).json() == {"status": "ok"}
+    env.backend.mode = "no_decode"
+    deadline = time.monotonic() + 10  # past the gateway's readiness cache (READINESS_TTL_S)
+    while (health := httpx.get(f"{env.url}/health", timeout=10)).status_code == 200:
+        assert time.monotonic() < deadline, "/health still 200 with no decode instance"
+    assert health.status_code == 503 and health.json() == {"status": "unavailable", "missing": ["decode"]}
+    assert httpx.get(f"{env.url}/live", timeout=10).status_code == 200
+    env.backend.mode = "normal"  # and ready again, before the next test looks
+    while httpx.get(f"{env.url}/health", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline + 10, "/health did not come back"
+
+
+@pytest.mark.timeout(60)
 def test_no_scheduler_is_503_and_keys_are_optional(env: Env) -> None:
     client = env.client(key="anything", url=env.bare_url)
     with pytest.raises(openai.InternalServerError) as down:
         client.completions.create(model=MODEL, prompt="x")
     assert down.value.status_code == 503 and "no scheduler" in _error(down.value)["message"]
     assert [m.id for m in client.models.list()] == [MODEL]  # no API keys configured: no auth asked
-    assert httpx.get(f"{env.bare_url}/health", timeout=10).status_code == 200
+    health = httpx.get(f"{env.bare_url}/health", timeout=10)  # not ready: a request would fail
+    assert health.status_code == 503 and health.json() == {"status": "unavailable", "missing": ["scheduler"]}
+    assert httpx.get(f"{env.bare_url}/live", timeout=10).status_code == 200  # but alive: nothing to restart
 
 
 @pytest.mark.timeout(60)
