@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,8 @@ class ExecutorCore:
         self.pool = pool if pool is not None else KVPool(layout, num_blocks, device)
         self.attention = PagedAttention(backend, self.pool, scale)
         self.max_tokens: dict[str, int] = {}  # per request: the most KV tokens it may ever need
+        self._in_step: dict[str, int] = {}  # requests whose blocks a step in flight still writes, and how many steps
+        self._release_after_step: set[str] = set()
 
     @property
     def reserved_blocks(self) -> int:
@@ -97,9 +100,35 @@ class ExecutorCore:
     ) -> torch.Tensor:
         return self.attention.decode(layer, q, k, v, meta)
 
+    def holds(self, request_id: str) -> bool:
+        return request_id in self.max_tokens and request_id not in self._release_after_step
+
     def release(self, request_id: str) -> None:
+        """Free a request's KV; while a step in flight still writes its blocks (its later layers),
+        only once that step ends, so that no other request can be given those blocks meanwhile."""
+        if request_id in self._in_step:
+            if request_id in self.max_tokens:
+                self._release_after_step.add(request_id)
+            return
         self.blocks.free(request_id)
         self.max_tokens.pop(request_id, None)
+
+    @contextmanager
+    def stepping(self, request_ids: Sequence[str]) -> Iterator[None]:
+        """Mark a step in flight over `request_ids` (one whose layers arrive over time, between which
+        aborts and releases are handled); releases that come meanwhile wait for its end."""
+        for request_id in request_ids:
+            self._in_step[request_id] = self._in_step.get(request_id, 0) + 1
+        try:
+            yield
+        finally:
+            for request_id in request_ids:
+                left = self._in_step.pop(request_id) - 1
+                if left:
+                    self._in_step[request_id] = left
+                elif request_id in self._release_after_step:
+                    self._release_after_step.discard(request_id)
+                    self.release(request_id)
 
 
 class ExecutorClient(ABC):

@@ -39,6 +39,7 @@ from common.offload import ExecutorCore
 from common.profiling import profile_executor
 from common.step_model import StepModel
 from common.tensor_channel import TensorChannel, TransferError
+from kernels.backend import DecodeMetadata
 from services.runtime import InstanceSettings, Tombstones, heartbeat
 
 log = structlog.get_logger("attention_executor")
@@ -149,16 +150,32 @@ class ExecutorService:
         task.add_done_callback(self.tasks.discard)
 
     async def _serve_step(self, begin: StepBegin, previous: asyncio.Task[None] | None) -> None:
+        """Serve one step's layers. Rows of requests this executor no longer holds (an abort or
+        release overtook the step) get zeros: the decode instance drops those requests as soon as
+        it hears the same abort, and every other row is served, where refusing the step would
+        stall the decode instance until its transfer timeout and fail all of them."""
         if previous is not None:  # steps append slots in order: let the previous one unwind first
             await asyncio.gather(previous, return_exceptions=True)
-        spec, n = self.spec, len(begin.request_ids)
+        n = len(begin.request_ids)
+        rows = [i for i, request_id in enumerate(begin.request_ids) if self.core.holds(request_id)]
+        if len(rows) < n:
+            gone = [r for r in begin.request_ids if not self.core.holds(r)]
+            log.info("step names requests no longer held; their rows get zeros", decode_id=begin.decode_id, gone=gone)
+        held = [begin.request_ids[i] for i in rows]
         try:
-            meta = self.core.begin_step(begin.request_ids, begin.context_lens)
-        except (KeyError, ValueError) as exc:
+            meta = self.core.begin_step(held, [begin.context_lens[i] for i in rows]) if held else None
+        except ValueError as exc:  # a length out of what was reserved: a broken peer, refuse the step
             log.warning("step refused", decode_id=begin.decode_id, error=str(exc))
-            return  # the decode instance times out and fails the step's requests
+            return
+        with self.core.stepping(held):
+            await self._run_layers(begin, meta, torch.tensor(rows, dtype=torch.int64), n)
+
+    async def _run_layers(self, begin: StepBegin, meta: DecodeMetadata | None, rows: torch.Tensor, n: int) -> None:
+        spec = self.spec
         peer = await self.channel.connect(begin.decode_address)
         qkv = torch.empty(n, spec.q_size + 2 * spec.kv_size, dtype=spec.dtype)
+        answer = torch.zeros(n, spec.num_heads * spec.head_dim, dtype=spec.dtype)
+        every_row = len(rows) == n
         layer_bytes = sum(begin.context_lens) * self.core.layout.bytes_per_token // spec.num_layers
         busy = 0.0  # the waits for each layer's q/k/v are the decode instance's time, not ours
         try:
@@ -166,15 +183,20 @@ class ExecutorService:
                 tag = begin.tag_base + layer
                 await self.channel.recv_into(tag, [qkv], timeout=self.settings.transfer_timeout_s)
                 started = time.perf_counter()
-                q, k, v = qkv.split([spec.q_size, spec.kv_size, spec.kv_size], dim=1)
-                out = self.core.attend(
-                    layer,
-                    q.reshape(n, spec.num_heads, spec.head_dim),
-                    k.reshape(n, spec.num_kv_heads, spec.head_dim),
-                    v.reshape(n, spec.num_kv_heads, spec.head_dim),
-                    meta,
-                )
-                answer = out.reshape(n, -1).contiguous()
+                if meta is not None:
+                    mine = qkv if every_row else qkv[rows]
+                    q, k, v = mine.split([spec.q_size, spec.kv_size, spec.kv_size], dim=1)
+                    out = self.core.attend(
+                        layer,
+                        q.reshape(-1, spec.num_heads, spec.head_dim),
+                        k.reshape(-1, spec.num_kv_heads, spec.head_dim),
+                        v.reshape(-1, spec.num_kv_heads, spec.head_dim),
+                        meta,
+                    )
+                    if every_row:
+                        answer = out.reshape(n, -1).contiguous()
+                    else:
+                        answer[rows] = out.reshape(len(rows), -1)
                 busy += time.perf_counter() - started
                 await self.channel.send(peer, tag, [answer])
                 metrics.EXECUTOR_ATTENTION_BYTES.inc(layer_bytes)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from common.messages import Sampling
+from common.messages import ReleaseKV, Sampling
 from tests.integration.cluster import BackendCluster, Client
 
 
@@ -188,3 +188,39 @@ def test_a_killed_executor_fails_only_its_requests(llama_dir: Path, tmp_path: Pa
         asyncio.run(scenario())
     finally:
         cluster.stop()
+
+
+@pytest.mark.timeout(240)
+def test_a_release_overtaking_a_step_fails_nothing_else(llama_dir: Path, tmp_path: Path) -> None:
+    """The executor forgets one running request (as when an abort reaches it before the decode
+    instance's next step names it): that step is answered at once and every other request on the
+    executor goes on, greedy-exact, instead of the decode instance waiting out its transfer
+    timeout and failing them all."""
+    cluster = BackendCluster(llama_dir, tmp_path, executors=True, offload_ratio=1.0)
+    cluster.start()
+    prompts = _prompts(4, seed=11)
+    sampling = Sampling(max_new_tokens=40, temperature=0.0, ignore_eos=True)
+    try:
+
+        async def scenario() -> list[list[int]]:
+            client = await Client.connect(cluster.nats.url)
+            await client.wait_ready(prefills=1, decodes=1, executors=1)
+            replies = [await client.submit(f"k{i}", p, sampling) for i, p in enumerate(prompts)]
+            assert all(r.accepted and r.offloaded for r in replies), replies
+            while not all(len(client.events[f"k{i}"]) >= 3 for i in range(len(prompts))):
+                await asyncio.sleep(0.01)
+            release = client.subjects.instance("executor-0", "release")
+            await client.bus.publish(release, ReleaseKV("k0"))  # to the executor alone
+            results = [await client.result(f"k{i}", timeout=60) for i in range(1, len(prompts))]
+            # before: the step naming k0 went unanswered, and after the transfer timeout every
+            # request on the executor ended with "error"
+            assert all(last.finish_reason == "length" for _, last in results), results
+            await client.result("k0", timeout=60)  # runs to its end on the decode instance, KV-less
+            await client.wait_all_free(["prefill-0", "decode-0", "executor-0"])
+            await client.bus.close()
+            return [tokens for tokens, _ in results]
+
+        outputs = asyncio.run(scenario())
+    finally:
+        cluster.stop()
+    assert outputs == _hf_greedy(llama_dir, prompts[1:], 40, ignore_eos=True)

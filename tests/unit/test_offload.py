@@ -91,3 +91,41 @@ def test_aborting_an_offloaded_request_frees_its_executor_kv(llama_dir: Path) ->
     assert engine.abort("x")
     assert core.blocks.num_used_blocks == 0
     engine.check_integrity()
+
+
+def _core_with(engine: Engine, requests: dict[str, int], num_blocks: int = 16) -> ExecutorCore:
+    """An executor core holding `requests` (id -> prompt tokens), each allowed to grow to 40 tokens."""
+    core = _executor(engine, num_blocks)
+    for request_id, tokens in requests.items():
+        kv = torch.zeros(engine.spec.num_layers, 2, tokens, engine.spec.num_kv_heads, engine.spec.head_dim)
+        core.admit(request_id, kv, max_tokens=40)
+    return core
+
+
+def test_a_release_during_a_step_waits_for_the_step_to_end(llama_dir: Path) -> None:
+    """An abort overtaking a step must not free blocks that the step's later layers still write."""
+    engine = Engine.from_folder(llama_dir, EngineConfig(block_size=8, kv_cache_bytes=2**20))
+    core = _core_with(engine, {"a": 7, "b": 7})
+    with core.stepping(["a", "b"]):
+        core.begin_step(["a", "b"], [8, 8])
+        core.release("a")
+        assert not core.holds("a") and core.blocks.num_tokens("a") == 8  # blocks kept for the layers to come
+        core.release("a")  # twice, as an abort and a release both arrive: still once
+    with pytest.raises(KeyError):
+        core.blocks.num_tokens("a")
+    assert core.holds("b") and "a" not in core.max_tokens
+    core.release("b")
+    core.blocks.check_integrity()
+    assert core.blocks.num_free_blocks == core.blocks.num_blocks
+
+
+def test_a_step_beyond_a_requests_reservation_changes_nothing(llama_dir: Path) -> None:
+    engine = Engine.from_folder(llama_dir, EngineConfig(block_size=8, kv_cache_bytes=2**20))
+    core = _core_with(engine, {"a": 7, "b": 7})
+    free = core.blocks.num_free_blocks
+    with pytest.raises(ValueError, match="may grow to 40"):
+        core.begin_step(["a", "b"], [8, 41])  # b past its reservation: neither is appended
+    assert core.blocks.num_free_blocks == free and core.blocks.num_tokens("a") == 7
+    with pytest.raises(KeyError):
+        core.begin_step(["a", "stranger"], [8, 8])
+    assert core.blocks.num_tokens("a") == 7
