@@ -8,6 +8,7 @@ connects to NATS on start-up. Routes:
     GET  /v1/models                                    the one served model
     GET  /health                                       readiness: 200 while a request can be served, else 503
     GET  /live                                         liveness: 200 while the process answers
+    POST /tokenize, POST /detokenize, GET /version     vLLM's utilities (services/gateway/tokenizer_routes.py)
     GET  /metrics                                      Prometheus text
     GET  /schema                                       the OpenAPI schema Litestar generates
 """
@@ -37,6 +38,7 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.prompts import PromptBuilder, refuse_unsupported, stop_strings
 from services.gateway.serving import Job, Server
 from services.gateway.settings import GatewaySettings
+from services.gateway.tokenizer_routes import detokenize, server_version, tokenize
 
 _GENERATE_DOC = "With `stream: true`, server-sent events (`data: <chunk>` ... `data: [DONE]`) in OpenAI's format."
 _ERRORS = {
@@ -87,7 +89,7 @@ async def chat_completions(request: Request[Any, Any, Any], data: oa.ChatComplet
     if data.top_logprobs is not None and not data.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
     logprobs = (data.top_logprobs or 0) if data.logprobs else None
-    prompt = prompts.chat_prompt(data)
+    prompt = prompts.chat_prompt(data.messages)
     max_tokens = data.max_completion_tokens if data.max_completion_tokens is not None else data.max_tokens
     try:
         sampling = prompts.sampling(data, len(prompt), max_tokens, logprobs)
@@ -189,8 +191,14 @@ def create_app(settings: GatewaySettings) -> Litestar:
         route_handlers=[completions, chat_completions, models],
         guards=[_api_key_guard(settings.api_keys)] if settings.api_keys else [],
     )
+    # vLLM serves these at the root; with API keys configured they need one too, as /v1 does.
+    utilities = Router(
+        "/",
+        route_handlers=[tokenize, detokenize, server_version],
+        guards=[_api_key_guard(settings.api_keys)] if settings.api_keys else [],
+    )
     return Litestar(
-        route_handlers=[v1, health, live, metrics],
+        route_handlers=[v1, utilities, health, live, metrics],
         state=State({"server": server, "prompts": prompts}),
         on_startup=[backend.start],
         on_shutdown=[backend.close],

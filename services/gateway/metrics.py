@@ -15,7 +15,17 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/live", "/metrics")
+ENDPOINTS = (
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/models",
+    "/health",
+    "/live",
+    "/metrics",
+    "/tokenize",
+    "/detokenize",
+    "/version",
+)
 
 
 class GatewayMetrics:

@@ -235,6 +235,37 @@ class ErrorBody(msgspec.Struct):
     error: ErrorDetail
 
 
+# ---- tokenizer utilities (vLLM's /tokenize, /detokenize, /version) ---------------------------
+class TokenizeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Either `prompt` (text, as /v1/completions tokenizes it) or `messages` (as /v1/chat/completions
+    does, through the chat template)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage] | None, _schema(min_items=1)] = None
+    add_special_tokens: bool = True  # prompt only: the tokenizer's own BOS/EOS
+    add_generation_prompt: bool = True  # messages only: end with the assistant's turn opening
+
+
+class TokenizeResponse(msgspec.Struct):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    tokens: list[int]
+    model: str | None = None
+
+
+class DetokenizeResponse(msgspec.Struct):
+    prompt: str
+
+
+class VersionResponse(msgspec.Struct):
+    version: str
+
+
 def now() -> int:
     return int(time.time())
 

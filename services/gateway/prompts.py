@@ -16,7 +16,7 @@ from common.errors import InvalidRequestError
 from common.messages import Sampling
 from common.sampling import SamplingParams, to_wire
 from services.gateway.errors import APIError, invalid
-from services.gateway.openai_types import CHAT_ROLES, ChatCompletionRequest, CompletionRequest, SamplingFields
+from services.gateway.openai_types import CHAT_ROLES, ChatMessage, CompletionRequest, SamplingFields
 
 DEFAULT_MAX_TOKENS = 16
 
@@ -55,11 +55,11 @@ class PromptBuilder:
             raise invalid("prompt", f"token ids must be in [0, {self.vocab_size}); got {bad[:5]}")
         return list(prompt)
 
-    def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise invalid("messages", "this model's tokenizer has no chat template; use /v1/completions instead")
         conversation = []
-        for i, message in enumerate(req.messages):
+        for i, message in enumerate(messages):
             if message.role not in CHAT_ROLES:
                 raise invalid(
                     f"messages[{i}].role",
@@ -76,7 +76,9 @@ class PromptBuilder:
                 turn["name"] = message.name
             conversation.append(turn)
         try:
-            text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(
+                conversation, add_generation_prompt=add_generation_prompt, tokenize=False
+            )
         except Exception as exc:  # jinja raises for templates that refuse a conversation (e.g. roles out of order)
             raise invalid("messages", f"the chat template refused these messages: {exc}") from exc
         # The template already wrote any special tokens it wants (as HF's own tokenize=True does).

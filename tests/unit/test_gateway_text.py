@@ -10,7 +10,7 @@ import pytest
 from common.messages import TokenEvent
 from common.model.tiny import make_tokenizer
 from services.gateway.errors import APIError
-from services.gateway.openai_types import ChatCompletionRequest, ChatMessage, CompletionRequest
+from services.gateway.openai_types import ChatMessage, CompletionRequest
 from services.gateway.prompts import PromptBuilder
 from services.gateway.text import TextStream
 
@@ -75,7 +75,7 @@ def test_prompt_checks(prompts: PromptBuilder) -> None:
 def test_a_tokenizer_without_a_chat_template_is_a_clear_400(prompts: PromptBuilder) -> None:
     prompts.tokenizer.chat_template = None
     with pytest.raises(APIError, match="no chat template") as bad:
-        prompts.chat_prompt(ChatCompletionRequest(messages=[ChatMessage(role="user", content="hi")]))
+        prompts.chat_prompt([ChatMessage(role="user", content="hi")])
     assert (bad.value.status, bad.value.param) == (400, "messages")
 
 
