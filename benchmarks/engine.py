@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -122,7 +123,7 @@ def run(
     params = gemm_params(model)
     rows = []
     grid = [(b, c) for c in context_lens for b in batch_sizes]
-    for batch, context in tqdm(grid, desc="decode steps", unit="config"):
+    for batch, context in tqdm(grid, desc="decode steps", unit="config", disable=not sys.stderr.isatty()):
         step = time_decode_step(model, attention, blocks, batch, context, repeats)
         gemm = max(weights / bandwidth, 2 * batch * params / flops)
         floor = batch * context * layout.bytes_per_token / bandwidth + gemm

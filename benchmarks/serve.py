@@ -30,6 +30,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -140,7 +141,7 @@ async def send(client: openai.AsyncOpenAI, model: str, req: Request, t0: float, 
 
 async def run_workload(url: str, model: str, workload: list[Request], label: str) -> tuple[list[Record], float]:
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
-    with tqdm(total=len(workload), desc=label, unit="req") as bar:
+    with tqdm(total=len(workload), desc=label, unit="req", disable=not sys.stderr.isatty()) as bar:
         t0 = time.perf_counter()
         records = await asyncio.gather(*(send(client, model, r, t0, bar) for r in workload))
         wall = time.perf_counter() - t0

@@ -10,6 +10,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -95,11 +96,30 @@ def timed(histogram: Histogram) -> Iterator[None]:
         histogram.observe(time.perf_counter() - start)
 
 
-def observe_pool(total: int, free: int, running: int, waiting: int) -> None:
+# vLLM's names for the same gauges, so that dashboards built for vLLM show an Adrenaline cluster.
+# Requests are counted once across the cluster: running where they decode (an offloaded request
+# is on its decode instance's books too, so executors report none), waiting wherever they queue.
+VLLM_RUNNING = Gauge("vllm:num_requests_running", "Requests decoding (vLLM's name)", ["model_name"])
+VLLM_WAITING = Gauge("vllm:num_requests_waiting", "Requests waiting for their turn (vLLM's name)", ["model_name"])
+VLLM_KV_USAGE = Gauge("vllm:kv_cache_usage_perc", "Share of this instance's KV blocks in use, 0-1", ["model_name"])
+_model_name = ""
+
+
+def name_model(model: str) -> None:
+    """The `model_name` label of the vLLM-named gauges: the model folder's name, which the gateway
+    also serves it as unless `--served-model-name` says otherwise."""
+    global _model_name
+    _model_name = Path(model).resolve().name or model
+
+
+def observe_pool(role: str, total: int, free: int, running: int, waiting: int) -> None:
     KV_BLOCKS_TOTAL.set(total)
     KV_BLOCKS_USED.set(total - free)
     RUNNING.set(running)
     WAITING.set(waiting)
+    VLLM_RUNNING.labels(_model_name).set(running if role == "decode" else 0)
+    VLLM_WAITING.labels(_model_name).set(waiting if role != "executor" else 0)
+    VLLM_KV_USAGE.labels(_model_name).set((total - free) / total if total else 0.0)
 
 
 def scrape_metrics(port: int, host: str = "127.0.0.1") -> dict[str, float]:

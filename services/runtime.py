@@ -154,7 +154,9 @@ async def heartbeat(bus: Bus, subjects: Subjects, load: Callable[[], InstanceLoa
     while True:
         try:
             current = load()
-            metrics.observe_pool(current.total_blocks, current.free_blocks, current.running, current.waiting)
+            metrics.observe_pool(
+                current.role, current.total_blocks, current.free_blocks, current.running, current.waiting
+            )
             await bus.publish(subjects.load_of(current.role), current)
         except Exception as exc:  # a reconnecting NATS client must not kill the instance
             log.warning("heartbeat failed", error=str(exc))
@@ -191,6 +193,7 @@ def run_engine_instance(
     configure(role).bind(instance_id=settings.instance_id)
     settings.apply_threads()
     engine = build_engine(settings)
+    metrics.name_model(settings.model)
     metrics.serve(settings.metrics_port)
 
     async def serve(stop: asyncio.Event) -> None:

@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
         spec.head_dim**-0.5,
         device,
     )
+    metrics.name_model(settings.model)
     metrics.serve(settings.metrics_port)
 
     async def serve(stop: asyncio.Event) -> None:

@@ -183,7 +183,7 @@ def create_app(settings: GatewaySettings) -> Litestar:
     except Exception as exc:  # transformers raises many types for one cause: no usable tokenizer files
         raise ModelLoadError(f"{settings.model}: no tokenizer can be loaded: {exc}") from exc
     backend = BackendClient(settings)
-    gateway_metrics = GatewayMetrics()
+    gateway_metrics = GatewayMetrics(settings.served_model_name)
     server = Server(backend, tokenizer, gateway_metrics)
     prompts = PromptBuilder(tokenizer, settings.served_model_name, spec.max_model_len, spec.vocab_size)
     v1 = Router(

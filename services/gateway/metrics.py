@@ -29,7 +29,7 @@ ENDPOINTS = (
 
 
 class GatewayMetrics:
-    def __init__(self) -> None:
+    def __init__(self, model_name: str = "") -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "adrenaline_gateway_requests",
@@ -61,6 +61,8 @@ class GatewayMetrics:
         self.tokens = Counter(
             "adrenaline_gateway_tokens", "Tokens by kind (prompt, completion)", ["kind"], registry=self.registry
         )
+        # The same observations under vLLM's names and `model_name` label, for dashboards built for vLLM.
+        self.vllm = VllmRequestMetrics(self.registry, model_name)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -90,6 +92,31 @@ class GatewayMetrics:
         return counted
 
 
+class VllmRequestMetrics:
+    """vLLM's request-level metric names (`vllm:*`), observed where ours are."""
+
+    def __init__(self, registry: CollectorRegistry, model_name: str) -> None:
+        labels = ["model_name"]
+        self.ttft = Histogram(
+            "vllm:time_to_first_token_seconds", "Time to first token (vLLM's name)", labels,
+            buckets=_LATENCY_BUCKETS, registry=registry,
+        ).labels(model_name)  # fmt: skip
+        self.tpot = Histogram(
+            "vllm:time_per_output_token_seconds", "Mean time per output token after the first (vLLM's name)", labels,
+            buckets=_TPOT_BUCKETS, registry=registry,
+        ).labels(model_name)  # fmt: skip
+        self.e2e = Histogram(
+            "vllm:e2e_request_latency_seconds", "End-to-end request latency (vLLM's name)", labels,
+            buckets=_LATENCY_BUCKETS, registry=registry,
+        ).labels(model_name)  # fmt: skip
+        self.prompt_tokens = Counter(
+            "vllm:prompt_tokens", "Prompt tokens (vLLM's name)", labels, registry=registry
+        ).labels(model_name)
+        self.generation_tokens = Counter(
+            "vllm:generation_tokens", "Generated tokens (vLLM's name)", labels, registry=registry
+        ).labels(model_name)
+
+
 class RequestTimer:
     """A generation request's timings: TTFT at its first token, TPOT and end-to-end at its end."""
 
@@ -99,16 +126,22 @@ class RequestTimer:
         self.first: float | None = None
         self.tokens = 0
         metrics.tokens.labels("prompt").inc(prompt_tokens)
+        metrics.vllm.prompt_tokens.inc(prompt_tokens)
 
     def tokens_arrived(self, n: int) -> None:
         if n and self.first is None:
             self.first = time.perf_counter()
             self.metrics.ttft.observe(self.first - self.start)
+            self.metrics.vllm.ttft.observe(self.first - self.start)
         self.tokens += n
         self.metrics.tokens.labels("completion").inc(n)
+        self.metrics.vllm.generation_tokens.inc(n)
 
     def finished(self) -> None:
         end = time.perf_counter()
         self.metrics.e2e.observe(end - self.start)
+        self.metrics.vllm.e2e.observe(end - self.start)
         if self.first is not None and self.tokens > 1:
-            self.metrics.tpot.observe((end - self.first) / (self.tokens - 1))
+            tpot = (end - self.first) / (self.tokens - 1)
+            self.metrics.tpot.observe(tpot)
+            self.metrics.vllm.tpot.observe(tpot)

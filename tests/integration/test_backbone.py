@@ -60,11 +60,16 @@ def test_disaggregated_greedy_equals_transformers_on_every_replica(cluster: Back
     assert outputs == _hf_greedy(llama_dir, prompts, 24)
     assert prefills == {"prefill-0", "prefill-1"}
     assert decodes == {"decode-0", "decode-1"}
+    label = f'{{model_name="{llama_dir.name}"}}'
     for decode in ("decode-0", "decode-1"):
         scraped = cluster.metrics(decode)
         assert scraped['adrenaline_kv_transfer_bytes_total{direction="recv"}'] > 0
         assert scraped["adrenaline_step_seconds_count"] > 0
         assert scraped["adrenaline_kv_blocks_used"] == 0
+        # vLLM's names, for dashboards built for vLLM
+        assert scraped[f"vllm:num_requests_running{label}"] == 0
+        assert scraped[f"vllm:num_requests_waiting{label}"] == 0
+        assert scraped[f"vllm:kv_cache_usage_perc{label}"] == 0
 
 
 @pytest.mark.timeout(120)

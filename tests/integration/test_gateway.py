@@ -556,6 +556,17 @@ def test_metrics_health_and_schema(env: Env) -> None:
         'adrenaline_gateway_requests_total{endpoint="/v1/completions",status="200"}',
     ):
         assert name in metrics.text, name
+    scraped = {
+        line.rpartition(" ")[0]: float(line.rpartition(" ")[2])
+        for line in metrics.text.splitlines()
+        if line.startswith("vllm:")
+    }
+    label = f'{{model_name="{MODEL}"}}'  # vLLM's names, for dashboards built for vLLM
+    assert scraped[f"vllm:time_to_first_token_seconds_count{label}"] >= 1
+    assert scraped[f"vllm:e2e_request_latency_seconds_count{label}"] >= 1
+    assert scraped[f"vllm:time_per_output_token_seconds_count{label}"] >= 1
+    assert scraped[f"vllm:generation_tokens_total{label}"] >= 3
+    assert scraped[f"vllm:prompt_tokens_total{label}"] >= 2
     assert httpx.get(f"{env.url}/health", timeout=10).status_code == 200
     schema = httpx.get(f"{env.url}/schema/openapi.json", timeout=10)
     assert schema.status_code == 200
