@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -101,21 +102,33 @@ class Tombstones:
     An abort can overtake the request itself: a client that hangs up while its prompt is being
     handed from prefill to decode sends the abort to everyone, and the decode instance may hear it
     before the hand-off. Without this, the hand-off would then be admitted and run to its end.
+
+    Bounded in time and size, and O(1) per abort: ids expire after `ttl_s` (dropped from the
+    oldest end as new ones come), and past `max_ids` the oldest go first, so no storm of aborts
+    can make one cost more or hold more memory.
     """
 
-    def __init__(self, ttl_s: float = 120.0) -> None:
+    def __init__(self, ttl_s: float = 120.0, max_ids: int = 100_000) -> None:
         self.ttl_s = ttl_s
-        self._ids: dict[str, float] = {}
+        self.max_ids = max_ids
+        self._ids: OrderedDict[str, float] = OrderedDict()  # oldest first
 
-    def add(self, request_id: str) -> None:
-        now = time.monotonic()
-        if len(self._ids) > 1024:
-            self._ids = {r: t for r, t in self._ids.items() if now - t < self.ttl_s}
+    def add(self, request_id: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
         self._ids[request_id] = now
+        self._ids.move_to_end(request_id)
+        while self._ids:
+            oldest, added = next(iter(self._ids.items()))
+            if now - added < self.ttl_s and len(self._ids) <= self.max_ids:
+                break
+            del self._ids[oldest]
 
     def __contains__(self, request_id: object) -> bool:
         added = self._ids.get(request_id) if isinstance(request_id, str) else None
         return added is not None and time.monotonic() - added < self.ttl_s
+
+    def __len__(self) -> int:
+        return len(self._ids)
 
 
 def build_engine(settings: InstanceSettings) -> Engine:
