@@ -40,6 +40,7 @@ class BackendCluster:
     decode_kv_bytes: int = 64 * 2**20
     executors: bool = False  # an attention executor beside each prefill instance
     offload_ratio: str | float = 0.0  # "auto" or a fixed share
+    extra_env: dict[str, str] = field(default_factory=dict)  # more ADRENALINE_* for every service
     nats: NatsServer = field(default_factory=NatsServer)
     group: ProcessGroup = field(init=False)
 
@@ -58,6 +59,7 @@ class BackendCluster:
             "ADRENALINE_KV_CACHE_BYTES": str(kv_bytes),
             "ADRENALINE_THREADS": "1",
             "ADRENALINE_TRANSFER_TIMEOUT_S": "5",
+            **self.extra_env,
         }
 
     def start(self) -> None:

@@ -5,6 +5,8 @@ auto policy."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from common.messages import ReleaseKV, Sampling
+from common.messages import ReleaseKV, Sampling, SubmitReply
 from tests.integration.cluster import BackendCluster, Client
 
 
@@ -87,9 +89,14 @@ def test_auto_offloads_under_memory_pressure(llama_dir: Path, tmp_path: Path, pr
     0.3 of 384), and the later ones are offloaded while C1 allows and wait (429) otherwise, until
     the residents end and they run locally. The residents are still running when the wave's first
     request is decided: each of these three is sent as soon as the one before is routed, while a
-    resident needs its prefill, a KV transfer and 64 decode steps to end. (Short requests on a
-    near-empty pool were offloaded only as C2 probes, which need enough local requests still
-    running: when routing was slower than decoding, all were refused.)
+    resident needs its prefill, a KV transfer and 64 decode steps to end. That the residents are
+    still running then is made certain rather than raced: each resident's decode instance is
+    paused (SIGSTOP) from the moment the resident has decoded a token until the first wave
+    request is routed (on a loaded machine a resident once finished first), with `dead_after_s`
+    raised so the pause cannot read as a death; if a resident still ends before its pause lands,
+    the residents are sent again. (Short requests on a near-empty pool were offloaded only as
+    C2 probes, which need enough local requests still running: when routing was slower than
+    decoding, all were refused.)
     """
     cluster = BackendCluster(
         llama_dir,
@@ -99,6 +106,7 @@ def test_auto_offloads_under_memory_pressure(llama_dir: Path, tmp_path: Path, pr
         executors=True,
         offload_ratio="auto",
         decode_kv_bytes=384 * 512,  # 512 bytes per token of KV for this model
+        extra_env={"ADRENALINE_DEAD_AFTER_S": "30"},
     )
     cluster.start()
     residents = _prompts(2, seed=3, lengths=(RESIDENT_PROMPT, RESIDENT_PROMPT + 1))
@@ -109,20 +117,49 @@ def test_auto_offloads_under_memory_pressure(llama_dir: Path, tmp_path: Path, pr
     instances += [f"executor-{i}" for i in range(prefills)]
     try:
 
+        async def residents_then_first(client: Client, attempt: int) -> tuple[list[str], SubmitReply] | None:
+            """Both residents decoding, each one's decode instance paused from its first decoded token
+            until the first wave request is routed; the resident ids and that request's reply. None
+            when a resident ended before its pause landed (a loaded machine can delay the client that
+            long): the scene was not set, so the caller sets it again rather than judge the policy."""
+            ids = [f"r{attempt}-{i}" for i in range(len(residents))]
+            paused = []
+            try:
+                for rid, prompt in zip(ids, residents, strict=True):
+                    reply = await client.submit_retrying(rid, prompt, resident_sampling)
+                    assert reply.accepted and not reply.offloaded, reply
+                    assert reply.decode_id not in [c.name for c in cluster.group.children if c.process.pid in paused]
+                    while len(client.events[rid]) < 2:  # its first decoded token: the KV is there
+                        await asyncio.sleep(0.002)
+                    child = next(c for c in cluster.group.children if c.name == reply.decode_id)
+                    os.kill(child.process.pid, signal.SIGSTOP)
+                    paused.append(child.process.pid)
+                await client.bus.flush()  # whatever the paused instances sent has reached us
+                if any(client.done[rid].is_set() for rid in ids):
+                    return None
+                return ids, await client.submit("w0", wave[0], wave_sampling)  # decided at once, never a 429
+            finally:
+                for pid in paused:
+                    os.kill(pid, signal.SIGCONT)
+
         async def scenario() -> tuple[list[list[int]], list[list[int]], int]:
             client = await Client.connect(cluster.nats.url)
             await client.wait_ready(prefills=prefills, decodes=2, executors=prefills)
-            held = [await client.submit_retrying(f"r{i}", p, resident_sampling) for i, p in enumerate(residents)]
-            assert [r.accepted and not r.offloaded for r in held] == [True, True], held
-            assert {r.decode_id for r in held} == {"decode-0", "decode-1"}, held
-            first = await client.submit_retrying("w0", wave[0], wave_sampling)
-            running = [not client.done[f"r{i}"].is_set() for i in range(len(residents))]
-            assert first.accepted and first.offloaded, (first, "residents still running:", running)
+            for attempt in range(3):
+                scene = await residents_then_first(client, attempt)
+                if scene is not None:
+                    break
+                for i in range(len(residents)):  # let this attempt's residents end, then set the scene again
+                    await client.result(f"r{attempt}-{i}")
+                await client.wait_all_free(instances)
+            assert scene is not None, "a resident ended before its decode instance could be paused, 3 times"
+            resident_ids, first = scene
+            assert first.accepted and first.offloaded, first
             replies = [first] + await asyncio.gather(
                 *(client.submit_retrying(f"w{i}", p, wave_sampling) for i, p in enumerate(wave) if i > 0)
             )
             assert all(r.accepted for r in replies), [r.error for r in replies]
-            held_out = [await client.result(f"r{i}") for i in range(len(residents))]
+            held_out = [await client.result(rid) for rid in resident_ids]
             assert all(last.finish_reason == "length" for _, last in held_out), held_out
             results = [await client.result(f"w{i}") for i in range(len(wave))]
             assert all(last.finish_reason in ("length", "stop") for _, last in results), results
