@@ -83,6 +83,17 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from services.status import run
+
+    try:
+        return asyncio.run(run(args.nats_url, args.prefix, args.watch))
+    except KeyboardInterrupt:
+        return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from benchmarks.serve import main as bench_main
 
@@ -133,6 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--device", default="cpu")
     gen.set_defaults(func=_generate)
+
+    status = commands.add_parser("status", help="what a running cluster is doing: instances, KV, queues")
+    status.add_argument(
+        "--nats-url",
+        default=os.environ.get("ADRENALINE_NATS_URL", "nats://127.0.0.1:4222"),
+        help="the cluster's NATS (adrenaline up prints it); default $ADRENALINE_NATS_URL or nats://127.0.0.1:4222",
+    )
+    status.add_argument("--prefix", default=os.environ.get("ADRENALINE_SUBJECTS_PREFIX", "adrenaline"))
+    status.add_argument("--watch", action="store_true", help="redraw every second (on a terminal) until Ctrl-C")
+    status.set_defaults(func=_status)
 
     bench = commands.add_parser("bench", help="serving benchmark: offload ratios side by side", prefix_chars="\0")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of benchmarks/serve.py (bench --help)")

@@ -247,9 +247,11 @@ def run_until_signalled(cluster: LocalCluster) -> int:
             status = cluster.wait_ready()
         except Stopped:
             return 0
+        nats_url = cluster.nats.url if cluster.nats is not None else ""
         print(
             f"Adrenaline is serving the OpenAI API at {cluster.url}/v1 "
-            f"(prefill {status.prefill}, decode {status.decode}; logs in {cluster.log_dir})",
+            f"(prefill {status.prefill}, decode {status.decode}; logs in {cluster.log_dir})\n"
+            f"Watch it: adrenaline status --watch --nats-url {nats_url}",
             flush=True,
         )
         supervisor = Supervisor(cluster.group, say=_say)

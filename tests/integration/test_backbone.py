@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from common.kv_pool import KVLayout
 from common.messages import AbortRequest, Sampling
 from common.model.spec import ModelSpec
 from common.model.tiny import make_tiny
-from tests.integration.cluster import BackendCluster, Client
+from tests.integration.cluster import PREFIX, BackendCluster, Client
 
 
 def _prompts(n: int, vocab: int = 384, seed: int = 3) -> list[list[int]]:
@@ -248,3 +250,26 @@ def test_a_killed_prefill_instance_fails_only_what_it_still_held(tmp_path: Path)
         asyncio.run(scenario())
     finally:
         cluster.stop()
+
+
+@pytest.mark.timeout(120)
+def test_adrenaline_status_reads_the_cluster(cluster: BackendCluster) -> None:
+    """The CLI an operator runs: every instance with its pool, from the cluster's own heartbeats."""
+
+    async def ready() -> None:
+        client = await Client.connect(cluster.nats.url)
+        await client.wait_ready(prefills=2, decodes=2)
+        await client.bus.close()
+
+    asyncio.run(ready())
+    cmd = [sys.executable, "-m", "services.cli", "status", "--nats-url", cluster.nats.url, "--prefix", PREFIX]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "prefill 2, decode 2, executor 0 live" in lines[0], done.stdout
+    rows = {line.split()[1]: line.split() for line in lines[2:]}
+    assert set(rows) == {"prefill-0", "prefill-1", "decode-0", "decode-1"}, done.stdout
+    for instance, row in rows.items():
+        assert row[0] == instance.split("-")[0]  # its role
+        used, total = map(int, row[2].split("/"))
+        assert total > 0 and 0 <= used <= total
