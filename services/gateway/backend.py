@@ -31,7 +31,7 @@ from common.messages import (
     TokenBatch,
     TokenEvent,
 )
-from services.gateway.errors import APIError
+from services.gateway.errors import APIError, too_many
 from services.gateway.settings import GatewaySettings
 
 log = structlog.get_logger("gateway")
@@ -143,6 +143,9 @@ class BackendClient:
         """Hand the request to the scheduler; raise APIError (503, 429, 400...) when it is not accepted."""
         if self.bus is None or not self.connected:
             raise APIError(503, "the gateway is not connected to the cluster", code="service_unavailable")
+        limit = self.settings.max_concurrent_requests
+        if limit and len(self._queues) >= limit:
+            raise too_many(f"this gateway serves at most {limit} requests at once; retry later", "too_many_requests")
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self._queues[request_id] = queue  # before the submit: the first token may beat the reply
         token_subject = self.subjects.tokens(self.settings.gateway_id)
@@ -161,6 +164,8 @@ class BackendClient:
         if not reply.accepted:
             self.release(request_id)
             status = reply.status if 400 <= reply.status < 600 else 503
+            if status == 429:
+                raise too_many(reply.error or "the cluster is full; retry later")
             raise APIError(status, reply.error or "the scheduler refused the request")
         log.info("accepted", request_id=request_id, prefill_id=reply.prefill_id, decode_id=reply.decode_id)
         return Generation(self, request_id, queue)

@@ -33,12 +33,20 @@ _TYPES = {
 class APIError(Exception):
     """An error that becomes one HTTP response with OpenAI's error body."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers or {}
 
     @property
     def type(self) -> str:
@@ -46,6 +54,14 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+RETRY_AFTER_S = 1  # what a 429 asks a client to wait (the official client honours `Retry-After`)
+
+
+def too_many(message: str, code: str | None = None) -> APIError:
+    """A 429 with `Retry-After`, so that clients back off rather than hammer a full cluster."""
+    return APIError(429, message, code=code, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 def invalid(param: str | None, message: str, code: str | None = None) -> APIError:
@@ -57,7 +73,7 @@ def _response(error: APIError, headers: dict[str, str] | None = None) -> Respons
 
 
 def on_api_error(request: Request[Any, Any, Any], exc: APIError) -> Response[dict[str, Any]]:
-    return _response(exc)
+    return _response(exc, exc.headers)
 
 
 _FIELD = re.compile(r"`(\w+)`")

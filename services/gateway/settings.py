@@ -27,6 +27,8 @@ class GatewaySettings:
     api_keys: tuple[str, ...] = ()  # ADRENALINE_API_KEYS, comma-separated: when set, /v1/* needs a Bearer key
     submit_timeout: float = 10.0  # ADRENALINE_SUBMIT_TIMEOUT_S: the scheduler must accept or refuse within this
     token_timeout: float = 30.0  # ADRENALINE_TOKEN_TIMEOUT_S: a request with no token event this long fails (504)
+    # ADRENALINE_MAX_CONCURRENT_REQUESTS: requests in flight at once; more get a 429 with Retry-After (0: no limit)
+    max_concurrent_requests: int = 1024
     subjects_prefix: str = "adrenaline"  # ADRENALINE_SUBJECTS_PREFIX
     log_level: str = "INFO"  # ADRENALINE_LOG_LEVEL
 
@@ -42,6 +44,8 @@ class GatewaySettings:
             )
         if self.submit_timeout <= 0 or self.token_timeout <= 0:
             raise ValueError("submit_timeout and token_timeout must be positive")
+        if self.max_concurrent_requests < 0:
+            raise ValueError(f"max_concurrent_requests must be >= 0 (0: no limit), got {self.max_concurrent_requests}")
 
     @property
     def subjects(self) -> Subjects:
@@ -66,6 +70,9 @@ class GatewaySettings:
         )
         p.add_argument("--submit-timeout", type=float, default=float(env("ADRENALINE_SUBMIT_TIMEOUT_S", 10.0)))
         p.add_argument("--token-timeout", type=float, default=float(env("ADRENALINE_TOKEN_TIMEOUT_S", 30.0)))
+        p.add_argument(
+            "--max-concurrent-requests", type=int, default=int(env("ADRENALINE_MAX_CONCURRENT_REQUESTS", 1024))
+        )
         p.add_argument("--subjects-prefix", default=env("ADRENALINE_SUBJECTS_PREFIX", "adrenaline"))
         p.add_argument("--log-level", default=env("ADRENALINE_LOG_LEVEL", "INFO"))
         args = vars(p.parse_args(argv))

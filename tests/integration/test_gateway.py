@@ -178,6 +178,7 @@ class Env:
     url: str  # the gateway in front of the stand-in (API keys on)
     bare_url: str  # a gateway with nothing behind it (no API keys)
     vocab: int
+    model: Path
     clients: dict[tuple[str, str], openai.OpenAI] = field(default_factory=dict)
 
     def client(self, key: str = API_KEY, url: str = "") -> openai.OpenAI:
@@ -221,7 +222,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         )
         main.start()
         bare.start()
-        env = Env(tokenizer, backend, main.url, bare.url, vocab)
+        env = Env(tokenizer, backend, main.url, bare.url, vocab, model)
         try:
             yield env
         finally:
@@ -449,8 +450,38 @@ def test_a_full_cluster_is_429(env: Env) -> None:
     env.backend.mode = "refuse"
     with pytest.raises(openai.RateLimitError) as full:
         env.client().completions.create(model=MODEL, prompt="x")
-    assert full.value.status_code == 429
+    assert full.value.status_code == 429 and full.value.response.headers["Retry-After"] == "1"
     assert _error(full.value)["message"] == "the cluster is full, retry later"
+
+
+@pytest.mark.timeout(60)
+def test_a_gateway_at_its_concurrency_limit_is_429_with_retry_after(env: Env) -> None:
+    one = GatewayThread(
+        GatewaySettings(
+            env.backend.nats_url, str(env.model), port=free_port(), subjects_prefix=PREFIX, max_concurrent_requests=1
+        )
+    )
+    one.start()
+    try:
+        env.backend.token_delay = 0.05  # the first request streams for a while
+        client = env.client(url=one.url)
+        stream = client.completions.create(model=MODEL, prompt="first", max_tokens=200, stream=True)
+        next(iter(stream))  # it is in flight
+        with pytest.raises(openai.RateLimitError) as full:
+            client.completions.create(model=MODEL, prompt="second", max_tokens=2)
+        assert full.value.response.headers["Retry-After"] == "1"
+        assert _error(full.value)["code"] == "too_many_requests"
+        stream.close()  # the client leaves: its slot frees
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert client.completions.create(model=MODEL, prompt="third", max_tokens=2).choices[0].text
+                break
+            except openai.RateLimitError:
+                assert time.monotonic() < deadline, "the slot of a request that ended never came back"
+                time.sleep(0.05)
+    finally:
+        one.stop()
 
 
 @pytest.mark.timeout(60)
