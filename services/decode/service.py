@@ -26,6 +26,7 @@ from common.bus import Bus, Reply
 from common.engine import Engine, StepOutput
 from common.errors import InvalidRequestError, NoFreeBlocksError
 from common.kv_transfer import kv_shape, scatter_kv
+from common.liveness import Hearing
 from common.messages import AbortRequest, Ack, Admitted, InstanceLoad, KVHandoff, TokenBatch, TokenEvent
 from common.profiling import profile_decode_attention, profile_engine
 from common.sampling import from_wire
@@ -116,15 +117,28 @@ class DecodeService:
 
     async def watch_executors(self) -> None:
         """Fail an executor whose heartbeats stopped (the scheduler's rule), so that a step waiting
-        on it ends within about `dead_after_s` rather than at the transfer timeout."""
-        while True:
-            await asyncio.sleep(self.settings.heartbeat_s)
-            horizon = time.monotonic() - self.settings.dead_after_s
-            for name, client in list(self.engine.executors.items()):
-                seen = self.executor_seen.setdefault(name, time.monotonic())
-                if seen < horizon and isinstance(client, RemoteExecutor) and not client.failed:
-                    log.warning("executor silent", executor_id=name, silent_s=round(time.monotonic() - seen, 2))
-                    client.fail(f"no heartbeat for {self.settings.dead_after_s:g} s")
+        on it ends within about `dead_after_s` rather than at the transfer timeout. Silence counts
+        only while this instance hears well (`common.liveness`): a NATS pause silences every
+        executor while UCX, and so every step, still works."""
+        s = self.settings
+        hearing = Hearing(self.bus, s.subjects_prefix, s.dead_after_s, tick_s=s.heartbeat_s)
+        await hearing.start()
+        try:
+            while True:
+                await asyncio.sleep(s.heartbeat_s)
+                await hearing.tick()
+                if hearing.judging:
+                    self._fail_silent_executors()
+        finally:
+            await hearing.stop()
+
+    def _fail_silent_executors(self) -> None:
+        horizon = time.monotonic() - self.settings.dead_after_s
+        for name, client in list(self.engine.executors.items()):
+            seen = self.executor_seen.setdefault(name, time.monotonic())
+            if seen < horizon and isinstance(client, RemoteExecutor) and not client.failed:
+                log.warning("executor silent", executor_id=name, silent_s=round(time.monotonic() - seen, 2))
+                client.fail(f"no heartbeat for {self.settings.dead_after_s:g} s")
 
     async def on_abort(self, abort: AbortRequest, reply: Reply | None) -> None:
         self.inbox.aborts.append(abort.request_id)

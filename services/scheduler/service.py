@@ -23,6 +23,7 @@ from prometheus_client import Counter, Gauge
 
 from common.bus import Bus, Reply, ServiceUnavailable
 from common.config import parse_offload_ratio
+from common.liveness import Hearing
 from common.messages import (
     AbortRequest,
     Ack,
@@ -131,6 +132,8 @@ class Scheduler:
         self.routed = 0  # requests routed so far, for the fixed offload ratio
         self.dispatches: set[asyncio.Task[None]] = set()  # routed requests waiting for their prefill's ack
         self.mean_len: float | None = None  # moving mean of requests' maximum lengths, for the compute bound
+        # ticked by the reap loop, every dead_after_s / 4
+        self.hearing = Hearing(bus, settings.subjects_prefix, settings.dead_after_s, tick_s=settings.dead_after_s / 4)
 
     # ---- registry --------------------------------------------------------------------------
     async def on_load(self, load: InstanceLoad, reply: Reply | None) -> None:
@@ -148,11 +151,16 @@ class Scheduler:
         self.instances[load.instance_id] = _Instance(load, time.monotonic())
 
     def live(self, role: str) -> list[InstanceLoad]:
-        horizon = time.monotonic() - self.settings.dead_after_s
+        """Instances of `role` heard within `dead_after_s`; while we cannot judge silence (we or NATS
+        were paused: `common.liveness`), every instance not yet found dead."""
+        horizon = time.monotonic() - self.settings.dead_after_s if self.hearing.judging else -math.inf
         return [i.load for i in self.instances.values() if i.load.role == role and i.seen >= horizon]
 
     async def reap(self) -> None:
         """Forget instances that stopped heartbeating and fail the requests they held."""
+        await self.hearing.tick()
+        if not self.hearing.judging:
+            return
         horizon = time.monotonic() - self.settings.dead_after_s
         dead = {iid for iid, inst in self.instances.items() if inst.seen < horizon}
         for iid in dead:
@@ -387,6 +395,7 @@ class Scheduler:
             await self.bus.subscribe(s.abort, AbortRequest, self.on_abort),
             await self.bus.subscribe(s.status, StatusRequest, self.on_status, queue="scheduler"),
         ]
+        await self.hearing.start()
         log.info("scheduler ready")
         try:
             while not stop.is_set():
@@ -394,6 +403,7 @@ class Scheduler:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=self.settings.dead_after_s / 4)
         finally:
+            await self.hearing.stop()
             for sub in subs:
                 await sub.unsubscribe()
             for dispatch in self.dispatches:

@@ -1,0 +1,65 @@
+"""Judge peers dead by their silence only while we ourselves have been able to hear them.
+
+An instance is declared dead after `dead_after_s` without a heartbeat. But silence also comes
+from our side: a watcher that was paused (SIGSTOP, a long GC, a starved core) or a NATS server
+that was paused or restarting hears nobody, and judging then declared every instance dead at
+once and failed every request in flight. So a `Hearing` judges only after it has heard well for
+`dead_after_s` in a row: its own loop ticked on time, and a message it sent itself through NATS
+came back each time. A pause of ours, or of NATS, restarts that clock; the heartbeats buffered
+meanwhile arrive, and an instance that is really gone is found one `dead_after_s` later than it
+would have been.
+
+The round trip is a request to an echo subscription of our own rather than a PING/PONG flush:
+nats-py 2.x leaves a timed-out flush's future in its queue, and the late PONG then kills the
+connection's read loop.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from nats.aio.subscription import Subscription
+
+from common.bus import Bus, Reply, ServiceUnavailable
+from common.messages import Ack, MessageError
+
+
+class Hearing:
+    def __init__(self, bus: Bus, prefix: str, dead_after_s: float, tick_s: float) -> None:
+        self.bus = bus
+        self.subject = f"{prefix}.liveness.{uuid.uuid4().hex}"  # ours alone
+        self.dead_after_s = dead_after_s
+        self.tick_s = tick_s  # how often `tick` is called
+        self._last_tick = time.monotonic()
+        self._hearing_since = self._last_tick
+        self._echo: Subscription | None = None
+
+    async def start(self) -> None:
+        async def echo(message: Ack, reply: Reply | None) -> None:
+            if reply is not None:
+                await reply(message)
+
+        self._echo = await self.bus.subscribe(self.subject, Ack, echo)
+
+    async def stop(self) -> None:
+        if self._echo is not None:
+            await self._echo.unsubscribe()
+            self._echo = None
+
+    async def tick(self) -> None:
+        """Call every `tick_s`: notes a late tick of ours, or a message of ours NATS did not bring back."""
+        late = time.monotonic() - self._last_tick > self.tick_s + self.dead_after_s / 2
+        try:
+            await self.bus.request(self.subject, Ack(True), Ack, timeout=self.dead_after_s / 2)
+            heard = True
+        except (ServiceUnavailable, MessageError):
+            heard = False
+        self._last_tick = time.monotonic()
+        if late or not heard:
+            self._hearing_since = self._last_tick
+
+    @property
+    def judging(self) -> bool:
+        """True once we have heard well for `dead_after_s`: only then does silence mean death."""
+        return time.monotonic() - self._hearing_since >= self.dead_after_s
