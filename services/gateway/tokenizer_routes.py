@@ -14,7 +14,7 @@ from litestar import Request, get, post
 
 from services.gateway import openai_types as oa
 from services.gateway.errors import invalid
-from services.gateway.prompts import PromptBuilder
+from services.gateway.prompts import PromptBuilder, refuse_unsupported
 
 
 def _prompts(request: Request[Any, Any, Any]) -> PromptBuilder:
@@ -26,6 +26,7 @@ def _prompts(request: Request[Any, Any, Any]) -> PromptBuilder:
 async def tokenize(request: Request[Any, Any, Any], data: oa.TokenizeRequest) -> oa.TokenizeResponse:
     prompts = _prompts(request)
     prompts.check_model(data.model)
+    refuse_unsupported(data)  # a message's tool calls, say: what chat would refuse, this refuses too
     if (data.prompt is None) == (data.messages is None):
         raise invalid("prompt", "send either `prompt` (text) or `messages` (a chat), not both or neither")
     if data.messages is not None:

@@ -54,6 +54,7 @@ def test_detokenize_reverses_tokenize(env: Env) -> None:
         ("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, "prompt"),
         ("/tokenize", {}, "prompt"),
         ("/tokenize", {"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        ("/tokenize", {"messages": [{"role": "user", "content": "x", "tool_calls": [{}]}]}, "messages[0].tool_calls"),
         ("/tokenize", {"prompt": "x", "model": "gpt-17"}, "model"),
         ("/detokenize", {"tokens": [5, -1]}, "tokens"),
         ("/detokenize", {"tokens": [10**9]}, "tokens"),
