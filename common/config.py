@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -37,3 +38,9 @@ def parse_offload_ratio(value: str | float) -> float | None:
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"offload ratio must be 'auto' or a number in [0, 1], got {value!r}")
     return ratio
+
+
+def model_name(model: str) -> str:
+    """The name a model folder is known by (its last path component): the gateway's default served
+    name and the `model_name` label of the vLLM-named metrics."""
+    return Path(model).resolve().name or model

@@ -10,9 +10,10 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from common.config import model_name
 
 KV_BLOCKS_TOTAL = Gauge("adrenaline_kv_blocks_total", "KV blocks in this instance's pool")
 KV_BLOCKS_USED = Gauge("adrenaline_kv_blocks_used", "KV blocks held by requests")
@@ -109,7 +110,7 @@ def name_model(model: str) -> None:
     """The `model_name` label of the vLLM-named gauges: the model folder's name, which the gateway
     also serves it as unless `--served-model-name` says otherwise."""
     global _model_name
-    _model_name = Path(model).resolve().name or model
+    _model_name = model_name(model)
 
 
 def observe_pool(role: str, total: int, free: int, running: int, waiting: int) -> None:

@@ -65,7 +65,7 @@ _ERRORS = {
     },
 )
 async def completions(request: Request[Any, Any, Any], data: oa.CompletionRequest) -> Response[Any]:
-    server, prompts = _server(request), _prompts(request)
+    server, prompts = _server(request), PromptBuilder.of(request)
     prompts.check_model(data.model)
     refuse_unsupported(data)
     prompt = prompts.completion_prompt(data)
@@ -83,7 +83,7 @@ async def completions(request: Request[Any, Any, Any], data: oa.CompletionReques
     },
 )
 async def chat_completions(request: Request[Any, Any, Any], data: oa.ChatCompletionRequest) -> Response[Any]:
-    server, prompts = _server(request), _prompts(request)
+    server, prompts = _server(request), PromptBuilder.of(request)
     prompts.check_model(data.model)
     refuse_unsupported(data)
     if data.top_logprobs is not None and not data.logprobs:
@@ -109,7 +109,7 @@ def _job(data: oa.SamplingFields, chat: bool, model: str, prompt: list[int], sam
 
 @get("/models")
 async def models(request: Request[Any, Any, Any]) -> oa.ModelList:
-    prompts = _prompts(request)
+    prompts = PromptBuilder.of(request)
     card = oa.ModelCard(prompts.served_model_name, oa.now(), prompts.max_model_len)
     return oa.ModelList([card])
 
@@ -139,11 +139,6 @@ async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
 def _server(request: Request[Any, Any, Any]) -> Server:
     server: Server = request.app.state.server
     return server
-
-
-def _prompts(request: Request[Any, Any, Any]) -> PromptBuilder:
-    prompts: PromptBuilder = request.app.state.prompts
-    return prompts
 
 
 class GatewayRequest(Request[Any, Any, Any]):
@@ -186,17 +181,10 @@ def create_app(settings: GatewaySettings) -> Litestar:
     gateway_metrics = GatewayMetrics(settings.served_model_name)
     server = Server(backend, tokenizer, gateway_metrics)
     prompts = PromptBuilder(tokenizer, settings.served_model_name, spec.max_model_len, spec.vocab_size)
-    v1 = Router(
-        "/v1",
-        route_handlers=[completions, chat_completions, models],
-        guards=[_api_key_guard(settings.api_keys)] if settings.api_keys else [],
-    )
+    guards = [_api_key_guard(settings.api_keys)] if settings.api_keys else []
+    v1 = Router("/v1", route_handlers=[completions, chat_completions, models], guards=guards)
     # vLLM serves these at the root; with API keys configured they need one too, as /v1 does.
-    utilities = Router(
-        "/",
-        route_handlers=[tokenize, detokenize, server_version],
-        guards=[_api_key_guard(settings.api_keys)] if settings.api_keys else [],
-    )
+    utilities = Router("/", route_handlers=[tokenize, detokenize, server_version], guards=guards)
     return Litestar(
         route_handlers=[v1, utilities, health, live, metrics],
         state=State({"server": server, "prompts": prompts}),

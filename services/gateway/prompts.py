@@ -11,6 +11,7 @@ import functools
 from typing import Annotated, Any, get_args, get_origin
 
 import msgspec
+from litestar import Request
 
 from common.errors import InvalidRequestError
 from common.messages import Sampling
@@ -23,6 +24,12 @@ DEFAULT_MAX_TOKENS = 16
 
 class PromptBuilder:
     """Tokenizes prompts and checks requests against one model's tokenizer and context length."""
+
+    @staticmethod
+    def of(request: Request[Any, Any, Any]) -> PromptBuilder:
+        """The app's builder (kept in its state, not a global, so one process can hold several apps)."""
+        prompts: PromptBuilder = request.app.state.prompts
+        return prompts
 
     def __init__(self, tokenizer: Any, served_model_name: str, max_model_len: int, vocab_size: int) -> None:
         self.tokenizer = tokenizer

@@ -11,8 +11,8 @@ import argparse
 import os
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
+from common.config import model_name
 from common.subjects import Subjects
 
 
@@ -35,7 +35,7 @@ class GatewaySettings:
     def __post_init__(self) -> None:
         # Derived defaults are filled in here so that every way of building settings agrees on them.
         if not self.served_model_name:
-            object.__setattr__(self, "served_model_name", Path(self.model).resolve().name or self.model)
+            object.__setattr__(self, "served_model_name", model_name(self.model))
         if not self.gateway_id:
             object.__setattr__(self, "gateway_id", f"gateway-{uuid.uuid4().hex[:12]}")
         if "." in self.gateway_id or "*" in self.gateway_id or ">" in self.gateway_id:

@@ -17,14 +17,9 @@ from services.gateway.errors import invalid
 from services.gateway.prompts import PromptBuilder, refuse_unsupported
 
 
-def _prompts(request: Request[Any, Any, Any]) -> PromptBuilder:
-    prompts: PromptBuilder = request.app.state.prompts
-    return prompts
-
-
 @post("/tokenize", status_code=200)
 async def tokenize(request: Request[Any, Any, Any], data: oa.TokenizeRequest) -> oa.TokenizeResponse:
-    prompts = _prompts(request)
+    prompts = PromptBuilder.of(request)
     prompts.check_model(data.model)
     refuse_unsupported(data)  # a message's tool calls, say: what chat would refuse, this refuses too
     if (data.prompt is None) == (data.messages is None):
@@ -38,7 +33,7 @@ async def tokenize(request: Request[Any, Any, Any], data: oa.TokenizeRequest) ->
 
 @post("/detokenize", status_code=200)
 async def detokenize(request: Request[Any, Any, Any], data: oa.DetokenizeRequest) -> oa.DetokenizeResponse:
-    prompts = _prompts(request)
+    prompts = PromptBuilder.of(request)
     prompts.check_model(data.model)
     bad = [t for t in data.tokens if not 0 <= t < prompts.vocab_size]
     if bad:

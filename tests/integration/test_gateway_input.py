@@ -47,6 +47,12 @@ def _refused(r: httpx.Response, status: int = 400) -> dict[str, Any]:
     return error
 
 
+def _minimal(path: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """The smallest valid body for `path`, with `fields` on top."""
+    base: dict[str, Any] = {"prompt": "x"} if path == "completions" else {"messages": USER}
+    return {"model": MODEL, **base, **fields}
+
+
 def _refused_before_the_backend(
     env: Env, http: httpx.Client, path: str, body: bytes | dict[str, Any]
 ) -> dict[str, Any]:
@@ -239,8 +245,7 @@ def test_an_empty_message_list_is_400(env: Env, http: httpx.Client) -> None:
 def test_unimplemented_fields_are_400_naming_the_field(
     env: Env, http: httpx.Client, path: str, fields: dict[str, Any], param: str
 ) -> None:
-    base: dict[str, Any] = {"prompt": "x"} if path == "completions" else {"messages": USER}
-    error = _refused_before_the_backend(env, http, path, {"model": MODEL, **base, **fields})
+    error = _refused_before_the_backend(env, http, path, _minimal(path, fields))
     assert error["param"] == param, error
     assert f"`{param.rsplit('.', 1)[-1]}`" in error["message"] and "not support" in error["message"], error
 
@@ -262,8 +267,7 @@ def test_unimplemented_fields_are_400_naming_the_field(
 def test_unknown_fields_are_400_naming_the_field(
     env: Env, http: httpx.Client, path: str, fields: dict[str, Any], param: str
 ) -> None:
-    base: dict[str, Any] = {"prompt": "x"} if path == "completions" else {"messages": USER}
-    error = _refused_before_the_backend(env, http, path, {"model": MODEL, **base, **fields})
+    error = _refused_before_the_backend(env, http, path, _minimal(path, fields))
     assert error["param"] == param, error
     assert error["message"] == f"Unrecognized request argument supplied: {param}", error
 
