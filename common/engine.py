@@ -88,6 +88,14 @@ class Engine:
             raise InvalidRequestError(
                 "prompt", f"token ids {bad[:5]} are outside the vocabulary [0, {self.spec.vocab_size})"
             )
+        vocab = self.spec.vocab_size
+        for field, ids in (
+            ("stop_token_ids", params.stop_token_ids),
+            ("logit_bias", [t for t, _ in params.logit_bias]),
+        ):
+            bad = [t for t in ids if t >= vocab]  # the processors index the logits with them
+            if bad:
+                raise InvalidRequestError(field, f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         limit = self.spec.max_model_len
         if len(prompt_token_ids) >= limit:
             raise InvalidRequestError("prompt", f"has {len(prompt_token_ids)} tokens; the model's context is {limit}")
@@ -310,7 +318,11 @@ class Engine:
 
     def _run(self, batch: list[Request], logits: torch.Tensor) -> list[StepOutput]:
         result = sample(
-            logits.cpu(), [r.params for r in batch], [len(r.output_token_ids) for r in batch], self.generator
+            logits.cpu(),
+            [r.params for r in batch],
+            [len(r.output_token_ids) for r in batch],
+            self.generator,
+            [(r.prompt_token_ids, r.output_token_ids) for r in batch],
         )
         outputs = []
         for i, request in enumerate(batch):

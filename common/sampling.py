@@ -9,10 +9,12 @@ and whatever it is batched with.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from common.logits_processors import History, process_logits
 from common.messages import Sampling
 from common.sampling_checks import check_sampling
 
@@ -27,6 +29,12 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # end the request when one is generated (it is kept)
     ignore_eos: bool = False  # do not stop at the model's end-of-sequence tokens
     logprobs: int | None = None  # None: none; 0: the chosen token's; n: and the n most likely
+    # Logits processors (common/logits_processors.py), in the order they apply:
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logits
+    min_tokens: int = 0  # stop and end-of-sequence tokens are masked until this many tokens exist
+    repetition_penalty: float = 1.0  # over prompt and output tokens, as transformers'; 1 is none
+    frequency_penalty: float = 0.0  # times each token's count in the output, as OpenAI's
+    presence_penalty: float = 0.0  # once for each token present in the output, as OpenAI's
     eos_token_ids: tuple[int, ...] = field(default=(), repr=False)  # filled in by the engine
 
     def __post_init__(self) -> None:
@@ -36,6 +44,15 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def processes_logits(self) -> bool:
+        """Whether any logits processor applies: without one, sampling reads the model's logits as they are."""
+        return bool(self.logit_bias or self.min_tokens or self.penalized)
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
     def stops_at(self, token_id: int) -> bool:
         return token_id in self.stop_token_ids or (not self.ignore_eos and token_id in self.eos_token_ids)
 
@@ -43,13 +60,14 @@ class SamplingParams:
 def to_wire(params: SamplingParams) -> Sampling:
     """The message form of validated parameters (what the gateway sends); `from_wire` reverses it."""
     values = {f.name: getattr(params, f.name) for f in dataclasses.fields(Sampling)}
-    return Sampling(**{**values, "stop_token_ids": list(params.stop_token_ids)})
+    return Sampling(**{**values, "stop_token_ids": list(params.stop_token_ids), "logit_bias": list(params.logit_bias)})
 
 
 def from_wire(sampling: Sampling) -> SamplingParams:
     """Parameters from a message, validated (raises InvalidRequestError naming the field)."""
     values = {f.name: getattr(sampling, f.name) for f in dataclasses.fields(Sampling)}
-    return SamplingParams(**{**values, "stop_token_ids": tuple(sampling.stop_token_ids)})
+    stop, bias = tuple(sampling.stop_token_ids), tuple((t, float(b)) for t, b in sampling.logit_bias)
+    return SamplingParams(**{**values, "stop_token_ids": stop, "logit_bias": bias})
 
 
 @dataclass(frozen=True)
@@ -70,10 +88,19 @@ def sample(
     params: list[SamplingParams],
     steps: list[int],  # per row: how many tokens the request has generated so far
     generator: torch.Generator | None = None,  # randomness for unseeded rows
+    histories: Sequence[History] | None = None,  # per row; needed only by rows that process logits
 ) -> SampleResult:
-    """Choose one token per row. Greedy rows take the argmax of the raw logits."""
+    """Choose one token per row. Greedy rows take the argmax of the (processed) logits.
+
+    Logprobs are those of the model's own distribution, before any processor or temperature
+    (vLLM's default, `raw_logprobs`): they say what the model thought, not what was drawn from.
+    """
     batch, vocab = logits.shape
-    logits = logits.float()
+    raw = logits = logits.float()
+    if any(p.processes_logits for p in params):  # the common case pays for this test only
+        if histories is None:
+            raise ValueError("logits processors need each row's token history")
+        logits = process_logits(logits, params, histories)
     chosen = logits.argmax(dim=-1)
     sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
     if sampled_rows:
@@ -92,7 +119,7 @@ def sample(
     token_ids = chosen.tolist()
     if all(p.logprobs is None for p in params):
         return SampleResult(token_ids, None, None)
-    logp = torch.log_softmax(logits, dim=-1)
+    logp = torch.log_softmax(raw, dim=-1)
     chosen_logp = logp.gather(1, chosen[:, None]).squeeze(1).tolist()
     top_n = max(p.logprobs or 0 for p in params)
     top: list[list[tuple[int, float]]] = [[] for _ in range(batch)]

@@ -4,16 +4,25 @@ Both forms check with it: `common.sampling.SamplingParams` (the engine's, built 
 from an HTTP request, so a bad value is a 400 naming the field) and the wire form
 `common.messages.Sampling` (so a peer cannot make a service build a bad one). The scheduler
 and gateway read messages without importing torch, hence a module of its own.
+
+Token ids are checked against the vocabulary where it is known (the gateway, `Engine.validate`);
+here only against what a token id can be at all.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Protocol
 
 from common.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
 MAX_TEMPERATURE = 100.0
+MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2], as OpenAI defines them
+MAX_REPETITION_PENALTY = 100.0  # any finite value > 0 has a meaning; past this it is a mistake
+MAX_LOGIT_BIAS = 100.0  # a bias lies in [-100, 100], as OpenAI defines it
+MAX_LOGIT_BIAS_TOKENS = 300  # as OpenAI: more entries are refused
 
 
 class SamplingValues(Protocol):
@@ -28,9 +37,19 @@ class SamplingValues(Protocol):
     @property
     def seed(self) -> int | None: ...
     @property
-    def stop_token_ids(self) -> tuple[int, ...] | list[int]: ...
+    def stop_token_ids(self) -> Sequence[int]: ...
     @property
     def logprobs(self) -> int | None: ...
+    @property
+    def min_tokens(self) -> int: ...
+    @property
+    def repetition_penalty(self) -> float: ...
+    @property
+    def presence_penalty(self) -> float: ...
+    @property
+    def frequency_penalty(self) -> float: ...
+    @property
+    def logit_bias(self) -> Sequence[tuple[int, float]]: ...
 
 
 def check_sampling(p: SamplingValues) -> None:
@@ -45,14 +64,45 @@ def check_sampling(p: SamplingValues) -> None:
         raise InvalidRequestError("top_k", f"must be -1, 0 (all tokens) or a positive integer, got {p.top_k!r}")
     if p.seed is not None and (not _is_int(p.seed) or not 0 <= p.seed < 2**63):
         raise InvalidRequestError("seed", f"must be an integer in [0, 2**63), got {p.seed!r}")
-    if any(not _is_int(t) or not 0 <= t < 2**31 for t in p.stop_token_ids):
+    if any(not _is_token(t) for t in p.stop_token_ids):
         raise InvalidRequestError("stop_token_ids", f"must be token ids in [0, 2**31), got {p.stop_token_ids!r}")
     if p.logprobs is not None and (not _is_int(p.logprobs) or not 0 <= p.logprobs <= MAX_LOGPROBS):
         raise InvalidRequestError("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {p.logprobs!r}")
+    if not _is_int(p.min_tokens) or not 0 <= p.min_tokens <= p.max_new_tokens:
+        raise InvalidRequestError(
+            "min_tokens", f"must be an integer in [0, max_tokens={p.max_new_tokens}], got {p.min_tokens!r}"
+        )
+    if not _is_number(p.repetition_penalty) or not 0.0 < p.repetition_penalty <= MAX_REPETITION_PENALTY:
+        raise InvalidRequestError(
+            "repetition_penalty", f"must be in (0, {MAX_REPETITION_PENALTY:g}], got {p.repetition_penalty!r}"
+        )
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(p, name)
+        if not _is_number(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:
+            raise InvalidRequestError(name, f"must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value!r}")
+    _check_logit_bias(p.logit_bias)
+
+
+def _check_logit_bias(bias: Sequence[tuple[int, float]]) -> None:
+    if len(bias) > MAX_LOGIT_BIAS_TOKENS:
+        raise InvalidRequestError("logit_bias", f"must name at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(bias)}")
+    seen = set()
+    for token, value in bias:
+        if not _is_token(token) or token in seen:
+            raise InvalidRequestError("logit_bias", f"must map distinct token ids in [0, 2**31), got {token!r}")
+        if not _is_number(value) or not math.isfinite(value) or abs(value) > MAX_LOGIT_BIAS:
+            raise InvalidRequestError(
+                "logit_bias", f"biases must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {value!r}"
+            )
+        seen.add(token)
 
 
 def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_token(x: object) -> bool:
+    return _is_int(x) and 0 <= x < 2**31  # type: ignore[operator]
 
 
 def _is_number(x: object) -> bool:

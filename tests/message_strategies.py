@@ -31,6 +31,12 @@ SANE_FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "role": st.sampled_from(ROLES),
     "finish_reason": st.sampled_from(FINISH_REASONS),
     "status": st.sampled_from([200, 400, 429, 503]),
+    "min_tokens": st.integers(min_value=0, max_value=1),  # at most max_new_tokens, whose sane values start at 1
+    "logit_bias": st.lists(  # distinct token ids, as a JSON object's keys are
+        st.tuples(st.integers(min_value=1, max_value=6), st.floats(min_value=-5.0, max_value=5.0)).map(list),
+        max_size=3,
+        unique_by=lambda pair: pair[0],
+    ),
 }
 ANY = st.one_of(st.none(), st.booleans(), WILD_INTS, WILD_FLOATS, st.text(max_size=8), st.binary(max_size=8))
 

@@ -102,6 +102,11 @@ def test_wire_form_round_trips_every_field() -> None:
         stop_token_ids=(4, 5),
         ignore_eos=True,
         logprobs=2,
+        logit_bias=((3, -1.5), (8, 2.0)),
+        min_tokens=2,
+        repetition_penalty=1.2,
+        frequency_penalty=0.5,
+        presence_penalty=-0.25,
     )
     wire = decode(encode(to_wire(params)), Sampling)
     assert from_wire(wire) == params
