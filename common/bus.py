@@ -14,7 +14,9 @@ exit promptly.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import nats
@@ -27,6 +29,7 @@ from nats.errors import TimeoutError as NatsTimeout
 
 from common.errors import AdrenalineError
 from common.messages import MessageError, decode, encode
+from common.nats_auth import inbox_prefix
 
 log = structlog.get_logger(__name__)
 M = TypeVar("M")
@@ -41,13 +44,43 @@ class ServiceUnavailable(AdrenalineError):
         self.subject = subject
 
 
+@dataclass(frozen=True)
+class NatsAuth:
+    """How a service proves who it is to NATS, and checks who NATS is (docs/security.md).
+
+    A user and password per role: the server's permissions for that user decide which subjects
+    the role may publish and subscribe. With a CA, the connection is TLS and the server's
+    certificate is verified; with a certificate and key too, NATS can verify the client.
+    """
+
+    user: str = ""
+    password: str = field(default="", repr=False)
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+
+    def options(self) -> dict[str, Any]:
+        """nats.connect's keyword arguments for these credentials."""
+        options: dict[str, Any] = {}
+        if self.user:
+            # Replies come back under an inbox only this user may subscribe to (common/nats_auth.py).
+            options.update(user=self.user, password=self.password, inbox_prefix=inbox_prefix(self.user))
+        if self.tls_ca:
+            context = ssl.create_default_context(cafile=self.tls_ca)
+            if self.tls_cert:
+                context.load_cert_chain(self.tls_cert, self.tls_key or None)
+            options["tls"] = context
+        return options
+
+
 class Bus:
     def __init__(self, client: Client) -> None:
         self.client = client
         self.malformed = 0  # messages dropped because they did not decode
 
     @classmethod
-    async def connect(cls, url: str, name: str) -> Bus:
+    async def connect(cls, url: str, name: str, auth: NatsAuth | None = None) -> Bus:
+        """Connect to `url` (several comma-separated URLs name the nodes of a NATS cluster)."""
         last_error = ""
 
         async def on_error(exc: Exception) -> None:
@@ -64,13 +97,14 @@ class Bus:
             log.info("nats reconnected", connection=name)
 
         client = await nats.connect(
-            url,
+            [u.strip() for u in url.split(",") if u.strip()],
             name=name,
             connect_timeout=5,
             max_reconnect_attempts=-1,
             drain_timeout=2,
             error_cb=on_error,
             reconnected_cb=on_reconnected,
+            **(auth or NatsAuth()).options(),
         )
         return cls(client)
 

@@ -82,10 +82,11 @@ HANDOFFS_RECOMPUTED = Counter(
 TRANSFER_FAILURES = Counter("adrenaline_kv_transfer_failures_total", "KV transfers that failed or timed out")
 
 
-def serve(port: int) -> None:
-    """Serve /metrics on `port` in a background thread; 0 means off."""
+def serve(port: int, host: str = "127.0.0.1") -> None:
+    """Serve /metrics on `host`:`port` in a background thread; port 0 means off. Loopback unless
+    told otherwise: metrics name models and load, nothing a stranger on the network should read."""
     if port:
-        start_http_server(port)
+        start_http_server(port, addr=host)
 
 
 @contextmanager

@@ -62,20 +62,26 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class NatsServer:
-    """A nats-server child process with JetStream on a free loopback port; a context manager.
+    """A nats-server child process on a free loopback port; a context manager.
 
     It runs in a session of its own, so a terminal's Ctrl-C does not kill it under the services
     that still need it to shut down cleanly (whoever started it stops it last), and it dies with
     the process (the thread) that started it, so a killed parent leaves no server behind.
     """
 
-    def __init__(self, port: int | None = None, host: str = "127.0.0.1", jetstream: bool = True) -> None:
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1", config: str = "") -> None:
+        """`config`: nats-server configuration text (e.g. `nats_auth.server_config`'s users), kept in
+        a file only this user can read, beside the server, for its lifetime."""
         self.host = host
         self.port = port or free_port(host)
+        self.config = config
         self._store = tempfile.TemporaryDirectory(prefix="adrenaline-nats-")
         cmd = [nats_server_binary(), "-a", host, "-p", str(self.port)]
-        if jetstream:
-            cmd += ["-js", "-sd", self._store.name]
+        if config:
+            path = Path(self._store.name) / "nats.conf"
+            path.touch(mode=0o600)
+            path.write_text(config)
+            cmd += ["-c", str(path)]
         self.process = subprocess.Popen(
             cmd,
             stdout=subprocess.DEVNULL,

@@ -99,13 +99,13 @@ def _sync_cuda(tensors: Sequence[torch.Tensor]) -> None:
 class TensorChannel:
     """The process's UCX worker, progressed on one event loop, plus cached endpoints to peers."""
 
-    def __init__(self, context: Any, worker: Any, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, context: Any, worker: Any, loop: asyncio.AbstractEventLoop, spin_us: float = 0.0) -> None:
         self._context: Any = context
         self._worker_obj: Any = worker
         self._loop = loop
         self._peers: dict[bytes, Peer] = {}
         self._waiters: list[_Waiter] = []
-        self.spin_s = float(os.environ.get("ADRENALINE_UCX_SPIN_US", 0)) * 1e-6  # see `_spin`
+        self.spin_s = spin_us * 1e-6  # see `_spin`
         # Requests unfinished at their timeout, with the memory they read or write: UCX holds raw pointers,
         # so that memory must live until they complete (then they are dropped) or the channel closes.
         self._orphans: list[_Waiter] = []
@@ -115,14 +115,19 @@ class TensorChannel:
         self._progress()
 
     @classmethod
-    async def create(cls) -> TensorChannel:
-        """Create a UCX context and worker progressed by the running event loop."""
+    async def create(cls, net_devices: str = "", spin_us: float = 0.0) -> TensorChannel:
+        """Create a UCX context and worker progressed by the running event loop.
+
+        `net_devices` limits the network interfaces UCX listens and connects on (UCX_NET_DEVICES,
+        e.g. "lo" to keep a one-host cluster off the network); empty leaves UCX's default, all.
+        """
+        config = {"NET_DEVICES": net_devices} if net_devices else {}
         try:
-            context = UCXContext({})
+            context = UCXContext(config)
             worker = UCXWorker(context, enable_delayed_submission=False, enable_python_future=False)
         except Exception as e:
             raise TransferError(f"UCX could not start: {e}") from e
-        return cls(context, worker, asyncio.get_running_loop())
+        return cls(context, worker, asyncio.get_running_loop(), spin_us)
 
     @property
     def address(self) -> bytes:

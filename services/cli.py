@@ -86,10 +86,16 @@ def _generate(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     import asyncio
 
+    from common.bus import NatsAuth
+    from common.nats_auth import read_credentials
     from services.status import run
 
+    if args.credentials:
+        user, password = read_credentials(Path(args.credentials))
+    else:
+        user, password = os.environ.get("ADRENALINE_NATS_USER", ""), os.environ.get("ADRENALINE_NATS_PASSWORD", "")
     try:
-        return asyncio.run(run(args.nats_url, args.prefix, args.watch))
+        return asyncio.run(run(args.nats_url, args.prefix, args.watch, NatsAuth(user, password)))
     except KeyboardInterrupt:
         return 0
 
@@ -152,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the cluster's NATS (adrenaline up prints it); default $ADRENALINE_NATS_URL or nats://127.0.0.1:4222",
     )
     status.add_argument("--prefix", default=os.environ.get("ADRENALINE_SUBJECTS_PREFIX", "adrenaline"))
+    status.add_argument(
+        "--credentials",
+        default="",
+        help="a NATS credentials file (adrenaline up prints it); default $ADRENALINE_NATS_USER/_PASSWORD",
+    )
     status.add_argument("--watch", action="store_true", help="redraw every second (on a terminal) until Ctrl-C")
     status.set_defaults(func=_status)
 

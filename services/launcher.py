@@ -29,7 +29,7 @@ class Command:
 
     module: str
     args: tuple[str, ...] = ()
-    env: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)  # holds credentials: never printed
     cpus: frozenset[int] | None = None
 
 

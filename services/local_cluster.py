@@ -32,7 +32,8 @@ from typing import Any
 
 import yaml
 
-from common.bus import Bus
+from common import nats_auth
+from common.bus import Bus, NatsAuth
 from common.config import parse_offload_ratio
 from common.messages import ClusterStatus, StatusRequest
 from common.natsd import NatsServer, free_port
@@ -84,9 +85,13 @@ class LocalCluster:
     env: Mapping[str, str] = field(default_factory=dict)  # extra ADRENALINE_* for every service
     log_dir: Path | None = None
     prefix: str = "adrenaline"
+    # NATS users with per-role permissions and a fresh password per role for this run
+    # (common/nats_auth.py); False only for tests that watch an unauthenticated cluster.
+    auth: bool = True
 
     def __post_init__(self) -> None:
         self.nats: NatsServer | None = None
+        self.passwords = nats_auth.generate_passwords() if self.auth else None
         self.log_dir = self.log_dir or Path(tempfile.mkdtemp(prefix="adrenaline-logs-"))
         self.group = ProcessGroup(self.log_dir)
         self.metrics_ports: dict[str, int] = {}  # scheduler, prefill and decode replicas' Prometheus ports
@@ -118,8 +123,21 @@ class LocalCluster:
         engines = self.replicas("prefill") + self.replicas("decode")
         return str(max(1, len(os.sched_getaffinity(0)) // max(1, engines)))
 
+    def credentials(self, user: str) -> NatsAuth:
+        """How `user` (a role, or `nats_auth.OBSERVER`) connects to this cluster's NATS."""
+        return NatsAuth(user, self.passwords[user]) if self.passwords is not None else NatsAuth()
+
+    def write_observer_credentials(self) -> Path | None:
+        """The read-only user's credentials in a file only we can read, for `adrenaline status`."""
+        if self.passwords is None or self.log_dir is None:
+            return None
+        path = self.log_dir / "observer.env"
+        nats_auth.write_credentials(path, nats_auth.OBSERVER, self.passwords[nats_auth.OBSERVER])
+        return path
+
     def start(self) -> None:
-        self.nats = NatsServer()
+        config = nats_auth.server_config(self.passwords, Subjects(self.prefix)) if self.passwords else ""
+        self.nats = NatsServer(config=config)
         threads = self.engine_threads()
         for role, entry in read_compose().items():
             for i in range(self.replicas(role)):
@@ -134,20 +152,29 @@ class LocalCluster:
                     "ADRENALINE_INSTANCE_ID": f"{role}-{i}",
                     "ADRENALINE_KV_CACHE_BYTES": str(self.kv_cache_bytes),
                     "ADRENALINE_THREADS": threads,
+                    # One host: UCX stays on loopback (shared memory moves the bytes either way).
+                    "ADRENALINE_UCX_NET_DEVICES": self.env.get("ADRENALINE_UCX_NET_DEVICES", "lo"),
                 }
+                user = role.replace("-", "_")
+                if self.passwords is not None:
+                    env["ADRENALINE_NATS_USER"] = user
+                    env["ADRENALINE_NATS_PASSWORD"] = self.passwords[user]
                 if role == "attention-executor":
                     env["ADRENALINE_INSTANCE_ID"] = f"executor-{i}"
                     env["ADRENALINE_COLOCATED_WITH"] = f"prefill-{i}"
                 if role == "scheduler":
                     env["ADRENALINE_OFFLOAD_RATIO"] = str(self.offload_ratio)
                     env["ADRENALINE_TPOT_SLO_MS"] = str(self.tpot_slo_ms)
-                if role != "gateway":
+                if role == "gateway":
+                    env["ADRENALINE_GATEWAY_ID"] = env.pop("ADRENALINE_INSTANCE_ID")
+                else:
                     self.metrics_ports[env["ADRENALINE_INSTANCE_ID"]] = free_port()
                     env["ADRENALINE_METRICS_PORT"] = str(self.metrics_ports[env["ADRENALINE_INSTANCE_ID"]])
                 args = entry.args
                 if role == "gateway":
                     args = _replace_flag(_replace_flag(args, "--host", self.host), "--port", str(self.port))
-                self.group.spawn(env["ADRENALINE_INSTANCE_ID"], entry.module, args, env, self.pin.get(role))
+                name = env.get("ADRENALINE_INSTANCE_ID") or env["ADRENALINE_GATEWAY_ID"]
+                self.group.spawn(name, entry.module, args, env, self.pin.get(role))
 
     def wait_ready(self, timeout: float = 120.0) -> ClusterStatus:
         return asyncio.run(self._wait_ready(timeout))
@@ -155,7 +182,7 @@ class LocalCluster:
     async def _wait_ready(self, timeout: float) -> ClusterStatus:
         assert self.nats is not None, "start() first"
         deadline = time.monotonic() + timeout
-        bus = await Bus.connect(self.nats.url, "adrenaline-up")
+        bus = await Bus.connect(self.nats.url, "adrenaline-up", self.credentials(nats_auth.OBSERVER))
         try:
             while time.monotonic() < deadline:
                 if self.stopping:
@@ -192,7 +219,7 @@ class LocalCluster:
         assert self.nats is not None, "start() first"
         old = self.nats
         old.stop(grace_s=0.5)
-        self.nats = NatsServer(port=old.port, host=old.host)
+        self.nats = NatsServer(port=old.port, host=old.host, config=old.config)
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Services first, while NATS is still there for their drains, then nats-server.
@@ -248,10 +275,14 @@ def run_until_signalled(cluster: LocalCluster) -> int:
         except Stopped:
             return 0
         nats_url = cluster.nats.url if cluster.nats is not None else ""
+        credentials = cluster.write_observer_credentials()
+        watch = f"adrenaline status --watch --nats-url {nats_url}" + (
+            f" --credentials {credentials}" if credentials else ""
+        )
         print(
             f"Adrenaline is serving the OpenAI API at {cluster.url}/v1 "
             f"(prefill {status.prefill}, decode {status.decode}; logs in {cluster.log_dir})\n"
-            f"Watch it: adrenaline status --watch --nats-url {nats_url}",
+            f"Watch it: {watch}",
             flush=True,
         )
         supervisor = Supervisor(cluster.group, say=_say)

@@ -8,8 +8,8 @@ heartbeat intervals (1 s by default).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import dataclasses
 import os
 import signal
 import socket
@@ -23,61 +23,65 @@ import structlog
 import torch
 
 from common import metrics
-from common.bus import Bus
+from common import settings_catalog as catalog
+from common.bus import Bus, NatsAuth
 from common.config import EngineConfig
 from common.engine import Engine, StepOutput
 from common.logging import configure
 from common.messages import InstanceLoad, TokenEvent
+from common.settings import field, load_or_exit, verify
 from common.subjects import Subjects
 from common.tensor_channel import TensorChannel
 
 log = structlog.get_logger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class InstanceSettings:
-    """Settings of one prefill or decode instance; each has an ADRENALINE_* environment variable."""
+    """Settings of one prefill, decode or attention-executor instance (docs/settings.md)."""
 
-    nats_url: str  # ADRENALINE_NATS_URL
-    model: str  # ADRENALINE_MODEL: a local Hugging Face folder
-    instance_id: str  # ADRENALINE_INSTANCE_ID: unique in the cluster
-    subjects_prefix: str = "adrenaline"  # ADRENALINE_SUBJECTS_PREFIX
-    kv_cache_bytes: int = 256 * 2**20  # ADRENALINE_KV_CACHE_BYTES: this instance's KV budget
-    block_size: int = 16  # ADRENALINE_BLOCK_SIZE
-    max_num_seqs: int = 64  # ADRENALINE_MAX_NUM_SEQS
-    device: str = "cpu"  # ADRENALINE_DEVICE
-    threads: int = 0  # ADRENALINE_THREADS: torch threads; 0 keeps torch's default
-    heartbeat_s: float = 0.25  # ADRENALINE_HEARTBEAT_S
-    dead_after_s: float = 1.0  # ADRENALINE_DEAD_AFTER_S: a peer silent this long is gone (as the scheduler judges)
-    transfer_timeout_s: float = 10.0  # ADRENALINE_TRANSFER_TIMEOUT_S: a KV transfer that takes longer fails
-    metrics_port: int = 0  # ADRENALINE_METRICS_PORT: Prometheus /metrics; 0 is off
-    colocated_with: str = ""  # ADRENALINE_COLOCATED_WITH: an executor's prefill instance
+    nats_url: str = field(catalog.NATS_URL)
+    model: str = field(catalog.MODEL)
+    instance_id: str = field(catalog.INSTANCE_ID)  # "" is filled in by `parse` (role-host-pid)
+    subjects_prefix: str = field(catalog.SUBJECTS_PREFIX)
+    nats_user: str = field(catalog.NATS_USER)
+    nats_password: str = field(catalog.NATS_PASSWORD)
+    nats_tls_ca: str = field(catalog.NATS_TLS_CA)
+    nats_tls_cert: str = field(catalog.NATS_TLS_CERT)
+    nats_tls_key: str = field(catalog.NATS_TLS_KEY)
+    kv_cache_bytes: int = field(catalog.KV_CACHE_BYTES)
+    block_size: int = field(catalog.BLOCK_SIZE)
+    max_num_seqs: int = field(catalog.MAX_NUM_SEQS)
+    device: str = field(catalog.DEVICE)
+    threads: int = field(catalog.THREADS)
+    heartbeat_s: float = field(catalog.HEARTBEAT_S)
+    dead_after_s: float = field(catalog.DEAD_AFTER_S)
+    transfer_timeout_s: float = field(catalog.TRANSFER_TIMEOUT_S)
+    metrics_host: str = field(catalog.METRICS_HOST)
+    metrics_port: int = field(catalog.METRICS_PORT)
+    colocated_with: str = field(catalog.COLOCATED_WITH)
+    ucx_net_devices: str = field(catalog.UCX_NET_DEVICES)
+    ucx_spin_us: float = field(catalog.UCX_SPIN_US)
+    log_level: str = field(catalog.LOG_LEVEL)
+
+    def __post_init__(self) -> None:
+        verify(self)
 
     @property
     def subjects(self) -> Subjects:
         return Subjects(self.subjects_prefix)
 
+    @property
+    def nats(self) -> NatsAuth:
+        return NatsAuth(self.nats_user, self.nats_password, self.nats_tls_ca, self.nats_tls_cert, self.nats_tls_key)
+
     @classmethod
     def parse(cls, argv: list[str] | None, role: str) -> InstanceSettings:
-        env = os.environ.get
-        p = argparse.ArgumentParser(prog=f"python -m services.{role}")
-        p.add_argument("--nats-url", default=env("ADRENALINE_NATS_URL", "nats://127.0.0.1:4222"))
-        p.add_argument("--model", default=env("ADRENALINE_MODEL"), required=env("ADRENALINE_MODEL") is None)
-        p.add_argument(
-            "--instance-id", default=env("ADRENALINE_INSTANCE_ID", f"{role}-{socket.gethostname()}-{os.getpid()}")
-        )
-        p.add_argument("--subjects-prefix", default=env("ADRENALINE_SUBJECTS_PREFIX", "adrenaline"))
-        p.add_argument("--kv-cache-bytes", type=int, default=int(env("ADRENALINE_KV_CACHE_BYTES", 256 * 2**20)))
-        p.add_argument("--block-size", type=int, default=int(env("ADRENALINE_BLOCK_SIZE", 16)))
-        p.add_argument("--max-num-seqs", type=int, default=int(env("ADRENALINE_MAX_NUM_SEQS", 64)))
-        p.add_argument("--device", default=env("ADRENALINE_DEVICE", "cpu"))
-        p.add_argument("--threads", type=int, default=int(env("ADRENALINE_THREADS", 0)))
-        p.add_argument("--heartbeat-s", type=float, default=float(env("ADRENALINE_HEARTBEAT_S", 0.25)))
-        p.add_argument("--dead-after-s", type=float, default=float(env("ADRENALINE_DEAD_AFTER_S", 1.0)))
-        p.add_argument("--transfer-timeout-s", type=float, default=float(env("ADRENALINE_TRANSFER_TIMEOUT_S", 10.0)))
-        p.add_argument("--metrics-port", type=int, default=int(env("ADRENALINE_METRICS_PORT", 0)))
-        p.add_argument("--colocated-with", default=env("ADRENALINE_COLOCATED_WITH", ""))
-        return cls(**vars(p.parse_args(argv)))
+        """From flags and ADRENALINE_* variables; a bad value exits with a message naming it."""
+        settings: InstanceSettings = load_or_exit(cls, argv, f"python -m services.{role}")
+        if not settings.instance_id:
+            settings = dataclasses.replace(settings, instance_id=f"{role}-{socket.gethostname()}-{os.getpid()}")
+        return settings
 
     def apply_threads(self) -> None:
         if self.threads > 0:
@@ -192,6 +196,17 @@ def engine_load(settings: InstanceSettings, role: str, engine: Engine, address: 
     )
 
 
+async def connect(settings: InstanceSettings) -> tuple[Bus, TensorChannel]:
+    """An instance's NATS connection (as its role's user) and its UCX worker (on its devices)."""
+    bus = await Bus.connect(settings.nats_url, settings.instance_id, settings.nats)
+    try:
+        channel = await TensorChannel.create(settings.ucx_net_devices, settings.ucx_spin_us)
+    except BaseException:
+        await bus.close()
+        raise
+    return bus, channel
+
+
 class EngineService(Protocol):
     async def serve(self, stop: asyncio.Event) -> None: ...
 
@@ -203,15 +218,14 @@ def run_engine_instance(
 ) -> None:
     """`python -m services.<role>` for prefill and decode: settings, logging, model, metrics, then serve."""
     settings = InstanceSettings.parse(argv, role)
-    configure(role).bind(instance_id=settings.instance_id)
+    configure(role, settings.log_level).bind(instance_id=settings.instance_id)
     settings.apply_threads()
     engine = build_engine(settings)
     metrics.name_model(settings.model)
-    metrics.serve(settings.metrics_port)
+    metrics.serve(settings.metrics_port, settings.metrics_host)
 
     async def serve(stop: asyncio.Event) -> None:
-        bus = await Bus.connect(settings.nats_url, settings.instance_id)
-        channel = await TensorChannel.create()
+        bus, channel = await connect(settings)
         try:
             await make_service(settings, engine, bus, channel).serve(stop)
         finally:

@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from common.bus import Bus, Reply, ServiceUnavailable
+from common.bus import Bus, NatsAuth, Reply, ServiceUnavailable
 from common.messages import ClusterStatus, InstanceLoad, StatusRequest
 from common.subjects import Subjects
 
@@ -84,8 +84,8 @@ def _live(status: ClusterStatus) -> set[str]:
     return {*status.prefill, *status.decode, *status.executor}
 
 
-async def run(nats_url: str, prefix: str, watch: bool) -> int:
-    bus = await Bus.connect(nats_url, "adrenaline-status")
+async def run(nats_url: str, prefix: str, watch: bool, auth: NatsAuth | None = None) -> int:
+    bus = await Bus.connect(nats_url, "adrenaline-status", auth)
     subjects = Subjects(prefix)
     try:
         while True:

@@ -8,20 +8,18 @@ import sys
 import torch
 
 from common import metrics
-from common.bus import Bus
 from common.kv_pool import KVLayout
 from common.logging import configure
 from common.model.spec import ModelSpec
 from common.offload import ExecutorCore
-from common.tensor_channel import TensorChannel
 from kernels.backend import default_backend
 from services.attention_executor.service import ExecutorService
-from services.runtime import InstanceSettings, run_until_signalled
+from services.runtime import InstanceSettings, connect, run_until_signalled
 
 
 def main(argv: list[str] | None = None) -> None:
     settings = InstanceSettings.parse(argv, "attention_executor")
-    configure("attention_executor").bind(instance_id=settings.instance_id)
+    configure("attention_executor", settings.log_level).bind(instance_id=settings.instance_id)
     settings.apply_threads()
     spec = ModelSpec.from_folder(settings.model)  # shapes only: an executor loads no weights
     device = torch.device(settings.device)
@@ -34,11 +32,10 @@ def main(argv: list[str] | None = None) -> None:
         device,
     )
     metrics.name_model(settings.model)
-    metrics.serve(settings.metrics_port)
+    metrics.serve(settings.metrics_port, settings.metrics_host)
 
     async def serve(stop: asyncio.Event) -> None:
-        bus = await Bus.connect(settings.nats_url, settings.instance_id)
-        channel = await TensorChannel.create()
+        bus, channel = await connect(settings)
         try:
             await ExecutorService(settings, spec, core, bus, channel).serve(stop)
         finally:

@@ -31,8 +31,6 @@ from common.messages import (
     KVHandoff,
     ReleaseKV,
     StepBegin,
-    TokenBatch,
-    TokenEvent,
 )
 from common.model.spec import ModelSpec
 from common.offload import ExecutorCore
@@ -118,9 +116,8 @@ class ExecutorService:
         except TransferError as exc:
             metrics.TRANSFER_FAILURES.inc()
             self.pending.pop(rid, None)
-            event = TokenEvent(rid, [], finish_reason="error", error=f"KV transfer to executor failed: {exc}")
-            await self.bus.publish(request.token_subject, TokenBatch([event]))
-            await self.bus.publish(self.subjects.abort, AbortRequest(rid, "KV transfer to executor failed"))
+            # The scheduler tells the gateway (an executor may not publish tokens: common/nats_auth.py).
+            await self.bus.publish(self.subjects.abort, AbortRequest(rid, f"KV transfer to executor failed: {exc}"))
             return
         self.pending.pop(rid, None)
         if rid in self.aborted:  # deferred abort: the transfer is over, nothing was allocated

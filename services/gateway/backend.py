@@ -118,7 +118,7 @@ class BackendClient:
         return missing
 
     async def start(self) -> None:
-        self.bus = await Bus.connect(self.settings.nats_url, self.settings.gateway_id)
+        self.bus = await Bus.connect(self.settings.nats_url, self.settings.gateway_id, self.settings.nats)
         token_subject = self.subjects.tokens(self.settings.gateway_id)
         self._subscription = await self.bus.subscribe(token_subject, TokenBatch, self._on_tokens)
         await self.bus.flush()  # the subscription is live at the server before the first submit names it

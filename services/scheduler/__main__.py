@@ -14,11 +14,11 @@ from services.scheduler.service import Scheduler, SchedulerSettings
 
 def main(argv: list[str] | None = None) -> None:
     settings = SchedulerSettings.parse(argv)
-    configure("scheduler")
-    metrics.serve(settings.metrics_port)
+    configure("scheduler", settings.log_level)
+    metrics.serve(settings.metrics_port, settings.metrics_host)
 
     async def serve(stop: asyncio.Event) -> None:
-        bus = await Bus.connect(settings.nats_url, "scheduler")
+        bus = await Bus.connect(settings.nats_url, "scheduler", settings.nats)
         try:
             await Scheduler(settings, bus).serve(stop)
         finally:

@@ -9,19 +9,18 @@ of waiting forever.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass
 
 import structlog
 from prometheus_client import Counter, Gauge
 
-from common.bus import Bus, Reply, ServiceUnavailable
+from common import settings_catalog as catalog
+from common.bus import Bus, NatsAuth, Reply, ServiceUnavailable
 from common.config import parse_offload_ratio
 from common.liveness import Hearing
 from common.messages import (
@@ -37,6 +36,7 @@ from common.messages import (
     TokenBatch,
     TokenEvent,
 )
+from common.settings import field, load_or_exit, verify
 from common.subjects import Subjects
 from services.scheduler import policy
 
@@ -61,40 +61,42 @@ DECISIONS = Counter(
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SchedulerSettings:
-    nats_url: str  # ADRENALINE_NATS_URL
-    subjects_prefix: str = "adrenaline"  # ADRENALINE_SUBJECTS_PREFIX
-    dead_after_s: float = 1.0  # ADRENALINE_DEAD_AFTER_S: an instance silent this long is gone
-    request_timeout_s: float = 5.0  # ADRENALINE_REQUEST_TIMEOUT_S: how long a prefill instance may take to ack
-    metrics_port: int = 0  # ADRENALINE_METRICS_PORT: Prometheus /metrics; 0 is off
-    # ADRENALINE_OFFLOAD_RATIO: "auto" (the load-aware policy), or the fixed share of requests
-    # offloaded, in [0, 1]; 0 turns offloading off (plain PD disaggregation)
-    offload_ratio: str = "auto"
-    tpot_slo_ms: float = 200.0  # ADRENALINE_TPOT_SLO_MS: the auto policy keeps predicted decode steps under it
+    """The scheduler's settings (docs/settings.md)."""
+
+    nats_url: str = field(catalog.NATS_URL)
+    subjects_prefix: str = field(catalog.SUBJECTS_PREFIX)
+    nats_user: str = field(catalog.NATS_USER)
+    nats_password: str = field(catalog.NATS_PASSWORD)
+    nats_tls_ca: str = field(catalog.NATS_TLS_CA)
+    nats_tls_cert: str = field(catalog.NATS_TLS_CERT)
+    nats_tls_key: str = field(catalog.NATS_TLS_KEY)
+    dead_after_s: float = field(catalog.DEAD_AFTER_S)
+    request_timeout_s: float = field(catalog.REQUEST_TIMEOUT_S)
+    metrics_host: str = field(catalog.METRICS_HOST)
+    metrics_port: int = field(catalog.METRICS_PORT)
+    offload_ratio: str = field(catalog.OFFLOAD_RATIO)
+    tpot_slo_ms: float = field(catalog.TPOT_SLO_MS)
+    log_level: str = field(catalog.LOG_LEVEL)
 
     def __post_init__(self) -> None:
-        _ = self.fixed_ratio  # raises ValueError naming the setting
-        if not self.tpot_slo_ms > 0:
-            raise ValueError(f"tpot_slo_ms must be positive, got {self.tpot_slo_ms}")
+        verify(self)
 
     @property
     def fixed_ratio(self) -> float | None:
         """The fixed offload ratio, or None for the auto policy."""
         return parse_offload_ratio(self.offload_ratio)
 
+    @property
+    def nats(self) -> NatsAuth:
+        return NatsAuth(self.nats_user, self.nats_password, self.nats_tls_ca, self.nats_tls_cert, self.nats_tls_key)
+
     @classmethod
     def parse(cls, argv: list[str] | None) -> SchedulerSettings:
-        env = os.environ.get
-        p = argparse.ArgumentParser(prog="python -m services.scheduler")
-        p.add_argument("--nats-url", default=env("ADRENALINE_NATS_URL", "nats://127.0.0.1:4222"))
-        p.add_argument("--subjects-prefix", default=env("ADRENALINE_SUBJECTS_PREFIX", "adrenaline"))
-        p.add_argument("--dead-after-s", type=float, default=float(env("ADRENALINE_DEAD_AFTER_S", 1.0)))
-        p.add_argument("--request-timeout-s", type=float, default=float(env("ADRENALINE_REQUEST_TIMEOUT_S", 5.0)))
-        p.add_argument("--metrics-port", type=int, default=int(env("ADRENALINE_METRICS_PORT", 0)))
-        p.add_argument("--offload-ratio", default=env("ADRENALINE_OFFLOAD_RATIO", "auto"))
-        p.add_argument("--tpot-slo-ms", type=float, default=float(env("ADRENALINE_TPOT_SLO_MS", 200.0)))
-        return cls(**vars(p.parse_args(argv)))
+        """From flags and ADRENALINE_* variables; a bad value exits with a message naming it."""
+        settings: SchedulerSettings = load_or_exit(cls, argv, "python -m services.scheduler")
+        return settings
 
 
 def _whole_blocks(tokens: int, block_size: int) -> int:
@@ -376,7 +378,13 @@ class Scheduler:
                 self.inflight[event.request_id].generated += len(event.token_ids)
 
     async def on_abort(self, abort: AbortRequest, reply: Reply | None) -> None:
-        self.inflight.pop(abort.request_id, None)
+        """Forget the request, and tell its gateway why: a service that fails a request (an
+        executor whose KV transfer failed) may not write into gateways' token subjects itself
+        (common/nats_auth.py). A gateway that aborted the request itself ignores the event."""
+        flight = self.inflight.pop(abort.request_id, None)
+        if flight is not None:
+            event = TokenEvent(abort.request_id, [], finish_reason="error", error=abort.reason or "aborted")
+            await self.bus.publish(flight.token_subject, TokenBatch([event]))
 
     async def on_status(self, request: StatusRequest, reply: Reply | None) -> None:
         if reply is not None:

@@ -59,6 +59,15 @@ def cluster(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     finally:
         c.stop()
     assert not c.group.children, "every process is stopped"
+    # Every service ran as its own NATS user (common/nats_auth.py): a subject its code uses but its
+    # permissions lack shows up as a violation the server reports to that client, in its log.
+    violations = [
+        f"{log.name}: {line}"
+        for log in sorted(c.log_dir.glob("*.log"))  # type: ignore[union-attr]
+        for line in log.read_text(errors="replace").splitlines()
+        if "Violation" in line
+    ]
+    assert not violations, "\n".join(violations)
 
 
 @pytest.mark.timeout(300)

@@ -208,8 +208,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         backend.start()
         main = GatewayThread(
             GatewaySettings(
-                nats.url,
-                str(model),
+                nats_url=nats.url,
+                model=str(model),
                 port=free_port(),
                 api_keys=(API_KEY,),
                 submit_timeout=2.0,
@@ -218,7 +218,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             )
         )
         bare = GatewayThread(
-            GatewaySettings(nats.url, str(model), port=free_port(), submit_timeout=2.0, subjects_prefix="nobody-home")
+            GatewaySettings(
+                nats_url=nats.url, model=str(model), port=free_port(), submit_timeout=2.0, subjects_prefix="nobody-home"
+            )
         )
         main.start()
         bare.start()
@@ -458,7 +460,11 @@ def test_a_full_cluster_is_429(env: Env) -> None:
 def test_a_gateway_at_its_concurrency_limit_is_429_with_retry_after(env: Env) -> None:
     one = GatewayThread(
         GatewaySettings(
-            env.backend.nats_url, str(env.model), port=free_port(), subjects_prefix=PREFIX, max_concurrent_requests=1
+            nats_url=env.backend.nats_url,
+            model=str(env.model),
+            port=free_port(),
+            subjects_prefix=PREFIX,
+            max_concurrent_requests=1,
         )
     )
     one.start()

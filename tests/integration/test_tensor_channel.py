@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from common import settings_catalog as catalog
 from common.tensor_channel import Peer, TensorChannel, TransferError, TransferTimeout
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,8 +48,14 @@ async def _read_line() -> str:
     return (await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)).strip()
 
 
+def _spin_us() -> float:
+    """ADRENALINE_UCX_SPIN_US, as a service would read it, so the ping-pong can be measured with a spin."""
+    setting = catalog.UCX_SPIN_US
+    return float(setting.value(os.environ.get(setting.env, "0"), setting.env))
+
+
 async def _child_main(scenario: str) -> None:
-    channel = await TensorChannel.create()
+    channel = await TensorChannel.create(spin_us=_spin_us())
     print(channel.address.hex(), flush=True)
     peer = await channel.connect(bytes.fromhex(await _read_line()))
     if scenario == "exchange":
@@ -80,7 +87,7 @@ async def _child_main(scenario: str) -> None:
 @asynccontextmanager
 async def connected(scenario: str) -> AsyncIterator[tuple[TensorChannel, Peer, asyncio.subprocess.Process]]:
     """Our channel, connected to a child running `scenario` that is connected back to us."""
-    channel = await TensorChannel.create()
+    channel = await TensorChannel.create(spin_us=_spin_us())
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.integration.test_tensor_channel", scenario, cwd=ROOT,
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
