@@ -491,6 +491,14 @@ def render_modes(modes: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def throughput_ratios(modes: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Each mode's output throughput over the first mode's (NaN if the first produced nothing,
+    as when all its requests failed: the run still gets its JSON and plots)."""
+    first, *others = modes
+    base = modes[first]["summary"]["output_throughput"]
+    return {m: modes[m]["summary"]["output_throughput"] / base if base else math.nan for m in others}
+
+
 def ratio_curve(modes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """The paper's curve: output throughput against the offload ratio, fixed ratios in ascending
     order, then `auto` (its ratio is its own choice: `offloaded_share` is what it measured).
@@ -610,10 +618,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         },
     }
     lines = render_modes(results["modes"])
-    base = modes[0]
-    base_tput = results["modes"][base]["summary"]["output_throughput"]
-    ratios = {m: results["modes"][m]["summary"]["output_throughput"] / base_tput for m in modes[1:]}
-    lines += [f"{m} vs {base}: {r:.2f}x output throughput" for m, r in ratios.items()]
+    ratios = throughput_ratios(results["modes"])
+    lines += [f"{m} vs {modes[0]}: {r:.2f}x output throughput" for m, r in ratios.items()]
     results["throughput_ratios"] = ratios
     results["ratio_curve"] = ratio_curve(results["modes"])
     if results["ratio_curve"]:

@@ -27,6 +27,7 @@ from benchmarks.serve import (
     render_modes,
     render_ratio_curve,
     summarize,
+    throughput_ratios,
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -143,6 +144,13 @@ def test_ratio_curve_orders_fixed_ratios_then_auto_against_plain_pd() -> None:
 def test_no_curve_from_one_fixed_ratio() -> None:
     results = synthetic_results(("0", "auto"), repeats=1)
     assert results["ratio_curve"] == [] and render_ratio_curve([]) == []
+
+
+def test_throughput_ratios_against_the_first_mode_even_when_it_produced_nothing() -> None:
+    modes = synthetic_results(("0.5", "0", "auto"), repeats=1)["modes"]
+    assert throughput_ratios(modes) == pytest.approx({"0": 100 / 130, "auto": 140 / 130})
+    modes["0.5"]["summary"]["output_throughput"] = 0.0
+    assert all(math.isnan(r) for r in throughput_ratios(modes).values())
 
 
 def test_mode_table_has_a_row_per_mode() -> None:
