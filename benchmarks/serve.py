@@ -279,18 +279,14 @@ async def measure(
 
 
 def observer(cluster: LocalCluster) -> Callable[[], Awaitable[Bus]]:
-    """How the benchmark joins a cluster's NATS to listen: as its read-only observer user (which
-    may request the status and hear heartbeats, nothing else) when the cluster's NATS has users
-    (`LocalCluster.credentials`), without credentials when it has none."""
+    """How the benchmark joins a cluster's NATS to listen: as its read-only observer user, which
+    may request the scheduler's status and hear heartbeats, nothing else (common/nats_auth.py)."""
+    from common import nats_auth
     from common.bus import Bus
 
     assert cluster.nats is not None, "the cluster is started"
-    url = cluster.nats.url
-    credentials = getattr(cluster, "credentials", None)
-    if credentials is None:
-        return lambda: Bus.connect(url, "adrenaline-bench")
-    connect: Callable[..., Awaitable[Bus]] = Bus.connect
-    return lambda: connect(url, "adrenaline-bench", credentials("observer"))
+    url, auth = cluster.nats.url, cluster.credentials(nats_auth.OBSERVER)
+    return lambda: Bus.connect(url, "adrenaline-bench", auth)
 
 
 def decode_timeline(timeline: dict[str, list[dict[str, Any]]]) -> dict[str, list[float]]:
