@@ -29,13 +29,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from transformers import AutoTokenizer
 
 from common.errors import ModelLoadError
-from common.messages import Sampling
 from common.model.spec import ModelSpec
 from services.gateway import openai_types as oa
 from services.gateway.backend import BackendClient
 from services.gateway.errors import EXCEPTION_HANDLERS, APIError, invalid
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.prompts import PromptBuilder, refuse_unsupported, stop_strings
+from services.gateway.responses import Choice, fan_out
 from services.gateway.serving import Job, Server
 from services.gateway.settings import GatewaySettings
 from services.gateway.tokenizer_routes import detokenize, server_version, tokenize
@@ -68,9 +68,20 @@ async def completions(request: Request[Any, Any, Any], data: oa.CompletionReques
     server, prompts = _server(request), PromptBuilder.of(request)
     prompts.check_model(data.model)
     refuse_unsupported(data)
-    prompt = prompts.completion_prompt(data)
-    sampling = prompts.sampling(data, len(prompt), data.max_tokens, data.logprobs)
-    return await server.serve(request, _job(data, False, prompts.served_model_name, prompt, sampling))
+    if data.echo and data.logprobs is not None:
+        raise invalid(
+            "echo",
+            "echo: not with logprobs: this server does not compute the prompt's logprobs (send one or the other)",
+        )
+    n = data.n or 1
+    batch = prompts.completion_prompts(data)
+    _check_choices(n, len(batch))
+    choices = []
+    for i, prompt in enumerate(batch):
+        sampling = prompts.sampling(data, len(prompt.token_ids), data.max_tokens, data.logprobs)
+        echo = "" if not data.echo else prompt.text if prompt.text is not None else _decode(prompts, prompt.token_ids)
+        choices += fan_out(i, n, prompt.token_ids, sampling, echo)
+    return await server.serve(request, _job(data, False, prompts.served_model_name, choices))
 
 
 @post(
@@ -89,7 +100,13 @@ async def chat_completions(request: Request[Any, Any, Any], data: oa.ChatComplet
     if data.top_logprobs is not None and not data.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
     logprobs = (data.top_logprobs or 0) if data.logprobs else None
-    prompt = prompts.chat_prompt(data.messages)
+    n = data.n or 1
+    _check_choices(n, 1)
+    prompt = prompts.chat_prompt(
+        data.messages,
+        add_generation_prompt=data.add_generation_prompt is not False,
+        continue_final_message=bool(data.continue_final_message),
+    )
     max_tokens = data.max_completion_tokens if data.max_completion_tokens is not None else data.max_tokens
     try:
         sampling = prompts.sampling(data, len(prompt), max_tokens, logprobs)
@@ -99,12 +116,35 @@ async def chat_completions(request: Request[Any, Any, Any], data: oa.ChatComplet
         elif exc.param == "max_tokens" and data.max_completion_tokens is not None:
             exc.param = "max_completion_tokens"
         raise
-    return await server.serve(request, _job(data, True, prompts.served_model_name, prompt, sampling))
+    choices = fan_out(0, n, prompt, sampling)
+    return await server.serve(request, _job(data, True, prompts.served_model_name, choices))
 
 
-def _job(data: oa.SamplingFields, chat: bool, model: str, prompt: list[int], sampling: Sampling) -> Job:
+def _check_choices(n: int, prompts: int) -> None:
+    if n * prompts > oa.MAX_CHOICES:
+        raise invalid(
+            "n" if n > 1 else "prompt",
+            f"{prompts} prompt(s) x n={n} make {n * prompts} choices; at most {oa.MAX_CHOICES} per request",
+        )
+
+
+def _decode(prompts: PromptBuilder, token_ids: list[int]) -> str:
+    text: str = prompts.tokenizer.decode(token_ids)
+    return text
+
+
+def _job(data: oa.SamplingFields, chat: bool, model: str, choices: list[Choice]) -> Job:
     include_usage = bool(data.stream_options and data.stream_options.include_usage)
-    return Job(chat, model, prompt, sampling, stop_strings(data.stop), bool(data.stream), include_usage)
+    return Job(
+        chat,
+        model,
+        choices,
+        stop_strings(data.stop),
+        bool(data.stream),
+        include_usage,
+        include_stop=bool(data.include_stop_str_in_output),
+        skip_special_tokens=data.skip_special_tokens is not False,
+    )
 
 
 @get("/models")

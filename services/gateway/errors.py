@@ -85,6 +85,8 @@ def on_validation_error(request: Request[Any, Any, Any], exc: ValidationExceptio
     extra = exc.extra[0] if isinstance(exc.extra, list) and exc.extra else {}
     message = str(extra.get("message") or exc.detail) if isinstance(extra, dict) else str(exc.detail)
     param = extra.get("key") if isinstance(extra, dict) else None
+    if isinstance(param, str):
+        param = param.replace("[...]", "")  # msgspec's name for "a value of this object": the field is the object
     if "unknown field" in message:  # named only inside the message; `param` is the object holding it
         found = _FIELD.search(message)
         if found:

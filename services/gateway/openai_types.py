@@ -6,7 +6,9 @@ schema. A request field we do not know is refused by name, as OpenAI itself does
 silently ignored: a client that sends one expects an effect we would not give. Fields OpenAI
 defines but we cannot honour (`n` > 1, `echo`, `tools`...) are declared with `unsupported(...)`:
 their neutral values, which clients send, pass; anything else is refused by name. Fields that
-only inform (`user`, `metadata`, `prompt_cache_key`...) are accepted and have no effect.
+only inform (`user`, `metadata`, `prompt_cache_key`...) are accepted and have no effect. vLLM's
+sampling extensions (`top_k`, `min_tokens`, `repetition_penalty`, `stop_token_ids`...) are
+accepted as body fields, as vLLM takes them (the openai client's `extra_body`).
 """
 
 from __future__ import annotations
@@ -17,13 +19,22 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from common.sampling_checks import MAX_LOGPROBS, MAX_TEMPERATURE
+from common.sampling_checks import (
+    MAX_LOGIT_BIAS,
+    MAX_LOGIT_BIAS_TOKENS,
+    MAX_LOGPROBS,
+    MAX_PENALTY,
+    MAX_REPETITION_PENALTY,
+    MAX_TEMPERATURE,
+)
 
 # ---- limits on requests: each stated once, enforced by the types below and shown in /schema ----
 MAX_BODY_BYTES = 10_000_000  # a larger body is a 413 before it is parsed (Litestar's default, made explicit)
 MAX_STOP_STRINGS = 16  # a stop list longer than this is refused (`stop`)
 MAX_STOP_LENGTH = 256  # characters per stop string; every step searches the text for each of them
 MAX_TOP_K = 2**31 - 1  # above any vocabulary (where top_k keeps every token, as 0 does); an absurd one is a 400
+MAX_CHOICES = 128  # choices per request: n, times the prompts of a batch; each is a request to the cluster
+MAX_STOP_TOKEN_IDS = 256  # every generated token is looked up among them
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 """The roles a chat message may have, and the role the chat template sees for each: `developer` is
 OpenAI's newer name for `system`, which templates know. No `tool` role: tool calling is not implemented."""
@@ -60,6 +71,12 @@ TopK = Annotated[int, Meta(ge=-1, le=MAX_TOP_K)]
 Logprobs = Annotated[int, Meta(ge=0, le=MAX_LOGPROBS, extra_json_schema=_MINIMUM_0)]
 Temperature = Annotated[float, Meta(ge=0, le=MAX_TEMPERATURE, extra_json_schema=_MINIMUM_0)]
 TokenCount = Annotated[int, Meta(ge=1)]
+Penalty = Annotated[float, Meta(ge=-MAX_PENALTY, le=MAX_PENALTY)]
+Bias = Annotated[float, Meta(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]
+LogitBias = Annotated[
+    Annotated[dict[str, Bias], Meta(max_length=MAX_LOGIT_BIAS_TOKENS)] | None,
+    _schema("Token id (as a string) -> bias added to its logit", max_properties=MAX_LOGIT_BIAS_TOKENS),
+]
 
 
 class StreamOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -80,19 +97,25 @@ class SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool | None = False  # extension: generate past the end-of-sequence token
-    n: Annotated[int | None, unsupported(1)] = 1
-    presence_penalty: Annotated[float | None, unsupported(0)] = None
-    frequency_penalty: Annotated[float | None, unsupported(0)] = None
-    logit_bias: Annotated[dict[str, float] | None, unsupported({})] = None
+    n: Annotated[int, Meta(ge=1, le=MAX_CHOICES)] | None = 1  # samples per prompt
+    presence_penalty: Penalty | None = None  # over output tokens, as OpenAI defines it
+    frequency_penalty: Penalty | None = None
+    logit_bias: LogitBias = None
     user: str | None = None  # informational
+    # vLLM's extensions
+    repetition_penalty: Annotated[float, Meta(gt=0, le=MAX_REPETITION_PENALTY)] | None = None  # prompt and output
+    min_tokens: Annotated[int, Meta(ge=0, extra_json_schema=_MINIMUM_0)] | None = None  # no stop before this many
+    stop_token_ids: Annotated[list[int], Meta(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    include_stop_str_in_output: bool | None = False  # keep the stop string (or stop token's text) in the text
+    skip_special_tokens: bool | None = True  # leave special tokens out of the text
 
 
 class CompletionRequest(SamplingFields, kw_only=True):
-    # A string or a list of token ids, not empty (prompts.py checks it). The type admits OpenAI's batch
-    # forms (list[str], list[list[int]]) so that they are refused by name, and nothing nested deeper.
+    # A string, a list of token ids, or a batch of either (a list of strings, a list of token lists);
+    # nothing nested deeper. Not empty, and a batch of one kind (prompts.py checks it).
     prompt: Annotated[str | list[int | str | list[int]], _schema(min_length=1, min_items=1)]
     logprobs: Logprobs | None = None  # the chosen token's logprob plus this many alternatives
-    echo: Annotated[bool | None, unsupported(False)] = False
+    echo: bool | None = False  # the prompt's text before each choice's (not with logprobs: no prompt logprobs)
     best_of: Annotated[int | None, unsupported(1)] = None
     suffix: Annotated[str | None, unsupported("")] = None
 
@@ -122,6 +145,8 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     max_completion_tokens: TokenCount | None = None  # OpenAI's newer name for max_tokens
     logprobs: bool | None = False
     top_logprobs: Logprobs | None = None  # needs logprobs=true
+    add_generation_prompt: bool | None = True  # vLLM's: end the prompt with the assistant's turn opening
+    continue_final_message: bool | None = False  # vLLM's: continue the last (assistant's) message instead
     tools: Annotated[list[Any] | None, unsupported([])] = None
     tool_choice: Annotated[str | dict[str, Any] | None, unsupported("none", "auto")] = None
     parallel_tool_calls: bool | None = None  # only means something with tools
@@ -245,6 +270,7 @@ class TokenizeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     messages: Annotated[list[ChatMessage] | None, _schema(min_items=1)] = None
     add_special_tokens: bool = True  # prompt only: the tokenizer's own BOS/EOS
     add_generation_prompt: bool = True  # messages only: end with the assistant's turn opening
+    continue_final_message: bool = False  # messages only: leave the last (assistant's) message open
 
 
 class TokenizeResponse(msgspec.Struct):

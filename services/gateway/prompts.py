@@ -8,6 +8,7 @@ with a less useful message.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Annotated, Any, get_args, get_origin
 
 import msgspec
@@ -20,6 +21,14 @@ from services.gateway.errors import APIError, invalid
 from services.gateway.openai_types import CHAT_ROLES, ChatMessage, CompletionRequest, SamplingFields
 
 DEFAULT_MAX_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt of a completion request: its token ids, and its text when the client sent text."""
+
+    token_ids: list[int]
+    text: str | None
 
 
 class PromptBuilder:
@@ -42,29 +51,54 @@ class PromptBuilder:
             message = f"The model `{model}` does not exist; this server serves `{self.served_model_name}`."
             raise APIError(404, message, param="model", code="model_not_found")
 
-    def completion_prompt(self, req: CompletionRequest) -> list[int]:
+    def completion_prompts(self, req: CompletionRequest) -> list[Prompt]:
+        """The request's prompts: one (a string or a list of token ids) or a batch (a list of either kind)."""
         prompt: Any = req.prompt
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-            prompt = prompt[0]  # a batch of one is one prompt
         if isinstance(prompt, str):
-            if not prompt:
-                raise invalid("prompt", "prompt must not be empty")
-            ids: list[int] = self.tokenizer(prompt).input_ids
-            return ids
+            return [self._text_prompt(prompt, "prompt")]
         if not prompt:
             raise invalid("prompt", "prompt must not be empty")
+        if all(isinstance(p, str) for p in prompt):
+            return [self._text_prompt(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
+        if all(isinstance(p, list) for p in prompt):
+            return [self._token_prompt(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
         if any(isinstance(p, str | list) for p in prompt):
-            raise invalid("prompt", "a batch of prompts is not supported: send one prompt per request")
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise invalid("prompt", "prompt must be a string or a list of token ids")
-        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
-        if bad:
-            raise invalid("prompt", f"token ids must be in [0, {self.vocab_size}); got {bad[:5]}")
-        return list(prompt)
+            raise invalid("prompt", "a batch of prompts must be all strings or all lists of token ids")
+        return [self._token_prompt(prompt, "prompt")]
 
-    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+    def _text_prompt(self, text: str, param: str) -> Prompt:
+        if not text:
+            raise invalid(param, f"{param} must not be empty")
+        return Prompt(list(self.tokenizer(text).input_ids), text)
+
+    def _token_prompt(self, ids: list[Any], param: str) -> Prompt:
+        if not ids:
+            raise invalid(param, f"{param} must not be empty")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise invalid(param, f"{param} must be a string or a list of token ids")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise invalid(param, f"{param}: token ids must be in [0, {self.vocab_size}); got {bad[:5]}")
+        return Prompt(list(ids), None)
+
+    def chat_prompt(
+        self, messages: list[ChatMessage], add_generation_prompt: bool = True, continue_final_message: bool = False
+    ) -> list[int]:
+        """The chat template's prompt. `continue_final_message` (vLLM's) leaves the last message, which
+        must be the assistant's, open for the model to go on with, so it excludes `add_generation_prompt`."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise invalid("messages", "this model's tokenizer has no chat template; use /v1/completions instead")
+        if continue_final_message and add_generation_prompt:
+            raise invalid(
+                "continue_final_message",
+                "continue_final_message: needs add_generation_prompt set to false (the assistant's last message "
+                "is continued, not a new turn opened)",
+            )
+        if continue_final_message and messages[-1].role != "assistant":
+            raise invalid(
+                "continue_final_message",
+                f"continue_final_message: the last message must be the assistant's, not `{messages[-1].role}`",
+            )
         conversation = []
         for i, message in enumerate(messages):
             if message.role not in CHAT_ROLES:
@@ -84,7 +118,10 @@ class PromptBuilder:
             conversation.append(turn)
         try:
             text = self.tokenizer.apply_chat_template(
-                conversation, add_generation_prompt=add_generation_prompt, tokenize=False
+                conversation,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                tokenize=False,
             )
         except Exception as exc:  # jinja raises for templates that refuse a conversation (e.g. roles out of order)
             raise invalid("messages", f"the chat template refused these messages: {exc}") from exc
@@ -112,6 +149,8 @@ class PromptBuilder:
                 f"tokens after a prompt of {prompt_len}.",
                 code="context_length_exceeded",
             )
+        stop_token_ids = tuple(req.stop_token_ids or ())
+        self._check_token_ids("stop_token_ids", stop_token_ids)
         try:
             params = SamplingParams(
                 max_new_tokens=max_tokens,
@@ -119,13 +158,36 @@ class PromptBuilder:
                 top_p=1.0 if req.top_p is None else req.top_p,
                 top_k=0 if req.top_k is None else req.top_k,
                 seed=req.seed,
+                stop_token_ids=stop_token_ids,
                 ignore_eos=bool(req.ignore_eos),
                 logprobs=logprobs,
+                logit_bias=self._logit_bias(req.logit_bias),
+                min_tokens=req.min_tokens or 0,
+                repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+                frequency_penalty=req.frequency_penalty or 0.0,
+                presence_penalty=req.presence_penalty or 0.0,
             )
         except InvalidRequestError as exc:
             param = "max_tokens" if exc.field == "max_new_tokens" else exc.field
             raise invalid(param, f"{param}: {exc.message}") from None
         return to_wire(params)
+
+    def _logit_bias(self, bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+        """OpenAI's `{"token id": bias}` as (id, bias) pairs; a key that is no token id of this model is a 400."""
+        pairs = []
+        for key, value in (bias or {}).items():
+            token = int(key) if key.isascii() and key.isdigit() and len(key) <= 10 else None
+            if token is None or token >= self.vocab_size:
+                raise invalid(
+                    "logit_bias", f"logit_bias: keys must be token ids in [0, {self.vocab_size}); got {key!r}"
+                )
+            pairs.append((token, float(value)))
+        return tuple(pairs)
+
+    def _check_token_ids(self, param: str, ids: tuple[int, ...]) -> None:
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise invalid(param, f"{param}: token ids must be in [0, {self.vocab_size}); got {bad[:5]}")
 
 
 def stop_strings(stop: str | list[str] | None) -> list[str]:

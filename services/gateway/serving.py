@@ -1,9 +1,12 @@
 """One generation request from submit to its last byte, as a JSON body or as server-sent events.
 
-Both endpoints share this path; `Job.chat` only changes the shape of what is sent. Whatever
-ends a request (its last token, a stop string, an error, a silent backend, a client that left,
-a cancelled handler) goes through `Run.finish` exactly once, which frees the request's queue,
-aborts the backend if it may still be generating, and records the request's metrics.
+Both endpoints share this path; `Job.chat` only changes the shape of what is sent. A request
+with several choices (`n` > 1, a batch of prompts) submits one cluster request per choice and
+merges their outputs: a JSON body once all have ended, or a stream whose chunks carry their
+choice's index, interleaved as they come. Whatever ends a choice (its last token, a stop string,
+an error, a silent backend, a client that left, a cancelled handler, another choice's failure)
+goes through `Run.finish` exactly once, which frees its queue, aborts the backend if it may
+still be generating, and records its metrics.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -22,12 +25,12 @@ from litestar.response import Stream
 from litestar.response.base import ASGIResponse
 from litestar.types import Receive, Scope, Send
 
-from common.messages import Sampling
 from services.gateway import openai_types as oa
 from services.gateway.backend import BackendClient, Generation
 from services.gateway.errors import APIError
 from services.gateway.metrics import GatewayMetrics, RequestTimer
-from services.gateway.text import Piece, TextStream, chat_logprobs, completion_logprobs
+from services.gateway.responses import Choice, Outcome, Shapes, usage
+from services.gateway.text import Piece, TextStream
 
 log = structlog.get_logger("gateway")
 
@@ -38,11 +41,12 @@ class Job:
 
     chat: bool
     model: str
-    prompt: list[int]
-    sampling: Sampling
+    choices: list[Choice]
     stop: list[str]
     stream: bool
     include_usage: bool
+    include_stop: bool = False  # vLLM's include_stop_str_in_output
+    skip_special_tokens: bool = True
     request_id: str = field(default="")
     created: int = field(default_factory=oa.now)
 
@@ -50,22 +54,38 @@ class Job:
         if not self.request_id:
             object.__setattr__(self, "request_id", f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}")
 
+    def backend_id(self, choice: Choice) -> str:
+        """The cluster's id for a choice: the request's own when it is the only one."""
+        return self.request_id if len(self.choices) == 1 else f"{self.request_id}-{choice.index}"
+
+    @property
+    def logprobs(self) -> bool:
+        return self.choices[0].sampling.logprobs is not None
+
 
 class Run:
-    """A submitted job: its token events, the text made of them, its timings."""
+    """One submitted choice: its token events, the text made of them, its timings."""
 
     def __init__(
-        self, job: Job, generation: Generation, text: TextStream, timer: RequestTimer, metrics: GatewayMetrics
+        self,
+        job: Job,
+        choice: Choice,
+        generation: Generation,
+        text: TextStream,
+        timer: RequestTimer,
+        metrics: GatewayMetrics,
     ) -> None:
         self.job = job
+        self.choice = choice
         self.generation = generation
         self.text = text
         self.timer = timer
         self.metrics = metrics
         self._done = False
+        metrics.inflight.inc()
 
     async def next_piece(self) -> Piece:
-        """Wait for the next text the client may see (possibly empty when the request ends)."""
+        """Wait for the next text the client may see (possibly empty when the choice ends)."""
         while True:
             event = await self.generation.next()
             self.timer.tokens_arrived(len(event.token_ids))
@@ -75,12 +95,21 @@ class Run:
             if piece.text or self.text.finished:
                 return piece
 
-    def usage(self) -> oa.Usage:
-        prompt, completion = len(self.job.prompt), len(self.text.token_ids)
-        return oa.Usage(prompt, completion, prompt + completion)
+    async def outcome(self) -> Outcome:
+        """Wait for the whole output."""
+        pieces = []
+        while not self.text.finished:
+            pieces.append(await self.next_piece())
+        merged = Piece(
+            self.text.text,
+            [t for p in pieces for t in p.token_ids],
+            [x for p in pieces for x in p.logprobs],
+            [x for p in pieces for x in p.top_logprobs],
+        )
+        return Outcome(self.choice, merged, self.text.finish_reason, len(self.text.token_ids))
 
     def finish(self, reason: str) -> None:
-        """End the request once: stop routing, abort the backend unless it already ended it, record it."""
+        """End the choice once: stop routing, abort the backend unless it already ended it, record it."""
         if self._done:
             return
         self._done = True
@@ -89,10 +118,10 @@ class Run:
         self.metrics.inflight.dec()
         log.info(
             "finished",
-            request_id=self.job.request_id,
+            request_id=self.generation.request_id,
             finish_reason=self.text.finish_reason,
             reason=reason or None,
-            prompt_tokens=len(self.job.prompt),
+            prompt_tokens=len(self.choice.prompt),
             completion_tokens=len(self.text.token_ids),
         )
 
@@ -110,37 +139,58 @@ class Server:
             "request",
             request_id=job.request_id,
             chat=job.chat,
-            prompt_tokens=len(job.prompt),
-            max_tokens=job.sampling.max_new_tokens,
+            choices=len(job.choices),
+            prompt_tokens=len(job.choices[0].prompt),
+            max_tokens=job.choices[0].sampling.max_new_tokens,
             stream=job.stream,
         )
-        arrived = time.perf_counter()
-        generation = await self.backend.submit(job.request_id, job.prompt, job.sampling)
-        timer = RequestTimer(self.metrics, len(job.prompt), arrived)
-        self.metrics.inflight.inc()
-        run = Run(job, generation, TextStream(self.tokenizer, job.stop), timer, self.metrics)
+        runs = await self._submit(job, time.perf_counter())
+        shapes = Shapes(self.tokenizer, job.chat, job.request_id, job.created, job.model)
         headers = {"X-Request-Id": job.request_id}
         if job.stream:
             return ClosingStream(
-                self._events(run),
-                on_close=lambda: run.finish("client disconnected"),
+                self._events(job, runs, shapes),
+                on_close=lambda: _finish_all(runs, "client disconnected"),
                 media_type="text/event-stream",
                 headers={**headers, "Cache-Control": "no-cache"},
             )
-        return Response(await self._unless_disconnected(request, run), headers=headers)
+        return Response(await self._unless_disconnected(request, job, runs, shapes), headers=headers)
 
-    async def _unless_disconnected(self, request: Request[Any, Any, Any], run: Run) -> Any:
-        """Collect the whole output, unless the client leaves first (then abort the backend at once)."""
-        collect = asyncio.ensure_future(self._collect(run))
-        gone = asyncio.ensure_future(_disconnected(request))
+    async def _submit(self, job: Job, arrived: float) -> list[Run]:
+        """One cluster request per choice; if one is refused, those already accepted are aborted."""
+        runs: list[Run] = []
+        try:
+            for choice in job.choices:
+                generation = await self.backend.submit(job.backend_id(choice), choice.prompt, choice.sampling)
+                # a prompt's tokens are counted once, however many samples it has
+                timer = RequestTimer(self.metrics, len(choice.prompt) if choice.sample == 0 else 0, arrived)
+                text = TextStream(
+                    self.tokenizer,
+                    job.stop,
+                    include_stop=job.include_stop,
+                    skip_special_tokens=job.skip_special_tokens,
+                    min_tokens=choice.sampling.min_tokens,
+                )
+                runs.append(Run(job, choice, generation, text, timer, self.metrics))
+        except BaseException:
+            _finish_all(runs, "another choice of the request was refused")
+            raise
+        return runs
+
+    async def _unless_disconnected(
+        self, request: Request[Any, Any, Any], job: Job, runs: list[Run], shapes: Shapes
+    ) -> Any:
+        """Collect every choice's output, unless the client leaves first (then abort the backend at once)."""
+        collect: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(*(r.outcome() for r in runs)))
+        gone: asyncio.Future[Any] = asyncio.ensure_future(_disconnected(request))
         reason = "handler cancelled"  # what the backend hears if we leave this block early
         try:
-            await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([collect, gone], return_when=asyncio.FIRST_COMPLETED)
             if collect.done():
                 reason = "gateway error"
-                result = collect.result()  # raises the request's APIError, if it failed
+                outcomes = collect.result()  # raises a choice's APIError, if one failed
                 reason = ""
-                return result
+                return shapes.body(outcomes, job.logprobs)
             reason = "client disconnected"
             raise APIError(499, "client disconnected")  # nobody reads it; the status shows in the metrics
         finally:
@@ -148,39 +198,22 @@ class Server:
                 task.cancel()
             with contextlib.suppress(BaseException):
                 await asyncio.gather(collect, gone, return_exceptions=True)
-            run.finish(reason)
+            _finish_all(runs, reason)
 
-    async def _collect(self, run: Run) -> oa.CompletionResponse | oa.ChatCompletionResponse:
-        pieces = []
-        while not run.text.finished:
-            pieces.append(await run.next_piece())
-        merged = Piece(
-            run.text.text,
-            [t for p in pieces for t in p.token_ids],
-            [x for p in pieces for x in p.logprobs],
-            [x for p in pieces for x in p.top_logprobs],
-        )
-        job, reason = run.job, run.text.finish_reason
-        if job.chat:
-            logprobs = chat_logprobs(self.tokenizer, merged) if job.sampling.logprobs is not None else None
-            choice = oa.ChatChoice(0, oa.ChatMessageOut(merged.text), logprobs, reason)
-            return oa.ChatCompletionResponse(job.request_id, job.created, job.model, [choice], run.usage())
-        logprobs = completion_logprobs(self.tokenizer, merged, 0) if job.sampling.logprobs is not None else None
-        text_choice = oa.CompletionChoice(0, merged.text, logprobs, reason)
-        return oa.CompletionResponse(job.request_id, job.created, job.model, [text_choice], run.usage())
-
-    async def _events(self, run: Run) -> AsyncIterator[bytes]:
+    async def _events(self, job: Job, runs: list[Run], shapes: Shapes) -> AsyncIterator[bytes]:
         """The SSE body. Cancelled or closed early (the client left): `finally` aborts the backend."""
-        job, reason = run.job, "client disconnected"
+        reason = "client disconnected"
+        pieces = _pieces(runs)
         try:
-            if job.chat:
-                yield oa.sse(self._chunk(run, Piece(), None, role=True))
-            while not run.text.finished:
-                offset = len(run.text.text)
-                piece = await run.next_piece()
-                yield oa.sse(self._chunk(run, piece, offset))
+            for run in runs:
+                opening = shapes.opening(run.choice)
+                if opening is not None:
+                    yield oa.sse(opening)
+            async for run, piece, offset, finish_reason in pieces:
+                yield oa.sse(shapes.chunk(run.choice, piece, offset, finish_reason, job.logprobs))
             if job.include_usage:
-                yield oa.sse(self._usage_chunk(run))
+                completion_tokens = sum(len(run.text.token_ids) for run in runs)
+                yield oa.sse(shapes.usage_chunk(usage([run.choice for run in runs], completion_tokens)))
             yield oa.SSE_DONE
             reason = ""
         except APIError as exc:  # the response has started: the error travels as an event
@@ -188,28 +221,54 @@ class Server:
             log.warning("stream failed", request_id=job.request_id, status=exc.status, error=exc.message)
             yield oa.sse(exc.body())
         finally:
-            run.finish(reason)
+            await pieces.aclose()
+            _finish_all(runs, reason)
 
-    def _chunk(self, run: Run, piece: Piece, offset: int | None, role: bool = False) -> Any:
-        job, reason = run.job, run.text.finish_reason
-        usage = None  # with include_usage, every chunk but the last says "usage": null
-        logprobs = None
-        if job.chat:
-            if job.sampling.logprobs is not None and piece.token_ids:
-                logprobs = chat_logprobs(self.tokenizer, piece)
-            delta = oa.Delta(role="assistant", content="") if role else oa.Delta(content=piece.text or None)
-            choice = oa.ChatChunkChoice(0, delta, logprobs, None if role else reason)
-            return oa.ChatCompletionChunk(job.request_id, job.created, job.model, [choice], usage)
-        if job.sampling.logprobs is not None and piece.token_ids:
-            logprobs = completion_logprobs(self.tokenizer, piece, offset or 0)
-        text_choice = oa.CompletionChoice(0, piece.text, logprobs, reason)
-        return oa.CompletionResponse(job.request_id, job.created, job.model, [text_choice], usage)
 
-    def _usage_chunk(self, run: Run) -> Any:
-        job = run.job
-        if job.chat:
-            return oa.ChatCompletionChunk(job.request_id, job.created, job.model, [], run.usage())
-        return oa.CompletionResponse(job.request_id, job.created, job.model, [], run.usage())
+_Item = tuple[Run, Piece, int, str | None]  # a run, its piece, where its text starts, how it ended if it did
+
+
+async def _next(run: Run) -> _Item:
+    offset = len(run.text.text)
+    piece = await run.next_piece()
+    return run, piece, offset, run.text.finish_reason
+
+
+def _finish_all(runs: list[Run], reason: str) -> None:
+    for run in runs:
+        run.finish(reason)
+
+
+async def _pieces(runs: list[Run]) -> AsyncGenerator[_Item, None]:
+    """Every run's pieces as they come, until all have ended; the first error of any run is raised.
+    One run is read directly, several through a queue fed by a task per run."""
+    if len(runs) == 1:
+        (run,) = runs
+        while not run.text.finished:
+            yield await _next(run)
+        return
+    queue: asyncio.Queue[_Item | APIError] = asyncio.Queue()
+
+    async def pump(run: Run) -> None:
+        try:
+            while not run.text.finished:
+                queue.put_nowait(await _next(run))
+        except APIError as exc:
+            queue.put_nowait(exc)
+
+    tasks = [asyncio.create_task(pump(run)) for run in runs]
+    try:
+        left = len(runs)
+        while left:
+            item = await queue.get()
+            if isinstance(item, APIError):
+                raise item
+            left -= item[3] is not None
+            yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class ClosingStream(Stream):

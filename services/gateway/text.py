@@ -11,8 +11,12 @@ part (`_prefix:_read`). Two kinds of text are held back until the next step deci
 - a trailing piece that could be the start of a stop string: if the stop string completes, the
   client must never have seen its first half.
 
-A stop string found in the text ends the request: the text is cut just before it and the
-finish reason is "stop" (the caller aborts the backend, which does not know about stop strings).
+A stop string found in the text ends the request: the text is cut just before it (after it with
+`include_stop_str_in_output`) and the finish reason is "stop" (the caller aborts the backend,
+which does not know about stop strings). Stop strings are looked for only once the output has
+`min_tokens` tokens, as vLLM does. A request the backend ended on a stop or end-of-sequence token
+leaves that token's text out, unless `include_stop_str_in_output` (vLLM's rule too; with
+`skip_special_tokens`, the default, a special token has no text anyway).
 """
 
 from __future__ import annotations
@@ -41,10 +45,21 @@ class Piece:
 class TextStream:
     """Feed it token events in order; it returns what the client may see now, and how the output ended."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: list[str]) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        stop: list[str],
+        *,
+        include_stop: bool = False,
+        skip_special_tokens: bool = True,
+        min_tokens: int = 0,
+    ) -> None:
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
         self.max_stop = max((len(s) for s in self.stop), default=0)
+        self.include_stop = include_stop
+        self.skip_special_tokens = skip_special_tokens
+        self.min_tokens = min_tokens
         self.token_ids: list[int] = []  # every generated token, including any past a stop string
         self.text = ""  # the text emitted so far
         self.finish_reason: str | None = None
@@ -67,7 +82,9 @@ class TextStream:
         self._pending.top_logprobs += event.top_logprobs
         full = self._decode()
         final = event.finish_reason is not None
-        cut = self._find_stop(full)
+        if event.finish_reason == "stop" and not self.include_stop:  # once, at the end: decode it whole
+            full = self.tokenizer.decode(self.token_ids[:-1], skip_special_tokens=self.skip_special_tokens)
+        cut = self._find_stop(full) if len(self.token_ids) >= self.min_tokens else None
         if cut is not None:
             full, final = full[:cut], True
             self.finish_reason, self.stopped_by_string = "stop", True
@@ -84,13 +101,13 @@ class TextStream:
     def _decode(self) -> str:
         """The whole output's text so far, decoding only the window since the last settled boundary.
         The window's new text settles once it does not end inside a UTF-8 character."""
-        decode = self.tokenizer.decode
-        before = decode(self.token_ids[self._prefix : self._read], skip_special_tokens=True)
-        window = decode(self.token_ids[self._prefix :], skip_special_tokens=True)
+        decode, skip = self.tokenizer.decode, self.skip_special_tokens
+        before = decode(self.token_ids[self._prefix : self._read], skip_special_tokens=skip)
+        window = decode(self.token_ids[self._prefix :], skip_special_tokens=skip)
         if window.startswith(before):
             tail = window[len(before) :]
         else:  # a tokenizer that rewrites text across the boundary: decode it all, once
-            tail = decode(self.token_ids, skip_special_tokens=True)[len(self._settled) :]
+            tail = decode(self.token_ids, skip_special_tokens=skip)[len(self._settled) :]
         if tail.endswith(REPLACEMENT):
             return self._settled + tail
         self._settled += tail
@@ -98,12 +115,16 @@ class TextStream:
         return self._settled
 
     def _find_stop(self, full: str) -> int | None:
-        """Where the earliest stop string starts, searching only text that can hold a new match."""
+        """Where the text ends at the earliest stop string (before it, or after it with `include_stop`),
+        searching only text that can hold a new match."""
         if not self.stop:
             return None
         start = max(0, len(self.text) - self.max_stop + 1)
-        found = [i for i in (full.find(s, start) for s in self.stop) if i >= 0]
-        return min(found) if found else None
+        found = [(i, len(s)) for i, s in ((full.find(s, start), s) for s in self.stop) if i >= 0]
+        if not found:
+            return None
+        at, length = min(found)
+        return at + length if self.include_stop else at
 
     def _visible_end(self, full: str) -> int:
         end = len(full.rstrip(REPLACEMENT))

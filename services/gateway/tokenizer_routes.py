@@ -25,7 +25,11 @@ async def tokenize(request: Request[Any, Any, Any], data: oa.TokenizeRequest) ->
     if (data.prompt is None) == (data.messages is None):
         raise invalid("prompt", "send either `prompt` (text) or `messages` (a chat), not both or neither")
     if data.messages is not None:
-        ids = prompts.chat_prompt(data.messages, add_generation_prompt=data.add_generation_prompt)
+        ids = prompts.chat_prompt(
+            data.messages,
+            add_generation_prompt=data.add_generation_prompt,
+            continue_final_message=data.continue_final_message,
+        )
     else:
         ids = prompts.tokenizer(data.prompt, add_special_tokens=data.add_special_tokens).input_ids
     return oa.TokenizeResponse(count=len(ids), max_model_len=prompts.max_model_len, tokens=list(ids))

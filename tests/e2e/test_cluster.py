@@ -10,16 +10,24 @@ import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    SequenceBiasLogitsProcessor,
+)
 
 from common.metrics import scrape_metrics
 from common.natsd import free_port
 from services.local_cluster import LocalCluster
+from tests.unit.test_engine_sampling import OpenAIPenalties
 
 
 def _wait_kv_free(cluster: LocalCluster, timeout: float = 10.0) -> None:
@@ -174,3 +182,75 @@ def test_errors_through_the_cluster(cluster: LocalCluster) -> None:
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="no-such-model", prompt="x")
     assert httpx.get(f"{cluster.url}/health").status_code == 200
+
+
+@pytest.mark.timeout(300)
+def test_sampling_extensions_n_and_batches_through_the_cluster(cluster: LocalCluster, llama_dir: Path) -> None:
+    """Processors, stop token ids, seeded `n` and a batch through every service: greedy output equals
+    transformers' `generate` with its own processors, and choice j of a seeded request is the
+    request seeded with seed + j, whichever instances served each."""
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    hf = AutoModelForCausalLM.from_pretrained(llama_dir)
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=10)
+    model, prompts = cluster.model.name, ["block cache decode block cache", "gateway kernel layer memory"]
+
+    def reference(prompt: str, max_new: int, processors: list[Any], **kwargs: Any) -> list[int]:
+        ids = tokenizer(prompt).input_ids
+        out = hf.generate(
+            torch.tensor([ids]),
+            max_new_tokens=max_new,
+            do_sample=False,
+            logits_processor=LogitsProcessorList(processors),
+            **kwargs,
+        )
+        return list(out[0, len(ids) :].tolist())
+
+    for prompt in prompts:
+        n_prompt = len(tokenizer(prompt).input_ids)
+        got = client.completions.create(
+            model=model,
+            prompt=prompt,
+            max_tokens=16,
+            temperature=0,
+            presence_penalty=0.9,
+            frequency_penalty=0.7,
+            logit_bias={"300": 4.0},
+            extra_body={"repetition_penalty": 1.3},
+        )
+        expected = reference(
+            prompt,
+            16,
+            [
+                SequenceBiasLogitsProcessor([[[300], 4.0]]),
+                RepetitionPenaltyLogitsProcessor(1.3),
+                OpenAIPenalties(n_prompt, 0.7, 0.9),
+            ],
+        )
+        assert got.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True)
+        free = reference(prompt, 16, [])
+        stop = free[1]
+        held = client.completions.create(
+            model=model,
+            prompt=prompt,
+            max_tokens=16,
+            temperature=0,
+            extra_body={"stop_token_ids": [stop], "min_tokens": 5},
+        )
+        expected = reference(prompt, 16, [], eos_token_id=[stop, tokenizer.eos_token_id], min_new_tokens=5)
+        ended_on_stop = stop in expected[5:]
+        if ended_on_stop:  # the stop token's text is left out, as vLLM does
+            expected = expected[: expected.index(stop, 5)]
+        assert held.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True)
+        assert held.choices[0].finish_reason == ("stop" if ended_on_stop else "length")
+    batch = client.completions.create(model=model, prompt=prompts, max_tokens=10, temperature=0)
+    assert [c.text for c in batch.choices] == [
+        tokenizer.decode(reference(p, 10, []), skip_special_tokens=True) for p in prompts
+    ]
+    seeded = client.completions.create(model=model, prompt=prompts[0], max_tokens=12, n=3, seed=5, temperature=1.0)
+    assert [c.index for c in seeded.choices] == [0, 1, 2]
+    texts = [c.text for c in seeded.choices]
+    assert len(set(texts)) > 1
+    for j in range(3):
+        alone = client.completions.create(model=model, prompt=prompts[0], max_tokens=12, seed=5 + j, temperature=1.0)
+        assert alone.choices[0].text == texts[j]
+    _wait_kv_free(cluster)

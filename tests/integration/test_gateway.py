@@ -410,8 +410,8 @@ def test_invalid_parameters_are_400_naming_the_field(env: Env) -> None:
         client.completions.create(model=MODEL, prompt="x", max_tokens=5000)
     assert (_error(bad.value)["param"], _error(bad.value)["code"]) == ("max_tokens", "context_length_exceeded")
     with pytest.raises(openai.BadRequestError) as bad:
-        client.completions.create(model=MODEL, prompt=["one", "two"])
-    assert "one prompt per request" in _error(bad.value)["message"]
+        client.completions.create(model=MODEL, prompt=["one", [2, 3]])  # type: ignore[list-item]
+    assert "all strings or all lists" in _error(bad.value)["message"]
     with pytest.raises(openai.BadRequestError) as bad:
         client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "x"}], top_logprobs=30, logprobs=True

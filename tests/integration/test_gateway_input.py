@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from services.gateway.openai_types import MAX_BODY_BYTES, MAX_STOP_LENGTH, MAX_STOP_STRINGS, MAX_TOP_K
+from services.gateway.openai_types import MAX_BODY_BYTES, MAX_CHOICES, MAX_STOP_LENGTH, MAX_STOP_STRINGS, MAX_TOP_K
 from tests.integration.test_gateway import API_KEY, MODEL, Env
 from tests.integration.test_gateway import env as env  # the module fixture, re-exported for this module
 
@@ -150,7 +150,11 @@ HUGE = 10**23  # sent as a JSON integer: no int64 holds it
         ("chat/completions", "max_completion_tokens", 0, "max_completion_tokens"),
         ("chat/completions", "max_tokens", HUGE, "max_tokens"),
         ("chat/completions", "top_logprobs", HUGE, "top_logprobs"),
-        ("chat/completions", "n", 2, "n"),
+        ("chat/completions", "n", 0, "n"),
+        ("completions", "n", MAX_CHOICES + 1, "n"),
+        ("completions", "presence_penalty", 1e30, "presence_penalty"),
+        ("completions", "repetition_penalty", 0, "repetition_penalty"),
+        ("completions", "min_tokens", HUGE, "min_tokens"),
     ],
 )
 def test_absurd_numbers_are_400_naming_the_field(
@@ -211,13 +215,8 @@ def test_an_empty_message_list_is_400(env: Env, http: httpx.Client) -> None:
 @pytest.mark.parametrize(
     ("path", "fields", "param"),
     [
-        ("completions", {"logit_bias": {"50": 5}}, "logit_bias"),
-        ("completions", {"presence_penalty": 0.5}, "presence_penalty"),
-        ("completions", {"frequency_penalty": -1}, "frequency_penalty"),
-        ("completions", {"n": 2}, "n"),
         ("completions", {"best_of": 3}, "best_of"),
         ("completions", {"suffix": "end"}, "suffix"),
-        ("completions", {"echo": True}, "echo"),
         ("completions", {"stream_options": {"include_obfuscation": True}}, "stream_options.include_obfuscation"),
         ("chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ("chat/completions", {"tool_choice": "required"}, "tool_choice"),
@@ -232,8 +231,6 @@ def test_an_empty_message_list_is_400(env: Env, http: httpx.Client) -> None:
         ("chat/completions", {"reasoning_effort": "high"}, "reasoning_effort"),
         ("chat/completions", {"verbosity": "low"}, "verbosity"),
         ("chat/completions", {"web_search_options": {}}, "web_search_options"),
-        ("chat/completions", {"logit_bias": {"50": 5}}, "logit_bias"),
-        ("chat/completions", {"presence_penalty": 2}, "presence_penalty"),
         (
             "chat/completions",
             {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]},
@@ -253,7 +250,7 @@ def test_unimplemented_fields_are_400_naming_the_field(
 @pytest.mark.parametrize(
     ("path", "fields", "param"),
     [
-        ("completions", {"repetition_penalty": 1.2}, "repetition_penalty"),
+        ("completions", {"length_penalty": 1.2}, "length_penalty"),
         ("chat/completions", {"min_p": 0.1}, "min_p"),
         ("chat/completions", {"messages": [{"role": "user", "content": "x", "weight": 1}]}, "messages[0].weight"),
         (
@@ -344,8 +341,8 @@ def test_neutral_values_of_unimplemented_fields_are_accepted(env: Env, http: htt
     )
     assert response.choices[0].finish_reason == "length"
     with pytest.raises(openai.BadRequestError) as bad:
-        env.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], n=2)
-    assert bad.value.response.json()["error"]["param"] == "n"
+        env.client().completions.create(model=MODEL, prompt="x", best_of=2)
+    assert bad.value.response.json()["error"]["param"] == "best_of"
 
 
 # ---- methods and schema ------------------------------------------------------------------------
@@ -375,7 +372,10 @@ def test_the_schema_states_the_limits(env: Env, http: httpx.Client) -> None:
     assert (chat["top_logprobs"]["minimum"], chat["top_logprobs"]["maximum"]) == (0, 20)
     assert completion["temperature"]["minimum"] == 0 and chat["max_completion_tokens"]["minimum"] == 1
     assert schemas["ChatMessage"]["properties"]["role"]["enum"] == ["system", "developer", "user", "assistant"]
-    for name in ("n", "echo", "best_of", "suffix", "logit_bias", "presence_penalty"):
+    for name in ("best_of", "suffix"):
         assert completion[name]["description"].startswith("Not supported"), name
-    for name in ("tools", "tool_choice", "response_format", "frequency_penalty"):
+    for name in ("tools", "tool_choice", "response_format"):
         assert chat[name]["description"].startswith("Not supported"), name
+    assert (completion["n"]["minimum"], completion["n"]["maximum"]) == (1, MAX_CHOICES)
+    assert (chat["presence_penalty"]["minimum"], chat["presence_penalty"]["maximum"]) == (-2, 2)
+    assert completion["logit_bias"]["maxProperties"] == 300

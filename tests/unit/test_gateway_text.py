@@ -59,17 +59,27 @@ def prompts() -> PromptBuilder:
 
 
 def test_prompt_checks(prompts: PromptBuilder) -> None:
-    assert prompts.completion_prompt(CompletionRequest(prompt=[[3, 4, 5]])) == [3, 4, 5]  # a batch of one
-    cases: list[tuple[list[Any], str]] = [
-        ([[1], [2]], "one prompt per request"),
-        ([1, 999], "token ids must be in"),
-        ([], "must not be empty"),
-        ([1.5], "a string or a list of token ids"),
+    def ids(prompt: Any) -> list[list[int]]:
+        return [p.token_ids for p in prompts.completion_prompts(CompletionRequest(prompt=prompt))]
+
+    assert ids([[3, 4, 5]]) == [[3, 4, 5]]  # a batch of one
+    assert ids([[1], [2, 3]]) == [[1], [2, 3]]
+    assert ids(["ab", "c"]) == [prompts.tokenizer("ab").input_ids, prompts.tokenizer("c").input_ids]
+    assert [p.text for p in prompts.completion_prompts(CompletionRequest(prompt=["ab", "c"]))] == ["ab", "c"]
+    cases: list[tuple[list[Any], str, str]] = [
+        ([1, 999], "token ids must be in", "prompt"),
+        ([], "must not be empty", "prompt"),
+        ([1.5], "a string or a list of token ids", "prompt"),
+        (["a", [1]], "all strings or all lists", "prompt"),
+        ([1, "a"], "all strings or all lists", "prompt"),
+        (["a", ""], "must not be empty", "prompt[1]"),
+        ([[1], [2, 999]], "token ids must be in", "prompt[1]"),
+        ([[1], []], "must not be empty", "prompt[1]"),
     ]
-    for prompt, message in cases:
+    for prompt, message, param in cases:
         with pytest.raises(APIError, match=message) as bad:
-            prompts.completion_prompt(CompletionRequest(prompt=prompt))
-        assert (bad.value.status, bad.value.param) == (400, "prompt")
+            prompts.completion_prompts(CompletionRequest(prompt=prompt))
+        assert (bad.value.status, bad.value.param) == (400, param)
 
 
 def test_a_tokenizer_without_a_chat_template_is_a_clear_400(prompts: PromptBuilder) -> None:
@@ -105,3 +115,45 @@ def test_incremental_text_equals_decoding_the_whole_output() -> None:
             text.add(_event(*ids[i : i + n], finish="length" if last else None))
             i += n
         assert text.text == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_include_stop_str_in_output_keeps_the_stop_string() -> None:
+    text = TextStream(PieceTokenizer(), ["o w"], include_stop=True)
+    pieces = [text.add(_event(0)), text.add(_event(1)), text.add(_event(2)), text.add(_event(3))]
+    assert [p.text for p in pieces] == ["hel", "l", "o w", ""]
+    assert (text.text, text.finish_reason, text.stopped_by_string) == ("hello w", "stop", True)
+
+
+def test_stop_strings_wait_for_min_tokens() -> None:
+    """As vLLM: no stop string ends the output before it has `min_tokens` tokens."""
+    text = TextStream(PieceTokenizer(), ["lo"], min_tokens=3)
+    text.add(_event(0))
+    text.add(_event(1))  # "hello ": "lo" is there, but only 2 tokens
+    assert not text.finished
+    text.add(_event(2))
+    text.add(_event(1))  # "hello worlo ": the next "lo" ends it
+    assert (text.text, text.finish_reason) == ("hello wor", "stop")
+
+
+def test_a_stop_token_leaves_its_text_out_unless_asked() -> None:
+    """The backend ended on a stop token (finish_reason "stop"): its text is not the output's, as in vLLM."""
+    for include, expected in ((False, "hello "), (True, "hello wor")):
+        text = TextStream(PieceTokenizer(), [], include_stop=include)
+        text.add(_event(0, 1))
+        text.add(_event(2, finish="stop"))
+        assert text.text == expected
+    text = TextStream(PieceTokenizer(), [])
+    text.add(_event(0, 1, finish="length"))
+    assert text.text == "hello "
+
+
+def test_special_tokens_are_in_the_text_only_when_asked() -> None:
+    tokenizer = make_tokenizer(384)
+    ids = [*tokenizer.encode("hi", add_special_tokens=False), tokenizer.eos_token_id]
+    for skip, expected in ((True, "hi"), (False, "hi" + tokenizer.eos_token)):
+        text = TextStream(tokenizer, [], skip_special_tokens=skip, include_stop=True)
+        text.add(_event(*ids, finish="stop"))
+        assert text.text == expected
+    text = TextStream(tokenizer, [], skip_special_tokens=False)  # the stop token's text is left out
+    text.add(_event(*ids, finish="stop"))
+    assert text.text == "hi"

@@ -1,0 +1,187 @@
+"""The gateway's sampling extensions, several choices per request, echo and chat continuation.
+
+Same harness as test_gateway.py (its module fixture, a separate instance for this module): what
+the official client sends (vLLM's extensions as `extra_body`) must reach the backend as the
+`Sampling` the engine applies, bad values must be 400s naming the field before anything is
+submitted, and `n` and batches of prompts must come back indexed as OpenAI numbers them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import openai
+import pytest
+
+from tests.integration.test_gateway import MODEL, Env
+from tests.integration.test_gateway import _reset_backend as _reset_backend  # autouse: normal mode, no delay
+from tests.integration.test_gateway import env as env  # the module fixture, re-exported for this module
+
+pytestmark = pytest.mark.timeout(60)
+USER = [{"role": "user", "content": "x"}]
+
+
+def _submits(env: Env, request_id: str) -> list[Any]:
+    return sorted((s for s in env.backend.submits if s.request_id.startswith(request_id)), key=lambda s: s.request_id)
+
+
+def test_vllm_and_openai_sampling_fields_reach_the_backend(env: Env) -> None:
+    extra = {
+        "stop_token_ids": [5, 9],
+        "min_tokens": 3,
+        "repetition_penalty": 1.3,
+        "include_stop_str_in_output": True,
+        "skip_special_tokens": False,
+    }
+    response = env.client().completions.create(
+        model=MODEL,
+        prompt="the cache",
+        max_tokens=6,
+        presence_penalty=0.5,
+        frequency_penalty=-1.5,
+        logit_bias={"17": 3.0, "300": -100},
+        extra_body=extra,
+    )
+    [submit] = _submits(env, response.id)
+    s = submit.sampling
+    assert (s.stop_token_ids, s.min_tokens, s.repetition_penalty) == ([5, 9], 3, 1.3)
+    assert (s.presence_penalty, s.frequency_penalty) == (0.5, -1.5)
+    assert sorted(s.logit_bias) == [(17, 3.0), (300, -100.0)]
+    chat = env.client().chat.completions.create(
+        model=MODEL, messages=USER, max_tokens=4, presence_penalty=2, extra_body={"repetition_penalty": 0.5}
+    )
+    [submit] = _submits(env, chat.id)
+    assert (submit.sampling.presence_penalty, submit.sampling.repetition_penalty) == (2.0, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("path", "fields", "param"),
+    [
+        ("completions", {"presence_penalty": 2.5}, "presence_penalty"),
+        ("chat/completions", {"frequency_penalty": -3}, "frequency_penalty"),
+        ("completions", {"repetition_penalty": -1}, "repetition_penalty"),
+        ("completions", {"logit_bias": {"x": 1}}, "logit_bias"),
+        ("completions", {"logit_bias": {"-3": 1}}, "logit_bias"),
+        ("completions", {"logit_bias": {"99999999": 1}}, "logit_bias"),
+        ("completions", {"logit_bias": {"1" * 5000: 1}}, "logit_bias"),
+        ("chat/completions", {"logit_bias": {"5": 101}}, "logit_bias"),
+        ("completions", {"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+        ("completions", {"min_tokens": -1}, "min_tokens"),
+        ("completions", {"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
+        ("completions", {"stop_token_ids": [-1]}, "stop_token_ids"),
+        ("chat/completions", {"stop_token_ids": [99999999]}, "stop_token_ids"),
+        ("completions", {"stop_token_ids": list(range(257))}, "stop_token_ids"),
+        ("completions", {"n": 0}, "n"),
+        ("completions", {"n": 65, "prompt": ["a", "b"]}, "n"),
+        ("completions", {"prompt": ["a"] * 129}, "prompt"),
+        ("completions", {"echo": True, "logprobs": 0}, "echo"),
+        ("chat/completions", {"continue_final_message": True}, "continue_final_message"),
+        (
+            "chat/completions",
+            {"continue_final_message": True, "add_generation_prompt": False},
+            "continue_final_message",
+        ),  # the last message is the user's
+    ],
+)
+def test_bad_values_are_400_naming_the_field_before_the_backend(
+    env: Env, path: str, fields: dict[str, Any], param: str
+) -> None:
+    base: dict[str, Any] = {"prompt": "x"} if path == "completions" else {"messages": USER}
+    submits = len(env.backend.submits)
+    client = env.client()
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.post(f"/{path}", body={"model": MODEL, **base, **fields}, cast_to=object)
+    error = bad.value.response.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error", error
+    assert len(env.backend.submits) == submits, "a refused request reached the backend"
+
+
+def test_n_choices_are_indexed_seeded_apart_and_summed(env: Env) -> None:
+    response = env.client().completions.create(model=MODEL, prompt="seeded", max_tokens=5, n=3, seed=41)
+    ids = env.tokenizer("seeded").input_ids
+    assert [c.index for c in response.choices] == [0, 1, 2]
+    assert all(c.text == env.expected(ids, 5) for c in response.choices)  # the stand-in ignores seeds
+    submits = _submits(env, response.id)
+    assert [s.request_id for s in submits] == [f"{response.id}-{j}" for j in range(3)]
+    assert [s.sampling.seed for s in submits] == [41, 42, 43]  # vLLM's rule: sample j gets seed + j
+    assert response.usage is not None
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (len(ids), 15)
+
+
+def test_a_batch_of_prompts_times_n_is_numbered_prompt_major(env: Env) -> None:
+    prompts = ["first prompt", "the second one"]
+    response = env.client().completions.create(model=MODEL, prompt=prompts, max_tokens=4, n=2)
+    ids = [env.tokenizer(p).input_ids for p in prompts]
+    assert [c.index for c in response.choices] == [0, 1, 2, 3]
+    assert [c.text for c in response.choices] == [env.expected(ids[i // 2], 4) for i in range(4)]
+    assert [s.prompt_token_ids for s in _submits(env, response.id)] == [ids[0], ids[0], ids[1], ids[1]]
+    assert response.usage is not None
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (len(ids[0]) + len(ids[1]), 16)
+    tokens = [[3, 4, 5], [6, 7]]
+    response = env.client().completions.create(model=MODEL, prompt=tokens, max_tokens=3)
+    assert [c.text for c in response.choices] == [env.expected(t, 3) for t in tokens]
+
+
+def test_streamed_choices_carry_their_index_and_usage_sums(env: Env) -> None:
+    env.backend.token_delay = 0.01  # choices interleave
+    prompts = ["stream one", "stream two"]
+    stream = env.client().completions.create(
+        model=MODEL, prompt=prompts, max_tokens=6, n=2, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    texts: dict[int, str] = defaultdict(str)
+    finishes: dict[int, list[str | None]] = defaultdict(list)
+    for chunk in chunks[:-1]:
+        [choice] = chunk.choices
+        texts[choice.index] += choice.text
+        finishes[choice.index].append(choice.finish_reason)
+    ids = [env.tokenizer(p).input_ids for p in prompts]
+    assert dict(texts) == {i: env.expected(ids[i // 2], 6) for i in range(4)}
+    assert all(f[-1] == "length" and not any(f[:-1]) for f in finishes.values()), finishes
+    usage = chunks[-1].usage
+    assert not chunks[-1].choices and usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens) == (len(ids[0]) + len(ids[1]), 24)
+    chat = env.client().chat.completions.create(model=MODEL, messages=USER, max_tokens=3, n=2, stream=True)
+    roles = [c.choices[0].index for c in chat if c.choices and c.choices[0].delta.role == "assistant"]
+    assert sorted(roles) == [0, 1]
+
+
+def test_one_failing_choice_fails_the_request_and_aborts_the_others(env: Env) -> None:
+    env.backend.mode = "error"
+    with pytest.raises(openai.APIStatusError) as bad:
+        env.client().completions.create(model=MODEL, prompt="fails", max_tokens=8, n=2)
+    assert bad.value.status_code == 502
+
+
+def test_echo_prepends_the_prompt(env: Env) -> None:
+    prompt = "echo this"
+    ids = env.tokenizer(prompt).input_ids
+    response = env.client().completions.create(model=MODEL, prompt=prompt, max_tokens=3, echo=True)
+    assert response.choices[0].text == prompt + env.expected(ids, 3)
+    tokens = [7, 8, 9]
+    response = env.client().completions.create(model=MODEL, prompt=tokens, max_tokens=3, echo=True)
+    assert response.choices[0].text == env.tokenizer.decode(tokens) + env.expected(tokens, 3)
+    stream = env.client().completions.create(model=MODEL, prompt=prompt, max_tokens=3, echo=True, stream=True)
+    chunks = [c.choices[0].text for c in stream]
+    assert chunks[0] == prompt and "".join(chunks) == prompt + env.expected(ids, 3)
+
+
+def test_chat_generation_prompt_and_continuation(env: Env) -> None:
+    messages: list[Any] = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello, I"}]
+
+    def template(**kwargs: Any) -> list[int]:
+        text = env.tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+        ids: list[int] = env.tokenizer(text, add_special_tokens=False).input_ids
+        return ids
+
+    cases = [
+        ({"add_generation_prompt": False}, template(add_generation_prompt=False)),
+        ({"add_generation_prompt": False, "continue_final_message": True}, template(continue_final_message=True)),
+        ({}, template(add_generation_prompt=True)),
+    ]
+    assert len({tuple(ids) for _, ids in cases}) == 3, "the three prompts must differ for this test to mean much"
+    for extra, expected in cases:
+        response = env.client().chat.completions.create(model=MODEL, messages=messages, max_tokens=2, extra_body=extra)
+        [submit] = _submits(env, response.id)
+        assert submit.prompt_token_ids == expected, extra
