@@ -16,8 +16,10 @@ import functools
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -354,3 +356,122 @@ def test_an_operators_secret_replaces_the_example(tmp_path: Path) -> None:
     assert EXAMPLE_PASSWORD not in yaml.safe_dump_all(manifests)
     refs = re.findall(r"name: (adrenaline-nats-[a-z0-9]{10})\b", yaml.safe_dump_all(manifests))
     assert set(refs) == {secret["metadata"]["name"]}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_pod_runs_as_root(overlay: str) -> None:
+    for name, workload in workloads(overlay).items():
+        assert pod_spec(workload).get("securityContext", {}).get("runAsNonRoot") is True, name
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_three_nats_nodes_form_a_cluster_and_admit_only_their_users(tmp_path: Path) -> None:
+    """The rendered NATS configuration, run: three nodes on this machine's loopback (ports moved
+    by flags, the route URLs by their variables) connect with the route credentials, a role's
+    user logs in on one node and its message reaches another role's user on another node, and a
+    wrong password, or the route user as a client, is refused."""
+    import asyncio
+    import json
+    import urllib.request
+
+    import nats
+
+    from common.subjects import Subjects
+
+    files, env = _nats_files("cpu")
+    for name, text in files.items():
+        (tmp_path / name).write_text(text.replace("/var/run/nats/", f"{tmp_path}/node-"))
+    client, cluster, monitor = _free_ports(3), _free_ports(3), _free_ports(3)
+    routes = {
+        f"NATS_ROUTE_{i}": f"nats://route:{env['ADRENALINE_NATS_ROUTE_PASSWORD']}@127.0.0.1:{cluster[i]}"
+        for i in range(3)
+    }
+    nodes = []
+    try:
+        for i in range(3):
+            # The configuration as rendered, but for this machine's free ports and a pid file per
+            # node (flags would replace the cluster block, route authorization included).
+            text = (tmp_path / "nats.conf").read_text().replace("node-nats.pid", f"node-{i}.pid")
+            for setting, local in (
+                ("port: 4222", f"port: {client[i]}"),
+                ("http_port: 8222", f"http_port: {monitor[i]}"),
+                ("port: 6222", f"port: {cluster[i]}\n  host: 127.0.0.1"),
+            ):
+                assert setting in text, setting
+                text = text.replace(setting, local)
+            conf = tmp_path / f"nats-{i}.conf"
+            conf.write_text(text)
+            nodes.append(
+                subprocess.Popen(
+                    [_tool("nats-server"), "-c", str(conf), "-a", "127.0.0.1"],
+                    env={"PATH": os.environ.get("PATH", ""), **env, **routes, "POD_NAME": f"adrenaline-nats-{i}"},
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )  # fmt: skip
+
+        def routes_of(i: int) -> int:
+            url = f"http://127.0.0.1:{monitor[i]}/routez"
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                return int(json.load(answer)["num_routes"])
+
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if all(routes_of(i) >= 2 for i in range(3)):
+                    break
+            except OSError:
+                pass
+            assert all(n.poll() is None for n in nodes), [
+                n.stderr.read() for n in nodes if n.stderr and n.poll() is not None
+            ]
+            assert time.monotonic() < deadline, "the three nodes did not route to each other"
+            time.sleep(0.2)
+
+        passwords = {r: env[f"ADRENALINE_NATS_PASSWORD_{r.upper()}"] for r in ("gateway", "scheduler")}
+        submit = Subjects("adrenaline").submit
+
+        async def exchange() -> None:
+            scheduler = await nats.connect(
+                f"nats://127.0.0.1:{client[2]}",
+                user="scheduler",
+                password=passwords["scheduler"],
+                allow_reconnect=False,
+            )
+            gateway = await nats.connect(
+                f"nats://127.0.0.1:{client[0]}", user="gateway", password=passwords["gateway"], allow_reconnect=False
+            )
+            received = await scheduler.subscribe(submit)
+            await scheduler.flush()
+            await asyncio.sleep(0.5)  # the subscription's interest reaches the other nodes
+            await gateway.publish(submit, b"hello")
+            await gateway.flush()
+            assert (await received.next_msg(timeout=5)).data == b"hello"
+            await gateway.close()
+            await scheduler.close()
+            for user, password in (("gateway", "wrong"), ("route", env["ADRENALINE_NATS_ROUTE_PASSWORD"])):
+                with pytest.raises(Exception, match=r"(?i)authorization"):
+                    await nats.connect(
+                        f"nats://127.0.0.1:{client[1]}",
+                        user=user,
+                        password=password,
+                        allow_reconnect=False,
+                        max_reconnect_attempts=0,
+                    )
+
+        asyncio.run(asyncio.wait_for(exchange(), 30))
+    finally:
+        for node in nodes:
+            node.terminate()
+        for node in nodes:
+            node.wait(timeout=10)
