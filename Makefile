@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 MODEL_DIR ?= .cache/models/default
 PORT ?= 8000
 
-.PHONY: install run test lint typecheck unit bench clean compose-config
+.PHONY: install run test lint typecheck unit bench clean compose-config compose-secrets
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ $(MODEL_DIR)/config.json: $(STAMP)
 compose-config: $(STAMP)
 	@err=$$($(VENV)/bin/docker-compose -f compose.yaml config --quiet 2>&1); \
 	if [ -n "$$err" ]; then echo "compose.yaml is invalid: $$err"; exit 1; fi; echo "compose.yaml is valid"
+
+# A random NATS password per role for `docker compose up`, in files only you can read (docs/security.md).
+compose-secrets: $(STAMP)
+	$(PY) -m common.nats_auth --write-secrets .secrets
 
 run: $(MODEL_DIR)/config.json $(KERNELS)
 	$(VENV)/bin/adrenaline up --model $(MODEL_DIR) --port $(PORT)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,8 +139,29 @@ def read_credentials(path: Path) -> tuple[str, str]:
     return values.get("ADRENALINE_NATS_USER", ""), values.get("ADRENALINE_NATS_PASSWORD", "")
 
 
-if __name__ == "__main__":
-    import sys
+def write_secrets(folder: Path) -> list[Path]:
+    """A random password per user, one file each (`nats-<user>`, as compose.yaml's secrets name
+    them), readable by us alone; files already there are kept, so running it twice changes nothing."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    written = []
+    for user, password in generate_passwords().items():
+        path = folder / f"nats-{user}"
+        if not path.exists():
+            path.touch(mode=0o600)
+            path.write_text(password + "\n")
+            written.append(path)
+    return written
 
-    prefix = sys.argv[1] if len(sys.argv) > 1 else "adrenaline"
-    sys.stdout.write(server_config(None, Subjects(prefix)))
+
+def main(argv: list[str]) -> None:
+    """`python -m common.nats_auth [PREFIX]`: the authorization block for deployments, on stdout;
+    `--write-secrets FOLDER`: the per-role password files compose.yaml mounts."""
+    if argv[:1] == ["--write-secrets"] and len(argv) == 2:
+        for path in write_secrets(Path(argv[1])):
+            print(f"wrote {path}")
+        return
+    sys.stdout.write(server_config(None, Subjects(argv[0] if argv else "adrenaline")))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

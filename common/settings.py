@@ -19,6 +19,7 @@ import re
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn
 
 PREFIX = "ADRENALINE_"
@@ -191,6 +192,8 @@ def load(cls: type[Any], argv: list[str] | None, prog: str, environ: Mapping[str
             values[f.name] = setting.value(args[f.name], setting.flag)
         elif setting.env in environ:
             values[f.name] = setting.value(environ[setting.env], setting.env)
+        elif setting.secret and f"{setting.env}_FILE" in environ:  # a mounted secret (compose, Kubernetes)
+            values[f.name] = setting.value(_read_secret(environ[f"{setting.env}_FILE"], setting.env), setting.env)
         elif f.default is dataclasses.MISSING:
             missing.append(f"{setting.flag} or {setting.env}")
     if missing:
@@ -201,6 +204,13 @@ def load(cls: type[Any], argv: list[str] | None, prog: str, environ: Mapping[str
         raise
     except ValueError as exc:  # a rule across settings (`__post_init__`)
         raise SettingsError(str(exc)) from None
+
+
+def _read_secret(path: str, env: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise SettingsError(f"{env}_FILE={path!r}: {exc.strerror}") from None
 
 
 def load_or_exit(cls: type[Any], argv: list[str] | None, prog: str) -> Any:
@@ -257,7 +267,8 @@ def markdown() -> str:
         "variables, else the default. The flag is the variable's name without `ADRENALINE_`, in",
         "lower case with dashes: `ADRENALINE_KV_CACHE_BYTES` is `--kv-cache-bytes`. A bad value",
         "stops the service at start with a message naming the variable. Sizes take units:",
-        "`256MiB`, `1GiB` (K/M/G/T are powers of 1024, KB/MB/GB/TB powers of 1000).",
+        "`256MiB`, `1GiB` (K/M/G/T are powers of 1024, KB/MB/GB/TB powers of 1000). A secret can",
+        "also come from a file: `ADRENALINE_NATS_PASSWORD_FILE=/run/secrets/nats-decode`.",
         "",
         "| Variable | Services | Default | Unit | Meaning |",
         "|---|---|---|---|---|",

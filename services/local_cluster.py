@@ -144,7 +144,8 @@ class LocalCluster:
                 if self.stopping:
                     raise Stopped("stopped while starting")
                 env = {
-                    **entry.env,
+                    # compose's credentials name its secret files; ours are made for this run, below
+                    **{k: v for k, v in entry.env.items() if not k.startswith("ADRENALINE_NATS_")},
                     **self.env,
                     "ADRENALINE_NATS_URL": self.nats.url,
                     "ADRENALINE_MODEL": str(self.model),

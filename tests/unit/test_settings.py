@@ -73,6 +73,17 @@ def test_secrets_stay_out_of_errors_and_reprs() -> None:
     assert keys.api_keys == ("k1", "k2") and "k1" not in repr(keys)
 
 
+def test_a_secret_can_come_from_a_mounted_file(tmp_path: Path) -> None:
+    secret = tmp_path / "nats-decode"
+    secret.write_text("s3cret\n")
+    env = {"ADRENALINE_MODEL": "/m", "ADRENALINE_NATS_PASSWORD_FILE": str(secret)}
+    assert load(InstanceSettings, [], "test", env).nats_password == "s3cret"
+    with pytest.raises(SettingsError, match="ADRENALINE_NATS_PASSWORD_FILE='/nowhere'"):
+        load(InstanceSettings, [], "test", {**env, "ADRENALINE_NATS_PASSWORD_FILE": "/nowhere"})
+    with pytest.raises(SettingsError, match="required: --model or ADRENALINE_MODEL"):  # only secrets read files
+        load(InstanceSettings, [], "test", {"ADRENALINE_MODEL_FILE": str(secret)})
+
+
 def test_settings_built_in_code_obey_the_same_checks() -> None:
     with pytest.raises(SettingsError, match="ADRENALINE_MAX_NUM_SEQS"):
         InstanceSettings(model="/m", max_num_seqs=0)
@@ -113,7 +124,7 @@ def _deploy_names() -> set[str]:
 
 
 def test_deployments_set_only_declared_settings() -> None:
-    known = set(declared())
+    known = set(declared()) | {f"{env}_FILE" for env, (setting, _, _) in declared().items() if setting.secret}
     unknown = _deploy_names() - known
     assert not unknown, f"set in compose.yaml or deploy/ but read by no service: {sorted(unknown)}"
 
