@@ -31,7 +31,7 @@ from common.model.spec import ModelSpec
 from common.offload import ExecutorClient, RemoteGroup, SplitAttention
 from common.paged_attention import PagedAttention, decode_metadata, prefill_metadata
 from common.request import FinishReason, Request, Status
-from common.sampling import SamplingParams, sample
+from common.sampling import SamplingParams, processes_logits, sample
 from kernels.backend import default_backend, get_backend
 
 
@@ -317,13 +317,10 @@ class Engine:
         return self.model.logits(self.model(tokens, positions, split))
 
     def _run(self, batch: list[Request], logits: torch.Tensor) -> list[StepOutput]:
-        result = sample(
-            logits.cpu(),
-            [r.params for r in batch],
-            [len(r.output_token_ids) for r in batch],
-            self.generator,
-            [(r.prompt_token_ids, r.output_token_ids) for r in batch],
-        )
+        params = [r.params for r in batch]
+        # histories only where a logits processor reads them: a batch without one builds nothing
+        histories = [(r.prompt_token_ids, r.output_token_ids) for r in batch] if processes_logits(params) else None
+        result = sample(logits.cpu(), params, [len(r.output_token_ids) for r in batch], self.generator, histories)
         outputs = []
         for i, request in enumerate(batch):
             token = result.token_ids[i]

@@ -64,17 +64,23 @@ def _penalize(logits: torch.Tensor, params: list[SamplingParams], histories: lis
     """The three penalties over a [R, vocab] block, vectorized: one scatter builds the output counts."""
     rows, vocab = logits.shape
     counts = torch.zeros(rows, vocab, dtype=logits.dtype)
-    flat = [j * vocab + t for j, (_, output) in enumerate(histories) for t in output]
-    if flat:
-        counts.view(-1).index_add_(0, torch.tensor(flat), torch.ones(len(flat), dtype=logits.dtype))
+    outputs = _flat([output for _, output in histories], vocab)
+    if outputs is not None:
+        counts.view(-1).index_add_(0, outputs, torch.ones(len(outputs), dtype=logits.dtype))
     repetition = torch.tensor([p.repetition_penalty for p in params], dtype=logits.dtype)[:, None]
     if bool((repetition != 1.0).any()):
         seen = counts > 0
-        prompt_flat = [j * vocab + t for j, (prompt, _) in enumerate(histories) for t in prompt]
-        if prompt_flat:
-            seen.view(-1)[torch.tensor(prompt_flat)] = True
+        prompts = _flat([prompt for prompt, _ in histories], vocab)
+        if prompts is not None:
+            seen.view(-1)[prompts] = True
         factor = torch.where(seen, repetition, torch.ones_like(logits))
         logits = torch.where(logits > 0, logits / factor, logits * factor)
     frequency = torch.tensor([p.frequency_penalty for p in params], dtype=logits.dtype)[:, None]
     presence = torch.tensor([p.presence_penalty for p in params], dtype=logits.dtype)[:, None]
     return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
+def _flat(rows: list[Sequence[int]], vocab: int) -> torch.Tensor | None:
+    """Row j's token ids as indices into a flattened [rows, vocab] tensor (built in C, not per token)."""
+    parts = [torch.tensor(ids, dtype=torch.long) + j * vocab for j, ids in enumerate(rows) if len(ids)]
+    return torch.cat(parts) if parts else None

@@ -70,6 +70,11 @@ def from_wire(sampling: Sampling) -> SamplingParams:
     return SamplingParams(**{**values, "stop_token_ids": stop, "logit_bias": bias})
 
 
+def processes_logits(params: list[SamplingParams]) -> bool:
+    """Whether any row of a batch has a logits processor (and so needs its token history)."""
+    return any(p.processes_logits for p in params)
+
+
 @dataclass(frozen=True)
 class SampleResult:
     token_ids: list[int]  # one per row
@@ -97,7 +102,7 @@ def sample(
     """
     batch, vocab = logits.shape
     raw = logits = logits.float()
-    if any(p.processes_logits for p in params):  # the common case pays for this test only
+    if processes_logits(params):  # the common case pays for this test only
         if histories is None:
             raise ValueError("logits processors need each row's token history")
         logits = process_logits(logits, params, histories)
