@@ -59,7 +59,8 @@ class StandInBackend:
 
     It answers `Subjects(prefix).submit` and publishes `standin_tokens` for the prompt to the
     request's token subject, one TokenBatch per token (`token_delay` apart), the last with
-    finish_reason "length". `mode` makes it misbehave on purpose: "refuse" (429), "error" (an
+    finish_reason "length". `mode` makes it misbehave on purpose: "refuse" (429; "refuse_choice_1"
+    only a request's choice 1), "error" (an
     "error" event after two tokens), "silent" (accepts, then sends nothing). It records every
     submit and every AbortRequest, and stops generating a request once it is aborted.
     """
@@ -104,7 +105,7 @@ class StandInBackend:
     async def _on_submit(self, msg: SubmitRequest, reply: Reply | None) -> None:
         assert reply is not None
         self.submits.append(msg)
-        if self.mode == "refuse":
+        if self.mode == "refuse" or (self.mode == "refuse_choice_1" and msg.request_id.endswith("-1")):
             await reply(SubmitReply(msg.request_id, False, 429, "the cluster is full, retry later"))
             return
         await reply(SubmitReply(msg.request_id, True, decode_id="stand-in"))

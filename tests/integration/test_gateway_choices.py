@@ -11,10 +11,11 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
-from tests.integration.test_gateway import MODEL, Env
+from tests.integration.test_gateway import API_KEY, MODEL, Env
 from tests.integration.test_gateway import _reset_backend as _reset_backend  # autouse: normal mode, no delay
 from tests.integration.test_gateway import env as env  # the module fixture, re-exported for this module
 
@@ -185,3 +186,30 @@ def test_chat_generation_prompt_and_continuation(env: Env) -> None:
         response = env.client().chat.completions.create(model=MODEL, messages=messages, max_tokens=2, extra_body=extra)
         [submit] = _submits(env, response.id)
         assert submit.prompt_token_ids == expected, extra
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_leaving_aborts_every_choice(env: Env, stream: bool) -> None:
+    env.backend.token_delay = 0.05  # 200 tokens would take 10 s
+    body = {"model": MODEL, "prompt": ["leave one", "leave two"], "max_tokens": 200, "n": 2, "stream": stream}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    if stream:
+        with httpx.stream("POST", f"{env.url}/v1/completions", json=body, headers=headers, timeout=10) as r:
+            request_id = r.headers["x-request-id"]
+            next(line for line in r.iter_lines() if line.startswith("data: "))
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{env.url}/v1/completions", json=body, headers=headers, timeout=httpx.Timeout(10, read=0.5))
+        request_id = env.backend.submits[-1].request_id.rsplit("-", 1)[0]
+    for index in range(4):
+        assert env.backend.wait_abort(f"{request_id}-{index}").reason == "client disconnected"
+
+
+def test_a_refused_choice_refuses_the_request_and_aborts_those_accepted(env: Env) -> None:
+    env.backend.mode = "refuse_choice_1"
+    env.backend.token_delay = 0.05
+    with pytest.raises(openai.RateLimitError):
+        env.client().completions.create(model=MODEL, prompt="refused", max_tokens=100, n=3)
+    first = env.backend.submits[-2].request_id
+    assert first.endswith("-0") and env.backend.submits[-1].request_id.endswith("-1")  # choice 2 never submitted
+    assert "refused" in env.backend.wait_abort(first).reason
