@@ -4,7 +4,7 @@ Litestar validates request bodies against these (a wrong type or a value out of 
 naming the field) and documents both directions, constraints included, in the generated OpenAPI
 schema. A request field we do not know is refused by name, as OpenAI itself does, rather than
 silently ignored: a client that sends one expects an effect we would not give. Fields OpenAI
-defines but we cannot honour (`n` > 1, `echo`, `tools`...) are declared with `unsupported(...)`:
+defines but we cannot honour (`best_of`, `suffix`, `tools`...) are declared with `unsupported(...)`:
 their neutral values, which clients send, pass; anything else is refused by name. Fields that
 only inform (`user`, `metadata`, `prompt_cache_key`...) are accepted and have no effect. vLLM's
 sampling extensions (`top_k`, `min_tokens`, `repetition_penalty`, `stop_token_ids`...) are
