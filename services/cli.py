@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from common.errors import AdrenalineError
+from common.settings import size
 
 
 def default_model_dir() -> Path:
@@ -25,14 +26,16 @@ def default_model_dir() -> Path:
 def _up(args: argparse.Namespace) -> int:
     from common.config import parse_offload_ratio
     from common.model.tiny import make_tiny
-    from services.local_cluster import LocalCluster, parse_pin, parse_scale, run_until_signalled
+    from services.local_cluster import LocalCluster, parse_pin, parse_roles, parse_scale, run_until_signalled
 
     model = Path(args.model) if args.model else default_model_dir()
     if args.model is None and not (model / "config.json").is_file():
         print(f"making the embedded default model in {model}", flush=True)
         make_tiny(model, "llama", preset="default")
     try:
-        scale, pin = parse_scale(args.scale), parse_pin(args.pin)
+        scale, pin, roles = parse_scale(args.scale), parse_pin(args.pin), parse_roles(args.roles)
+        if args.secrets and not args.nats_url:
+            raise ValueError("--secrets is for joining a NATS with --nats-url (alone, up makes its own passwords)")
     except ValueError as exc:
         print(f"adrenaline up: error: {exc}", file=sys.stderr)
         return 2
@@ -49,6 +52,12 @@ def _up(args: argparse.Namespace) -> int:
         pin=pin,
         offload_ratio=args.offload_ratio,
         kv_cache_bytes=args.kv_cache_bytes,
+        nats_url=args.nats_url,
+        secrets=Path(args.secrets) if args.secrets else None,
+        roles=roles,
+        name=args.name,
+        metrics_host=args.metrics_host,
+        ucx_net_devices=args.ucx_net_devices,
     )
     return run_until_signalled(cluster)
 
@@ -122,10 +131,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     up.add_argument(
         "--kv-cache-bytes",
-        type=int,
+        type=size,
         default=256 * 2**20,
-        help="KV budget in bytes of every prefill, decode and executor process (compose.yaml's are for GPUs)",
+        help="KV budget of every prefill, decode and executor process, e.g. 256MiB (compose.yaml's are for GPUs)",
     )
+    several = up.add_argument_group("one host of several (docs/deploy.md)")
+    several.add_argument(
+        "--nats-url", default="", help="join this NATS (comma-separated nodes) instead of starting one"
+    )
+    several.add_argument("--secrets", default="", help="folder of per-role NATS passwords (make compose-secrets)")
+    several.add_argument(
+        "--roles",
+        default="",
+        help="comma-separated roles to run here (scheduler,prefill,attention-executor,decode,gateway)",
+    )
+    several.add_argument("--name", default="", help="this host's name in instance ids, unique in the cluster")
+    several.add_argument("--metrics-host", default="127.0.0.1", help="address the instances' /metrics bind")
+    several.add_argument("--ucx-net-devices", default="lo", help="devices UCX uses to meet other hosts, e.g. eth0")
     up.add_argument(
         "--offload-ratio",
         default="auto",

@@ -85,13 +85,30 @@ class LocalCluster:
     env: Mapping[str, str] = field(default_factory=dict)  # extra ADRENALINE_* for every service
     log_dir: Path | None = None
     prefix: str = "adrenaline"
-    # NATS users with per-role permissions and a fresh password per role for this run
+    # NATS users with per-role permissions and a fresh password per run and role
     # (common/nats_auth.py); False only for tests that watch an unauthenticated cluster.
     auth: bool = True
+    # One host of several (docs/deploy.md): join the NATS (cluster) at `nats_url` instead of
+    # starting one, with the per-role passwords in `secrets` (files nats-<role>, as written by
+    # `make compose-secrets`; none: no authentication), and run only `roles` here. `name` makes
+    # this host's instance ids unique in the cluster (prefill-NAME-0).
+    nats_url: str = ""
+    secrets: Path | None = None
+    roles: frozenset[str] = frozenset(ROLES)
+    name: str = ""
+    metrics_host: str = "127.0.0.1"  # where the instances' /metrics listen
+    ucx_net_devices: str = "lo"  # where UCX listens and connects: loopback unless hosts must meet
 
     def __post_init__(self) -> None:
+        unknown = set(self.roles) - set(ROLES)
+        if unknown:
+            raise ValueError(f"unknown roles {sorted(unknown)}; the roles are {', '.join(ROLES)}")
         self.nats: NatsServer | None = None
-        self.passwords = nats_auth.generate_passwords() if self.auth else None
+        self.passwords: dict[str, str] | None = None
+        if self.secrets is not None:
+            self.passwords = {u: (self.secrets / f"nats-{u}").read_text().strip() for u in nats_auth.USERS}
+        elif self.auth and not self.nats_url:
+            self.passwords = nats_auth.generate_passwords()
         self.log_dir = self.log_dir or Path(tempfile.mkdtemp(prefix="adrenaline-logs-"))
         self.group = ProcessGroup(self.log_dir)
         self.metrics_ports: dict[str, int] = {}  # scheduler, prefill and decode replicas' Prometheus ports
@@ -104,8 +121,13 @@ class LocalCluster:
     kv_cache_bytes: int = 256 * 2**20
 
     def replicas(self, role: str) -> int:
+        """How many `role` processes this host runs."""
+        if role not in self.roles:
+            return 0
         if role == "attention-executor":  # one beside each prefill instance, when offloading
-            return self.replicas("prefill") if parse_offload_ratio(self.offload_ratio) != 0 else 0
+            if parse_offload_ratio(self.offload_ratio) == 0:
+                return 0
+            return self.scale.get("prefill", 1)
         return 1 if role in ("scheduler", "gateway") else self.scale.get(role, 1)
 
     @property
@@ -135,9 +157,22 @@ class LocalCluster:
         nats_auth.write_credentials(path, nats_auth.OBSERVER, self.passwords[nats_auth.OBSERVER])
         return path
 
+    @property
+    def url_of_nats(self) -> str:
+        """The NATS this cluster's services use: the one joined, or the one started here."""
+        if self.nats_url:
+            return self.nats_url
+        assert self.nats is not None, "start() first"
+        return self.nats.url
+
+    def instance_id(self, role: str, i: int) -> str:
+        kind = {"attention-executor": "executor"}.get(role, role)
+        return f"{kind}-{self.name}-{i}" if self.name else f"{kind}-{i}"
+
     def start(self) -> None:
-        config = nats_auth.server_config(self.passwords, Subjects(self.prefix)) if self.passwords else ""
-        self.nats = NatsServer(config=config)
+        if not self.nats_url:
+            config = nats_auth.server_config(self.passwords, Subjects(self.prefix)) if self.passwords else ""
+            self.nats = NatsServer(config=config)
         threads = self.engine_threads()
         for role, entry in read_compose().items():
             for i in range(self.replicas(role)):
@@ -147,29 +182,28 @@ class LocalCluster:
                     # compose's credentials name its secret files; ours are made for this run, below
                     **{k: v for k, v in entry.env.items() if not k.startswith("ADRENALINE_NATS_")},
                     **self.env,
-                    "ADRENALINE_NATS_URL": self.nats.url,
+                    "ADRENALINE_NATS_URL": self.url_of_nats,
                     "ADRENALINE_MODEL": str(self.model),
                     "ADRENALINE_SUBJECTS_PREFIX": self.prefix,
-                    "ADRENALINE_INSTANCE_ID": f"{role}-{i}",
+                    "ADRENALINE_INSTANCE_ID": self.instance_id(role, i),
                     "ADRENALINE_KV_CACHE_BYTES": str(self.kv_cache_bytes),
                     "ADRENALINE_THREADS": threads,
-                    # One host: UCX stays on loopback (shared memory moves the bytes either way).
-                    "ADRENALINE_UCX_NET_DEVICES": self.env.get("ADRENALINE_UCX_NET_DEVICES", "lo"),
+                    "ADRENALINE_UCX_NET_DEVICES": self.ucx_net_devices,
+                    "ADRENALINE_METRICS_HOST": self.metrics_host,
                 }
                 user = role.replace("-", "_")
                 if self.passwords is not None:
                     env["ADRENALINE_NATS_USER"] = user
                     env["ADRENALINE_NATS_PASSWORD"] = self.passwords[user]
                 if role == "attention-executor":
-                    env["ADRENALINE_INSTANCE_ID"] = f"executor-{i}"
-                    env["ADRENALINE_COLOCATED_WITH"] = f"prefill-{i}"
+                    env["ADRENALINE_COLOCATED_WITH"] = self.instance_id("prefill", i)
                 if role == "scheduler":
                     env["ADRENALINE_OFFLOAD_RATIO"] = str(self.offload_ratio)
                     env["ADRENALINE_TPOT_SLO_MS"] = str(self.tpot_slo_ms)
                 if role == "gateway":
                     env["ADRENALINE_GATEWAY_ID"] = env.pop("ADRENALINE_INSTANCE_ID")
                 else:
-                    self.metrics_ports[env["ADRENALINE_INSTANCE_ID"]] = free_port()
+                    self.metrics_ports[env["ADRENALINE_INSTANCE_ID"]] = free_port(self.metrics_host)
                     env["ADRENALINE_METRICS_PORT"] = str(self.metrics_ports[env["ADRENALINE_INSTANCE_ID"]])
                 args = entry.args
                 if role == "gateway":
@@ -180,15 +214,20 @@ class LocalCluster:
     def wait_ready(self, timeout: float = 120.0) -> ClusterStatus:
         return asyncio.run(self._wait_ready(timeout))
 
+    def expected(self, role: str) -> set[str]:
+        """The instance ids of `role` this host runs, which the scheduler must list before we are up."""
+        return {self.instance_id(role, i) for i in range(self.replicas(role))}
+
     async def _wait_ready(self, timeout: float) -> ClusterStatus:
-        assert self.nats is not None, "start() first"
+        """Up when the scheduler lists every instance started here and, if the gateway runs here,
+        it answers /health (which needs a scheduler, a prefill and a decode somewhere)."""
         deadline = time.monotonic() + timeout
-        bus = await Bus.connect(self.nats.url, "adrenaline-up", self.credentials(nats_auth.OBSERVER))
+        bus = await Bus.connect(self.url_of_nats, "adrenaline-up", self.credentials(nats_auth.OBSERVER))
         try:
             while time.monotonic() < deadline:
                 if self.stopping:
                     raise Stopped("stopped while waiting for the cluster")
-                if not self.nats_alive:
+                if self.nats is not None and not self.nats_alive:
                     raise RuntimeError(f"nats-server exited with {self.nats.process.returncode}")
                 dead = self.group.dead()
                 if dead:
@@ -200,10 +239,10 @@ class LocalCluster:
                     status = None
                 if (
                     status is not None
-                    and len(status.prefill) == self.replicas("prefill")
-                    and len(status.decode) == self.replicas("decode")
-                    and len(status.executor) == self.replicas("attention-executor")
-                    and _healthy(self.url)
+                    and self.expected("prefill") <= set(status.prefill)
+                    and self.expected("decode") <= set(status.decode)
+                    and self.expected("attention-executor") <= set(status.executor)
+                    and ("gateway" not in self.roles or _healthy(self.url))
                 ):
                     return status
                 await asyncio.sleep(0.2)
@@ -275,14 +314,15 @@ def run_until_signalled(cluster: LocalCluster) -> int:
             status = cluster.wait_ready()
         except Stopped:
             return 0
-        nats_url = cluster.nats.url if cluster.nats is not None else ""
         credentials = cluster.write_observer_credentials()
-        watch = f"adrenaline status --watch --nats-url {nats_url}" + (
-            f" --credentials {credentials}" if credentials else ""
-        )
+        watch = f"adrenaline status --watch --nats-url {cluster.url_of_nats}"
+        if credentials is not None:
+            watch += f" --credentials {credentials}"
+        serving = f"serving the OpenAI API at {cluster.url}/v1" if "gateway" in cluster.roles else "up"
+        here = ", ".join(child.name for child in cluster.group.children)
         print(
-            f"Adrenaline is serving the OpenAI API at {cluster.url}/v1 "
-            f"(prefill {status.prefill}, decode {status.decode}; logs in {cluster.log_dir})\n"
+            f"Adrenaline is {serving} (here: {here}; in the cluster: prefill {status.prefill}, "
+            f"decode {status.decode}; logs in {cluster.log_dir})\n"
             f"Watch it: {watch}",
             flush=True,
         )
@@ -348,6 +388,17 @@ def parse_scale(items: list[str]) -> dict[str, int]:
             raise ValueError(f"--scale {item!r}: expected prefill=N or decode=N with N >= 1")
         out[role] = int(count)
     return out
+
+
+def parse_roles(text: str) -> frozenset[str]:
+    """`--roles`: a comma-separated subset of ROLES (attention_executor also accepted); empty: all."""
+    if not text.strip():
+        return frozenset(ROLES)
+    roles = frozenset(r.strip().replace("_", "-") for r in text.split(",") if r.strip())
+    unknown = roles - set(ROLES)
+    if unknown:
+        raise ValueError(f"--roles: unknown {sorted(unknown)}; the roles are {', '.join(ROLES)}")
+    return roles
 
 
 def parse_pin(items: list[str]) -> dict[str, set[int]]:
