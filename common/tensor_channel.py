@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,7 @@ from common.errors import AdrenalineError
 
 # How long closing one endpoint may wait for its peer; a dead peer must not stall shutdown.
 _CLOSE_PERIOD_NS = 100_000_000
+MAX_PEERS = 256  # endpoints kept at once; far more than the instances one process talks to
 
 
 class TransferError(AdrenalineError):
@@ -103,7 +105,7 @@ class TensorChannel:
         self._context: Any = context
         self._worker_obj: Any = worker
         self._loop = loop
-        self._peers: dict[bytes, Peer] = {}
+        self._peers: OrderedDict[bytes, Peer] = OrderedDict()  # least recently used first
         self._waiters: list[_Waiter] = []
         self.spin_s = spin_us * 1e-6  # see `_spin`
         # Requests unfinished at their timeout, with the memory they read or write: UCX holds raw pointers,
@@ -187,7 +189,12 @@ class TensorChannel:
         return done or all(r.completed for r in requests)
 
     async def connect(self, peer_address: bytes) -> Peer:
-        """Endpoint to a peer's worker, cached per address. Error handling is off: shared memory needs it."""
+        """Endpoint to a peer's worker, cached per address. Error handling is off: shared memory needs it.
+
+        The cache is bounded (`MAX_PEERS`, least recently used first out): every restart of a peer
+        brings a new address, and a long-lived process must not keep an endpoint per address it
+        ever saw. The one evicted is the peer unused for longest, far older than any transfer in flight.
+        """
         peer = self._peers.get(peer_address)
         if peer is None:
             worker = self._worker()
@@ -195,7 +202,16 @@ class TensorChannel:
             endpoint = UCXEndpoint.create_from_worker_address(worker, address, False)
             self._progress()  # start the wire-up now
             peer = self._peers[peer_address] = Peer(peer_address, endpoint)
+            while len(self._peers) > MAX_PEERS:
+                oldest = next(iter(self._peers))
+                self._peers.pop(oldest).endpoint.close_blocking(period=_CLOSE_PERIOD_NS, max_attempts=1)
+        else:
+            self._peers.move_to_end(peer_address)
         return peer
+
+    @property
+    def num_peers(self) -> int:
+        return len(self._peers)
 
     async def send(self, peer: Peer, tag: int, tensors: Sequence[torch.Tensor], timeout: float | None = None) -> int:
         """Send each tensor as one message tagged `tag`; returns the bytes sent.

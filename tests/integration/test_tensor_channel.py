@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from common import settings_catalog as catalog
+from common import tensor_channel
 from common.tensor_channel import Peer, TensorChannel, TransferError, TransferTimeout
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -218,3 +219,27 @@ async def test_killed_peer_times_out_instead_of_hanging() -> None:
 
 if __name__ == "__main__":
     asyncio.run(_child_main(sys.argv[1]))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.asyncio
+async def test_the_endpoint_cache_is_bounded_least_recently_used_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tensor_channel, "MAX_PEERS", 2)
+    hub = await TensorChannel.create()
+    others = [await TensorChannel.create() for _ in range(3)]
+    try:
+        first = await hub.connect(others[0].address)
+        await hub.connect(others[1].address)
+        assert await hub.connect(others[0].address) is first  # used again: now the most recent
+        await hub.connect(others[2].address)  # over the bound: others[1], the least recent, goes
+        assert hub.num_peers == 2
+        assert await hub.connect(others[0].address) is first
+        again = await hub.connect(others[1].address)  # evicted, so connected anew: and it works
+        got = torch.zeros(4)
+        sent = asyncio.ensure_future(hub.send(again, 0x77, [torch.arange(4.0)], timeout=10))
+        await others[1].recv_into(0x77, [got], timeout=10)
+        await sent
+        assert torch.equal(got, torch.arange(4.0))
+    finally:
+        for channel in (hub, *others):
+            await channel.close()
