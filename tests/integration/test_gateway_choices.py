@@ -1,6 +1,6 @@
 """The gateway's sampling extensions, several choices per request, echo and chat continuation.
 
-Same harness as test_gateway.py (its module fixture, a separate instance for this module): what
+Same harness as the other gateway tests (gateway_harness.py, a separate instance for this module): what
 the official client sends (vLLM's extensions as `extra_body`) must reach the backend as the
 `Sampling` the engine applies, bad values must be 400s naming the field before anything is
 submitted, and `n` and batches of prompts must come back indexed as OpenAI numbers them.
@@ -15,9 +15,9 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.test_gateway import API_KEY, MODEL, Env
-from tests.integration.test_gateway import _reset_backend as _reset_backend  # autouse: normal mode, no delay
-from tests.integration.test_gateway import env as env  # the module fixture, re-exported for this module
+from tests.integration.gateway_harness import API_KEY, MODEL, Env
+from tests.integration.gateway_harness import _reset_backend as _reset_backend  # autouse: normal mode, no delay
+from tests.integration.gateway_harness import env as env  # the module fixture, a fresh instance for this module
 
 pytestmark = pytest.mark.timeout(60)
 USER = [{"role": "user", "content": "x"}]

@@ -4,7 +4,7 @@ Bytes that are not JSON, JSON nested thousands deep, absurd numbers, too many or
 strings, unknown chat roles and fields the server does not implement are each refused before
 anything reaches the backend, with `error.param` naming the field where there is one; the
 neutral values clients send for unimplemented fields still pass. Same harness as
-test_gateway.py (its module fixture, a separate instance for this module).
+gateway_harness.py (its module fixture, a separate instance for this module).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import openai
 import pytest
 
 from services.gateway.openai_types import MAX_BODY_BYTES, MAX_CHOICES, MAX_STOP_LENGTH, MAX_STOP_STRINGS, MAX_TOP_K
-from tests.integration.test_gateway import API_KEY, MODEL, Env
-from tests.integration.test_gateway import env as env  # the module fixture, re-exported for this module
+from tests.integration.gateway_harness import API_KEY, MODEL, Env
+from tests.integration.gateway_harness import env as env  # the module fixture, a fresh instance for this module
 
 pytestmark = pytest.mark.timeout(60)
 USER = [{"role": "user", "content": "x"}]

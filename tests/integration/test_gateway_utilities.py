@@ -8,8 +8,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.test_gateway import API_KEY, MODEL, Env
-from tests.integration.test_gateway import env as env  # the module fixture, re-exported for this module
+from tests.integration.gateway_harness import API_KEY, MODEL, Env
+from tests.integration.gateway_harness import env as env  # the module fixture, a fresh instance for this module
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
