@@ -169,6 +169,32 @@ class LocalCluster:
         kind = {"attention-executor": "executor"}.get(role, role)
         return f"{kind}-{self.name}-{i}" if self.name else f"{kind}-{i}"
 
+    def write_prometheus_config(self) -> Path | None:
+        """A Prometheus configuration that scrapes this host's services on their ports of this run
+        (`prometheus --config.file=PATH`), labelled as deploy/prometheus/prometheus.yml labels
+        compose's, so deploy/grafana/adrenaline.json charts either."""
+        if self.log_dir is None:
+            return None
+        jobs: dict[str, list[str]] = {}
+        for instance_id, port in sorted(self.metrics_ports.items()):
+            role = next(r for r in ROLES if instance_id.startswith({"attention-executor": "executor"}.get(r, r)))
+            jobs.setdefault(role, []).append(f"{self.metrics_host}:{port}")
+        if "gateway" in self.roles:
+            jobs["gateway"] = [f"{self.host}:{self.port}"]
+        config = {
+            "global": {"scrape_interval": "5s", "evaluation_interval": "5s"},
+            "scrape_configs": [
+                {
+                    "job_name": role,
+                    "static_configs": [{"targets": targets, "labels": {"service": role}}],
+                }
+                for role, targets in jobs.items()
+            ],
+        }
+        path = self.log_dir / "prometheus.yml"
+        path.write_text("# Written by adrenaline up for this run's ports.\n" + yaml.safe_dump(config, sort_keys=False))
+        return path
+
     def start(self) -> None:
         if not self.nats_url:
             config = nats_auth.server_config(self.passwords, Subjects(self.prefix)) if self.passwords else ""
@@ -318,12 +344,14 @@ def run_until_signalled(cluster: LocalCluster) -> int:
         watch = f"adrenaline status --watch --nats-url {cluster.url_of_nats}"
         if credentials is not None:
             watch += f" --credentials {credentials}"
+        prometheus = cluster.write_prometheus_config()
         serving = f"serving the OpenAI API at {cluster.url}/v1" if "gateway" in cluster.roles else "up"
         here = ", ".join(child.name for child in cluster.group.children)
         print(
             f"Adrenaline is {serving} (here: {here}; in the cluster: prefill {status.prefill}, "
             f"decode {status.decode}; logs in {cluster.log_dir})\n"
-            f"Watch it: {watch}",
+            f"Watch it: {watch}\n"
+            f"Scrape it: prometheus --config.file={prometheus}",
             flush=True,
         )
         supervisor = Supervisor(cluster.group, say=_say)

@@ -254,3 +254,22 @@ def test_sampling_extensions_n_and_batches_through_the_cluster(cluster: LocalClu
         alone = client.completions.create(model=model, prompt=prompts[0], max_tokens=12, seed=5 + j, temperature=1.0)
         assert alone.choices[0].text == texts[j]
     _wait_kv_free(cluster)
+
+
+@pytest.mark.timeout(120)
+def test_the_prometheus_configuration_of_a_run_scrapes_every_service(cluster: LocalCluster) -> None:
+    import yaml
+
+    path = cluster.write_prometheus_config()
+    assert path is not None
+    jobs = {
+        job["job_name"]: job["static_configs"][0]["targets"]
+        for job in yaml.safe_load(path.read_text())["scrape_configs"]
+    }
+    assert {role: len(targets) for role, targets in jobs.items()} == {
+        "scheduler": 1, "prefill": 2, "attention-executor": 2, "decode": 2, "gateway": 1,
+    }  # fmt: skip
+    for role, targets in jobs.items():
+        for target in targets:
+            body = httpx.get(f"http://{target}/metrics", timeout=10).text
+            assert "vllm:" in body or "adrenaline_" in body, (role, target)
