@@ -64,6 +64,7 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self.generator = torch.Generator().manual_seed(0)
         self.num_preemptions = 0
+        self.num_handed_back = 0  # offloaded requests an executor gave back (out of blocks), recomputed here
         self.executors: dict[str, ExecutorClient] = {}  # offloading targets, by name
         self.last_split: SplitAttention | None = None  # the last decode step's, if it offloaded rows
         self._generated = 0
@@ -222,7 +223,9 @@ class Engine:
         if not self.running:
             return []
         self._reserve_next_slots()
-        return self._run(list(self.running), self._decode(self.running))
+        batch = list(self.running)
+        logits = self._decode(batch)
+        return self._run(batch, logits, skip=self._take_back(batch))
 
     def generate(self, prompts: Iterable[list[int]], params: SamplingParams) -> list[Request]:
         """Run prompts to completion; a convenience for scripts and tests."""
@@ -259,7 +262,7 @@ class Engine:
         index = 0
         while index < len(self.running):
             request = self.running[index]
-            if request.executor is not None:  # its executor reserved room for it at admission
+            if request.executor is not None:  # its executor grows it (or hands it back: `_take_back`)
                 index += 1
                 continue
             if self.blocks.can_append(request.request_id, request.num_tokens):
@@ -316,13 +319,36 @@ class Engine:
         self.last_split = split
         return self.model.logits(self.model(tokens, positions, split))
 
-    def _run(self, batch: list[Request], logits: torch.Tensor) -> list[StepOutput]:
+    def _take_back(self, batch: list[Request]) -> set[int]:
+        """Rows an executor did not serve this step (it was out of blocks and evicted them): their
+        outputs are meaningless, so their tokens are not taken; the requests come back here and
+        are recomputed from their tokens when blocks allow, as a preempted request is. Rows of
+        requests aborted meanwhile are skipped the same way and go with their abort."""
+        split = self.last_split
+        if split is None:
+            return set()
+        rows = {int(group.rows[i]) for group in split.remote for i in group.client.refused()}
+        for row in sorted(rows, reverse=True):
+            request = batch[row]
+            if request.status is not Status.RUNNING or request.request_id not in self.requests:
+                continue
+            self.running.remove(request)
+            request.executor = None
+            request.status = Status.WAITING
+            self.waiting.appendleft(request)
+            self.num_preemptions += 1
+            self.num_handed_back += 1
+        return rows
+
+    def _run(self, batch: list[Request], logits: torch.Tensor, skip: set[int] | None = None) -> list[StepOutput]:
         params = [r.params for r in batch]
         # histories only where a logits processor reads them: a batch without one builds nothing
         histories = [(r.prompt_token_ids, r.output_token_ids) for r in batch] if processes_logits(params) else None
         result = sample(logits.cpu(), params, [len(r.output_token_ids) for r in batch], self.generator, histories)
         outputs = []
         for i, request in enumerate(batch):
+            if skip and i in skip:
+                continue
             token = result.token_ids[i]
             request.output_token_ids.append(token)
             logprob = result.logprobs[i] if result.logprobs is not None else None

@@ -64,6 +64,11 @@ EXECUTOR_STEP_SECONDS = Histogram(
     "summed over layers; the waits for each layer's q/k/v and the sends excluded)",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
+EXECUTOR_EVICTIONS = Counter(
+    "adrenaline_executor_evictions_total",
+    "Executor side: offloaded requests handed back to their decode instance (recomputed there) "
+    "because a step found no free block for them",
+)
 DECODE_ROWS = Counter(
     "adrenaline_decode_rows_total",
     "Decode side: request-steps decoded, by where their attention ran (the offloaded share over "

@@ -56,44 +56,77 @@ class ExecutorCore:
         self.max_tokens: dict[str, int] = {}  # per request: the most KV tokens it may ever need
         self._in_step: dict[str, int] = {}  # requests whose blocks a step in flight still writes, and how many steps
         self._release_after_step: set[str] = set()
+        self.evictions = 0  # requests handed back to their decode instance for want of blocks
 
     @property
     def reserved_blocks(self) -> int:
-        """Blocks the admitted requests may still claim as they grow (admission keeps these free)."""
-        return sum(self.blocks.blocks_for(n) - len(self.blocks.block_table(r)) for r, n in self.max_tokens.items())
+        """Blocks kept free for growth: one per held request, the most one step can take from the
+        pool, so that a step finds the executor full only when admissions outran the watermark."""
+        return len(self.max_tokens)
 
-    def can_admit(self, max_tokens: int) -> bool:
-        return self.blocks.blocks_for(max_tokens) + self.reserved_blocks <= self.blocks.num_free_blocks
+    def can_admit(self, num_tokens: int) -> bool:
+        """Room for a prompt of `num_tokens` plus the growth watermark (one block per request, this one too)."""
+        return self.blocks.blocks_for(num_tokens) + self.reserved_blocks + 1 <= self.blocks.num_free_blocks
 
     def admit(self, request_id: str, kv: torch.Tensor, max_tokens: int) -> None:
         """Take a request's prompt KV `[num_layers, 2, n, kv_heads, head_dim]`; it may grow to `max_tokens`.
 
-        Room for its whole growth is reserved at admission, so a running offloaded request never
-        finds the executor full mid-generation.
+        Only the prompt's blocks are taken: the request grows a block at a time, as on a decode
+        instance, and when a step finds the pool empty the newest requests are handed back
+        (`begin_step`) rather than reserving every request's maximum length up front, which
+        left most of the pool idle.
         """
         num_tokens = kv.shape[2]
-        if not self.can_admit(max_tokens):
-            free = self.blocks.num_free_blocks - self.reserved_blocks
-            raise NoFreeBlocksError(needed=self.blocks.blocks_for(max_tokens), free=free)
+        if not self.can_admit(num_tokens):
+            free = self.blocks.num_free_blocks - self.reserved_blocks - 1
+            raise NoFreeBlocksError(needed=self.blocks.blocks_for(num_tokens), free=free)
         self.blocks.allocate(request_id, num_tokens)
         slots = torch.tensor(self.blocks.slots(request_id, 0, num_tokens), dtype=torch.int64, device=self.device)
         scatter_kv(self.pool, slots, kv.to(self.device))
         self.max_tokens[request_id] = max_tokens
 
-    def begin_step(self, request_ids: Sequence[str], context_lens: Sequence[int]) -> DecodeMetadata:
-        """One new token per request at position context_lens[i] - 1; reserve its slot, build metadata once.
+    def begin_step(
+        self, request_ids: Sequence[str], context_lens: Sequence[int]
+    ) -> tuple[DecodeMetadata | None, list[int]]:
+        """One new token per request at position context_lens[i] - 1; take its slot, build metadata once.
 
-        Checked whole before anything changes (KeyError: an unknown request; ValueError: a length
-        that shrinks or outgrows what was reserved at admission), so a bad step takes nothing from
-        the requests that are here.
+        Returns the metadata of the rows served and the rows handed back: when the pool cannot
+        give every request its next slot, the most recently admitted requests of the step are
+        evicted (their blocks freed) until it can; their decode instance recomputes them from
+        their tokens, so nothing is lost. Checked whole before anything changes (KeyError: an
+        unknown request; ValueError: a length that shrinks or outgrows its maximum), so a bad
+        step takes nothing from the requests that are here.
         """
         for request_id, n in zip(request_ids, context_lens, strict=True):
             held, limit = self.blocks.num_tokens(request_id), self.max_tokens[request_id]
             if not held <= n <= limit:
                 raise ValueError(f"{request_id}: context of {n} tokens, holds {held}, may grow to {limit}")
-        for request_id, n in zip(request_ids, context_lens, strict=True):
+        wants = {r: n for r, n in zip(request_ids, context_lens, strict=True)}
+        needed = sum(self.blocks.blocks_for(n) - len(self.blocks.block_table(r)) for r, n in wants.items())
+        admitted = {r: i for i, r in enumerate(self.max_tokens)}  # oldest first
+        evicted: set[str] = set()
+        for victim in sorted(wants, key=admitted.__getitem__, reverse=True):  # newest first
+            if needed <= self.blocks.num_free_blocks:
+                break
+            needed -= self.blocks.blocks_for(wants[victim]) - len(self.blocks.block_table(victim))
+            self.release(victim)  # deferred to the end of any step still writing its blocks
+            evicted.add(victim)
+        served = []
+        for i, (request_id, n) in enumerate(zip(request_ids, context_lens, strict=True)):
+            if request_id in evicted:
+                continue
+            if not self.blocks.can_append(request_id, n):  # a victim's blocks wait for another step's end
+                self.release(request_id)
+                evicted.add(request_id)
+                continue
             self.blocks.append(request_id, n)
-        return decode_metadata(self.blocks, request_ids, context_lens, self.device)
+            served.append(i)
+        self.evictions += len(evicted)
+        refused = [i for i, request_id in enumerate(request_ids) if request_id in evicted]
+        if not served:
+            return None, refused
+        ids, lens = [request_ids[i] for i in served], [context_lens[i] for i in served]
+        return decode_metadata(self.blocks, ids, lens, self.device), refused
 
     def attend(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: DecodeMetadata
@@ -151,6 +184,11 @@ class ExecutorClient(ABC):
         """This layer's attention output [n, H, D], in the order of `begin_step`."""
 
     @abstractmethod
+    def refused(self) -> list[int]:
+        """After `finish(0)`: the rows (in `begin_step` order) the executor did not serve this step,
+        whose outputs are meaningless: it was out of blocks and handed them back (or no longer held them)."""
+
+    @abstractmethod
     def release(self, request_id: str) -> None:
         """The request ended: free its KV on the executor."""
 
@@ -161,18 +199,30 @@ class InProcessExecutor(ExecutorClient):
     def __init__(self, core: ExecutorCore) -> None:
         self.core = core
         self._meta: DecodeMetadata | None = None
+        self._served: list[int] = []
+        self._refused: list[int] = []
         self._out: torch.Tensor | None = None
 
     def admit(self, request_id: str, kv: torch.Tensor, max_tokens: int) -> None:
         self.core.admit(request_id, kv, max_tokens)
 
     def begin_step(self, request_ids: Sequence[str], context_lens: Sequence[int]) -> None:
-        self._meta = self.core.begin_step(request_ids, context_lens)
+        self._meta, self._refused = self.core.begin_step(request_ids, context_lens)
+        self._served = [i for i in range(len(request_ids)) if i not in set(self._refused)]
 
     def start(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        if self._meta is None:
-            raise RuntimeError("start() before begin_step()")
-        self._out = self.core.attend(layer, q, k, v, self._meta)
+        if not self._refused:
+            assert self._meta is not None, "start() before begin_step()"
+            self._out = self.core.attend(layer, q, k, v, self._meta)
+            return
+        out = torch.zeros_like(q)
+        if self._meta is not None:
+            rows = torch.tensor(self._served, device=q.device)
+            out[rows] = self.core.attend(layer, q[rows], k[rows], v[rows], self._meta)
+        self._out = out
+
+    def refused(self) -> list[int]:
+        return self._refused
 
     def finish(self, layer: int) -> torch.Tensor:
         if self._out is None:

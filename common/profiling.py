@@ -212,7 +212,9 @@ def _measure_attention(
         lens = [context + 1] * batch
 
         def one_step(ids: list[str] = ids, lens: list[int] = lens, q: torch.Tensor = q, k: torch.Tensor = k) -> None:
-            meta = core.begin_step(ids, lens)
+            meta, refused = core.begin_step(ids, lens)
+            if meta is None or refused:  # the scratch pool is sized for every point's growth
+                raise RuntimeError(f"profiling: the scratch pool evicted rows {refused}")
             for layer in range(layout.num_layers):
                 core.attend(layer, q, k, k, meta)
             for i in range(len(lens)):

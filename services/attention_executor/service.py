@@ -74,7 +74,7 @@ class ExecutorService:
             block_size=blocks.block_size,
             total_blocks=blocks.num_blocks,
             free_blocks=max(0, free),
-            running=len(self.core.max_tokens),
+            running=len(self.core.max_tokens),  # held requests (evicted ones leave at once)
             waiting=len(self.pending),
             colocated_with=self.settings.colocated_with,
             attention_model=self.attention_model.to_wire() if self.attention_model else [],
@@ -89,7 +89,8 @@ class ExecutorService:
     async def on_handoff(self, handoff: KVHandoff, reply: Reply | None) -> None:
         request = handoff.request
         rid = request.request_id
-        need = self.core.blocks.blocks_for(len(request.prompt_token_ids) + request.sampling.max_new_tokens)
+        # the prompt's blocks and one to grow by (the watermark `ExecutorCore.can_admit` keeps)
+        need = self.core.blocks.blocks_for(len(request.prompt_token_ids)) + 1
         free = self.core.blocks.num_free_blocks - self.core.reserved_blocks - sum(self.pending.values())
         if rid in self.pending or rid in self.core.max_tokens:
             ack = Ack(False, f"{rid!r} is already here")
@@ -147,10 +148,12 @@ class ExecutorService:
         task.add_done_callback(self.tasks.discard)
 
     async def _serve_step(self, begin: StepBegin, previous: asyncio.Task[None] | None) -> None:
-        """Serve one step's layers. Rows of requests this executor no longer holds (an abort or
-        release overtook the step) get zeros: the decode instance drops those requests as soon as
-        it hears the same abort, and every other row is served, where refusing the step would
-        stall the decode instance until its transfer timeout and fail all of them."""
+        """Serve one step's layers. Rows not served get zeros and are marked in the status sent with
+        the first layer's answer: requests this executor no longer holds (an abort or release
+        overtook the step: the decode instance drops them when it hears the same abort) and
+        requests evicted for want of blocks (`ExecutorCore.begin_step`: the decode instance
+        recomputes them). Every other row is served, where refusing the step would stall the
+        decode instance until its transfer timeout and fail all of them."""
         if previous is not None:  # steps append slots in order: let the previous one unwind first
             await asyncio.gather(previous, return_exceptions=True)
         n = len(begin.request_ids)
@@ -160,14 +163,24 @@ class ExecutorService:
             log.info("step names requests no longer held; their rows get zeros", decode_id=begin.decode_id, gone=gone)
         held = [begin.request_ids[i] for i in rows]
         try:
-            meta = self.core.begin_step(held, [begin.context_lens[i] for i in rows]) if held else None
-        except ValueError as exc:  # a length out of what was reserved: a broken peer, refuse the step
+            meta, refused = self.core.begin_step(held, [begin.context_lens[i] for i in rows]) if held else (None, [])
+        except ValueError as exc:  # a length out of what was allowed: a broken peer, refuse the step
             log.warning("step refused", decode_id=begin.decode_id, error=str(exc))
             return
-        with self.core.stepping(held):
-            await self._run_layers(begin, meta, torch.tensor(rows, dtype=torch.int64), n)
+        if refused:
+            evicted = [held[i] for i in refused]
+            metrics.EXECUTOR_EVICTIONS.inc(len(evicted))
+            log.info("pool full: requests handed back to decode", decode_id=begin.decode_id, evicted=evicted)
+            rows = [r for j, r in enumerate(rows) if j not in set(refused)]
+        served = [begin.request_ids[i] for i in rows]
+        status = torch.ones(n, dtype=torch.int8)  # 1: not served here
+        status[rows] = 0
+        with self.core.stepping(served):
+            await self._run_layers(begin, meta, torch.tensor(rows, dtype=torch.int64), n, status)
 
-    async def _run_layers(self, begin: StepBegin, meta: DecodeMetadata | None, rows: torch.Tensor, n: int) -> None:
+    async def _run_layers(
+        self, begin: StepBegin, meta: DecodeMetadata | None, rows: torch.Tensor, n: int, status: torch.Tensor
+    ) -> None:
         spec = self.spec
         peer = await self.channel.connect(begin.decode_address)
         qkv = torch.empty(n, spec.q_size + 2 * spec.kv_size, dtype=spec.dtype)
@@ -195,7 +208,7 @@ class ExecutorService:
                     else:
                         answer[rows] = out.reshape(len(rows), -1)
                 busy += time.perf_counter() - started
-                await self.channel.send(peer, tag, [answer])
+                await self.channel.send(peer, tag, [answer, status] if layer == 0 else [answer])
                 metrics.EXECUTOR_ATTENTION_BYTES.inc(layer_bytes)
             metrics.EXECUTOR_STEP_SECONDS.observe(busy)
         except TransferError as exc:

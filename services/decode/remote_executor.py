@@ -66,6 +66,7 @@ class RemoteExecutor(ExecutorClient):
         self._rows = 0
         self._tag_base = 0
         self._inflight: dict[int, tuple[Future[int], Future[float], torch.Tensor, float]] = {}
+        self._status = torch.zeros(0, dtype=torch.int8)  # the step's rows not served (1), with layer 0's answer
         self._failed = ""  # set (from the event loop) when the executor is known dead
         self._io: set[asyncio.Task[int]] = set()  # this executor's transfers running on the loop
 
@@ -128,9 +129,13 @@ class RemoteExecutor(ExecutorClient):
         packed = torch.cat([q.reshape(n, -1), k.reshape(n, -1), v.reshape(n, -1)], dim=1).contiguous()
         with torch.inference_mode(False):  # the event loop's thread writes into it, outside inference mode
             out = torch.empty(n, self.spec.q_size, dtype=q.dtype)
+            buffers = [out]
+            if layer == 0:  # the first answer also says which rows the executor served
+                self._status = torch.zeros(n, dtype=torch.int8)
+                buffers.append(self._status)
         tag = self._tag_base + layer
         started = time.perf_counter()
-        recv_io = self.channel.recv_into(tag, [out], self.timeout)
+        recv_io = self.channel.recv_into(tag, buffers, self.timeout)
         send_io = self.channel.send(self.peer, tag, [packed], self.timeout)
         recv = asyncio.run_coroutine_threadsafe(self._arrival(recv_io), self.loop)
         send = asyncio.run_coroutine_threadsafe(self._tracked(send_io), self.loop)
@@ -152,6 +157,9 @@ class RemoteExecutor(ExecutorClient):
             raise ExecutorFailed(self.executor_id, exc) from exc
         metrics.LAYER_ROUND_TRIP_SECONDS.observe(arrived - started)
         return out.view(self._rows, self.spec.num_heads, self.spec.head_dim)
+
+    def refused(self) -> list[int]:
+        return self._status.nonzero().flatten().tolist()
 
     def release(self, request_id: str) -> None:
         """Fire and forget (callable from the step thread or the loop): a lost release is caught by

@@ -111,6 +111,7 @@ def decide(
     decode_free_tokens: int,
     books: Books,
     executor_free_tokens: int | None,
+    executor_need_tokens: int,
     bound: Bounds | None,
     slo_s: float,
 ) -> Decision:
@@ -121,7 +122,9 @@ def decide(
     if bound is None or model is None:
         return Decision(False, "not_profiled")
     ob = bound.offload
-    if executor_free_tokens < max_tokens:
+    # An executor takes the prompt's blocks and one to grow by; it grows the request a block at a
+    # time and hands it back to decode when full (`ExecutorCore.begin_step`), so no maximum length.
+    if executor_free_tokens < executor_need_tokens:
         return Decision(False, "executor_full")
     if books.offloaded_max_tokens + max_tokens > ob * capacity_tokens(decode):
         return Decision(False, "c1")

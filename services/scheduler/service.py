@@ -214,6 +214,13 @@ class Scheduler:
         queued = _whole_blocks(load.waiting_tokens, load.block_size)
         return load.free_blocks * load.block_size - queued - promised
 
+    @staticmethod
+    def _executor_need(executor: InstanceLoad, prompt: int) -> int:
+        """KV tokens an executor must have free to take a prompt: its blocks and one to grow by
+        (what `ExecutorCore.can_admit` asks on top of the per-request watermark its heartbeat
+        already leaves out)."""
+        return _whole_blocks(prompt, executor.block_size) + executor.block_size
+
     def _queued(self, load: InstanceLoad) -> int:
         routed = sum(1 for f in self.inflight.values() if f.prefill_id == load.instance_id and not f.admitted)
         return max(load.waiting + load.running, routed)
@@ -233,8 +240,8 @@ class Scheduler:
         decode = max(decodes, key=self._free_tokens)
         executor, why = self._offload_target(prefill, decode, decodes, prompt, max_tokens)
         need = prompt + 1
-        if executor is not None:  # the decode instance holds none of its KV
-            need = max_tokens
+        if executor is not None:  # the decode instance holds none of its KV; the executor its prompt, growing
+            need = self._executor_need(executor, prompt)
             if self.settings.fixed_ratio is not None:
                 decode = min(decodes, key=lambda d: d.running + d.waiting)
         else:
@@ -323,7 +330,7 @@ class Scheduler:
         if ratio is not None:
             if math.floor((self.routed + 1) * ratio) <= math.floor(self.routed * ratio):
                 return None, "fixed_ratio"
-            if executor is None or self._free_tokens(executor) < max_tokens:
+            if executor is None or self._free_tokens(executor) < self._executor_need(executor, prompt):
                 return None, "executor_full"
             return executor, "fixed_ratio"
         slo_s = self.settings.tpot_slo_ms / 1e3
@@ -338,6 +345,7 @@ class Scheduler:
             decode_free_tokens=self._free_tokens(decode),
             books=self._books(decode.instance_id),
             executor_free_tokens=self._free_tokens(executor) if executor is not None else None,
+            executor_need_tokens=self._executor_need(executor, prompt) if executor is not None else 0,
             bound=bound,
             slo_s=slo_s,
         )

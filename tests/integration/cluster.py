@@ -39,6 +39,7 @@ class BackendCluster:
     decodes: int = 1
     decode_kv_bytes: int = 64 * 2**20
     executors: bool = False  # an attention executor beside each prefill instance
+    executor_kv_bytes: int = 32 * 2**20
     offload_ratio: str | float = 0.0  # "auto" or a fixed share
     extra_env: dict[str, str] = field(default_factory=dict)  # more ADRENALINE_* for every service
     nats: NatsServer = field(default_factory=NatsServer)
@@ -68,7 +69,7 @@ class BackendCluster:
         for i in range(self.prefills):
             self.group.spawn(f"prefill-{i}", "services.prefill", env=self.env(f"prefill-{i}", 16 * 2**20))
             if self.executors:
-                env = {**self.env(f"executor-{i}", 32 * 2**20), "ADRENALINE_COLOCATED_WITH": f"prefill-{i}"}
+                env = {**self.env(f"executor-{i}", self.executor_kv_bytes), "ADRENALINE_COLOCATED_WITH": f"prefill-{i}"}
                 self.group.spawn(f"executor-{i}", "services.attention_executor", env=env)
         for i in range(self.decodes):
             self.group.spawn(f"decode-{i}", "services.decode", env=self.env(f"decode-{i}", self.decode_kv_bytes))

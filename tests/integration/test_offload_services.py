@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from common.messages import ReleaseKV, Sampling, SubmitReply
+from common.model.spec import ModelSpec
 from tests.integration.cluster import BackendCluster, Client
 
 
@@ -64,6 +65,40 @@ def test_offloaded_greedy_equals_transformers(llama_dir: Path, tmp_path: Path, r
         cluster.stop()
     assert offloaded == round(len(prompts) * ratio)
     assert outputs == _hf_greedy(llama_dir, prompts, 24)
+
+
+@pytest.mark.timeout(240)
+def test_an_executor_short_of_blocks_hands_requests_back_and_loses_nothing(llama_dir: Path, tmp_path: Path) -> None:
+    """Every request offloaded to an executor whose pool holds their prompts but not their growth:
+    it grows them a block at a time, evicts the newest when a step finds no block (the decode
+    instance recomputes them from their tokens), and every output is still transformers'."""
+    layout = ModelSpec.from_folder(llama_dir)
+    block_bytes = 16 * layout.num_layers * 2 * layout.num_kv_heads * layout.head_dim * layout.dtype.itemsize
+    cluster = BackendCluster(llama_dir, tmp_path, executors=True, offload_ratio=1.0, executor_kv_bytes=24 * block_bytes)
+    cluster.start()
+    prompts = _prompts(10, seed=11, lengths=(2, 14))  # one block each; 48 tokens more need three more
+    sampling = Sampling(max_new_tokens=48, temperature=0.0, ignore_eos=True)
+    try:
+
+        async def scenario() -> tuple[list[list[int]], int]:
+            client = await Client.connect(cluster.nats.url)
+            await client.wait_ready(prefills=1, decodes=1, executors=1)
+            replies = await asyncio.gather(
+                *(client.submit_retrying(f"e{i}", p, sampling) for i, p in enumerate(prompts))
+            )
+            assert all(r.accepted for r in replies), [r.error for r in replies]
+            results = [await client.result(f"e{i}") for i in range(len(prompts))]
+            assert all(last.finish_reason == "length" for _, last in results), results
+            await client.wait_all_free(["prefill-0", "decode-0", "executor-0"])
+            await client.bus.close()
+            return [tokens for tokens, _ in results], sum(r.offloaded for r in replies)
+
+        outputs, offloaded = asyncio.run(scenario())
+        evictions = cluster.metrics("executor-0").get("adrenaline_executor_evictions_total", 0.0)
+    finally:
+        cluster.stop()
+    assert offloaded >= 6 and evictions > 0, (offloaded, evictions)
+    assert outputs == _hf_greedy(llama_dir, prompts, 48, ignore_eos=True)
 
 
 # The auto policy's test, in tokens of a 384-token decode pool (24 blocks of 16): a resident fits

@@ -63,20 +63,65 @@ def test_greedy_output_is_unchanged_by_offloading(llama_dir: Path, ratio: float,
         assert core.blocks.num_free_blocks == core.blocks.num_blocks and not core.max_tokens
 
 
-def test_an_executor_reserves_growth_and_refuses_cleanly_when_full(llama_dir: Path) -> None:
+def test_an_executor_grows_requests_block_by_block_behind_a_watermark(llama_dir: Path) -> None:
     engine = Engine.from_folder(llama_dir, EngineConfig(block_size=8, kv_cache_bytes=2**20))
     core = _executor(engine, 4)  # 32 tokens
     kv = torch.zeros(engine.layout.num_layers, 2, 10, engine.layout.num_kv_heads, engine.layout.head_dim)
-    core.admit("a", kv, max_tokens=20)  # 2 blocks now, 3 at most
+    core.admit("a", kv, max_tokens=40)  # its prompt's 2 blocks, not the 5 it may grow to
     assert core.blocks.num_used_blocks == 2 and core.reserved_blocks == 1
     with pytest.raises(NoFreeBlocksError):
-        core.admit("b", kv, max_tokens=10)  # 2 blocks: only 1 is not promised to "a"
+        core.admit("b", kv, max_tokens=10)  # 2 blocks + a spare for each of a and b: 4 > 2 free
     assert "b" not in core.blocks and core.blocks.num_used_blocks == 2
+    meta, refused = core.begin_step(["a"], [17])  # its 17th token: a third block now
+    assert meta is not None and refused == [] and core.blocks.num_used_blocks == 3
     core.release("a")
     core.admit("b", kv, max_tokens=10)
     core.release("b")
     core.blocks.check_integrity()
     assert core.blocks.num_free_blocks == 4
+
+
+def test_a_full_executor_hands_the_newest_requests_back(llama_dir: Path) -> None:
+    engine = Engine.from_folder(llama_dir, EngineConfig(block_size=8, kv_cache_bytes=2**20))
+    core = _core_with(engine, {"old": 8, "new": 8}, num_blocks=4)  # 2 blocks used, 2 spare
+    meta, refused = core.begin_step(["old", "new"], [9, 9])  # each takes its spare
+    assert refused == [] and core.blocks.num_free_blocks == 0
+    meta, refused = core.begin_step(["old", "new"], [17, 17])  # both need a block, none is free
+    assert refused == [1] and meta is not None and meta.context_lens.tolist() == [17]
+    assert not core.holds("new") and "new" not in core.blocks and core.evictions == 1
+    assert core.blocks.num_tokens("old") == 17
+    core.release("old")
+    core.blocks.check_integrity()
+    assert core.blocks.num_free_blocks == 4
+
+
+def test_requests_handed_back_by_a_full_executor_lose_nothing(llama_dir: Path) -> None:
+    """Every request offloaded to an executor far too small for their growth: the executor
+    evicts, the engine recomputes them locally, and greedy output is still transformers'."""
+    engine = Engine.from_folder(llama_dir, EngineConfig(block_size=8, kv_cache_bytes=2**20))
+    core = _executor(engine, 14)  # 112 tokens, for 6 requests growing to 60 tokens each
+    engine.executors["exec"] = InProcessExecutor(core)
+    prompts = _prompts(engine.spec.vocab_size, [3, 17, 8, 12, 5, 9])
+    params = SamplingParams(max_new_tokens=48, temperature=0.0, ignore_eos=True)
+    requests = [engine.add_request(f"r{i}", prompt, params) for i, prompt in enumerate(prompts)]
+    offloaded = 0
+    while engine.has_unfinished():
+        engine.step()
+        for request in requests:
+            fresh = request.executor is None and request.status.value == "running" and request.num_tokens < 24
+            if fresh and core.can_admit(request.num_tokens - 1):
+                engine.offload(request.request_id, "exec")
+                offloaded += 1
+    assert offloaded >= 4 and core.evictions > 0, (offloaded, core.evictions)
+    assert engine.num_handed_back == core.evictions
+    hf = AutoModelForCausalLM.from_pretrained(llama_dir)
+    for request, prompt in zip(requests, prompts, strict=True):
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=48, do_sample=False)[0, len(prompt) :].tolist()
+        assert request.output_token_ids == ref, request.request_id
+    core.blocks.check_integrity()
+    assert core.blocks.num_free_blocks == core.blocks.num_blocks and not core.max_tokens
+    engine.check_integrity()
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
 
 def test_aborting_an_offloaded_request_frees_its_executor_kv(llama_dir: Path) -> None:

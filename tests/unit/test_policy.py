@@ -93,6 +93,7 @@ def _decide(**kw: object) -> tuple[bool, str]:
         "decode_free_tokens": 50,  # cannot hold 100 more tokens: memory pressure
         "books": Books(local_batch=8, local_tokens=800, offloaded_batch=2, offloaded_tokens=200),
         "executor_free_tokens": 1000,
+        "executor_need_tokens": 80,  # the prompt's blocks and one more, not its maximum length
         "bound": Bounds(1.0, 1.0, 1.0),
         "slo_s": SLO,
     }
@@ -104,7 +105,8 @@ def test_each_condition_refuses_on_its_own() -> None:
     assert _decide() == (True, "memory_pressure")
     assert _decide(executor_free_tokens=None) == (False, "no_executor")
     assert _decide(bound=None) == (False, "not_profiled")
-    assert _decide(executor_free_tokens=99) == (False, "executor_full")
+    assert _decide(executor_free_tokens=79) == (False, "executor_full")
+    assert _decide(executor_free_tokens=80) == (True, "memory_pressure")  # less than max_tokens (100) is enough
     # C1: offloaded at max length (1550) + 100 > 1.0 * 1600
     assert _decide(books=Books(8, 800, 2, 200, 1550)) == (False, "c1")
     # C2, with room locally (it does not apply under memory pressure, below): by tokens
