@@ -340,18 +340,27 @@ def test_nats_configuration_parses_with_the_servers_environment(overlay: str, tm
 
 
 def test_an_operators_secret_replaces_the_example(tmp_path: Path) -> None:
-    """docs/deploy.md's way to real credentials: an overlay of one's own with its Secret, which
-    replaces the example everywhere it is referenced."""
+    """docs/deploy.md's overlay of one's own: its image, its model, and real credentials in a
+    Secret that replaces the example everywhere it is referenced."""
     script = K8S / "make-nats-credentials.sh"
     subprocess.run(["sh", str(script), str(tmp_path / "nats.secret.env")], check=True, capture_output=True)
     assert (tmp_path / "nats.secret.env").stat().st_mode & 0o077 == 0, "readable by others"
     base = os.path.relpath(K8S / "overlays" / "gpu", tmp_path)
     (tmp_path / "kustomization.yaml").write_text(
         f"resources: [{base}]\n"
+        "images:\n"
+        "  - {name: registry.example.com/adrenaline, newName: registry.mine/adrenaline, newTag: '9.9'}\n"
+        "configMapGenerator:\n"
+        "  - {name: adrenaline-config, behavior: merge, literals: [ADRENALINE_MODEL=/models/mine]}\n"
         "secretGenerator:\n"
         "  - {name: adrenaline-nats, behavior: replace, envs: [nats.secret.env]}\n"
     )
     manifests = kustomize(tmp_path)
+    # The rest of docs/deploy.md's example overlay: its image everywhere, its model.
+    images = {c["image"] for m in manifests if m["kind"] == "Deployment" for c in pod_spec(m)["containers"]}
+    assert images == {"registry.mine/adrenaline:9.9"}
+    (config,) = [m for m in manifests if m["kind"] == "ConfigMap" and "ADRENALINE_MODEL" in m.get("data", {})]
+    assert config["data"]["ADRENALINE_MODEL"] == "/models/mine"
     (secret,) = [m for m in manifests if m["kind"] == "Secret"]
     values = [base64.b64decode(v).decode() for v in secret["data"].values()]
     assert all(re.fullmatch(r"[0-9a-f]{64}", v) for v in values) and len(set(values)) == len(values)
