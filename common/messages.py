@@ -179,6 +179,15 @@ class TokenEvent:
         _check_id("request_id", self.request_id)
         _check_tokens("token_ids", self.token_ids, nonempty=False)
         _check(self.finish_reason in FINISH_REASONS, "finish_reason", self.finish_reason, f"one of {FINISH_REASONS}")
+        # a log-probability is at most 0 (-inf allowed: a token masked out); NaN would reach clients as JSON
+        _check(all(_logprob(x) for x in self.logprobs), "logprobs", self.logprobs, "log-probabilities")
+        for top in self.top_logprobs:
+            _check(all(_logprob(x) for _, x in top), "top_logprobs", top, "log-probabilities")
+            _check_tokens("top_logprobs", [t for t, _ in top], nonempty=False)
+
+
+def _logprob(value: float) -> bool:
+    return not math.isnan(value) and value <= 0.0
 
 
 @dataclass(frozen=True)
