@@ -10,18 +10,20 @@ connects to NATS on start-up. Routes:
     GET  /live                                         liveness: 200 while the process answers
     POST /tokenize, POST /detokenize, GET /version     vLLM's utilities (services/gateway/tokenizer_routes.py)
     GET  /metrics                                      Prometheus text
-    GET  /schema                                       the OpenAPI schema Litestar generates
+    GET  /schema, /schema/openapi.json                 the OpenAPI document (services/gateway/openapi.py)
 """
 
 from __future__ import annotations
 
 import hmac
+import re
 from typing import Any
 
+import msgspec
 from litestar import Litestar, Request, Response, Router, get, post
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
-from litestar.exceptions import SerializationException
+from litestar.exceptions import SerializationException, ValidationException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.types import Guard
@@ -34,25 +36,15 @@ from services.gateway import openai_types as oa
 from services.gateway.backend import BackendClient
 from services.gateway.errors import EXCEPTION_HANDLERS, APIError, invalid
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.openapi import DocumentPlugin
 from services.gateway.prompts import PromptBuilder, refuse_unsupported, stop_strings
 from services.gateway.responses import Choice, fan_out
 from services.gateway.serving import Job, Server
 from services.gateway.settings import GatewaySettings
 from services.gateway.tokenizer_routes import detokenize, server_version, tokenize
 
+# The error statuses, the event stream and the API key are added to the document in openapi.py.
 _GENERATE_DOC = "With `stream: true`, server-sent events (`data: <chunk>` ... `data: [DONE]`) in OpenAI's format."
-_ERRORS = {
-    status: ResponseSpec(oa.ErrorBody, description=description)
-    for status, description in (
-        (400, "An invalid request; `error.param` names the field"),
-        (401, "A missing or wrong API key, when keys are configured"),
-        (404, "Another model than the one served"),
-        (429, "The cluster is full; retry later"),
-        (502, "The backend failed the request"),
-        (503, "No scheduler is reachable"),
-        (504, "The backend stopped sending tokens"),
-    )
-}
 
 
 @post(
@@ -60,8 +52,7 @@ _ERRORS = {
     status_code=200,
     description=_GENERATE_DOC,
     responses={
-        200: ResponseSpec(oa.CompletionResponse, description="The completion (or its stream of chunks)"),
-        **_ERRORS,
+        200: ResponseSpec(oa.CompletionResponse, description="The completion (or, streamed, its chunks)"),
     },
 )
 async def completions(request: Request[Any, Any, Any], data: oa.CompletionRequest) -> Response[Any]:
@@ -89,8 +80,7 @@ async def completions(request: Request[Any, Any, Any], data: oa.CompletionReques
     status_code=200,
     description=_GENERATE_DOC,
     responses={
-        200: ResponseSpec(oa.ChatCompletionResponse, description="The reply (or its stream of chunks)"),
-        **_ERRORS,
+        200: ResponseSpec(oa.ChatCompletionResponse, description="The reply (or, streamed, its chunks)"),
     },
 )
 async def chat_completions(request: Request[Any, Any, Any], data: oa.ChatCompletionRequest) -> Response[Any]:
@@ -181,20 +171,50 @@ def _server(request: Request[Any, Any, Any]) -> Server:
     return server
 
 
+_AT_PATH = re.compile(r"`\$\.(.+)`$")  # where msgspec's message says the error is, as Litestar reads it
+
+
 class GatewayRequest(Request[Any, Any, Any]):
-    """Litestar's request, except that a JSON body msgspec cannot decode is always a 400 that says why.
+    """Litestar's request, except that a JSON body msgspec cannot decode is always a 400 that says why,
+    and that a body is held to its JSON types strictly.
 
     msgspec decodes an untyped body recursively, so `[[[[...` thousands deep raises RecursionError,
     which would otherwise be a 500; Litestar's own message for bad bytes does not say it is the body.
+    Litestar converts the decoded body to the handler's type with `strict=False`, which takes `"3"`
+    for an integer, `"true"` or `1` for a boolean: JSON the OpenAI API (and the OpenAPI document)
+    says is invalid, and that would mean what the client did not write (`"store": 0` passed as
+    `false`). So the body is first converted strictly, and an error is reported as Litestar reports
+    its own (`errors.on_validation_error` names the field). A number with no fraction is an integer
+    in JSON Schema (`1.0` is one) and so here, where strict msgspec would refuse it.
     """
 
     async def json(self) -> Any:
+        data = self.route_handler.parsed_data_field
         try:
-            return await super().json()
-        except RecursionError:
+            body = _integral_floats_as_ints(await super().json())
+            if data is not None:
+                msgspec.convert(body, data.annotation, strict=True)
+        except RecursionError:  # in decoding, or in walking what was decoded
             raise invalid(None, "the request body nests JSON arrays or objects too deeply") from None
         except SerializationException as exc:
             raise invalid(None, f"the request body is not valid JSON: {exc}") from None
+        except msgspec.ValidationError as exc:
+            found = _AT_PATH.search(str(exc))
+            error = {"message": str(exc).split(" - ", 1)[0], "key": found.group(1) if found else "data"}
+            raise ValidationException(detail="the request body is invalid", extra=[error]) from None
+        return body
+
+
+def _integral_floats_as_ints(value: Any) -> Any:
+    """`value` (decoded JSON) with every float that has no fraction made an int: where a float is
+    expected msgspec takes the int as well, and where an int is, JSON Schema counts `3.0` as one."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_integral_floats_as_ints(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _integral_floats_as_ints(item) for key, item in value.items()}
+    return value
 
 
 def _api_key_guard(keys: tuple[str, ...]) -> Guard:
@@ -234,6 +254,18 @@ def create_app(settings: GatewaySettings) -> Litestar:
         request_class=GatewayRequest,
         request_max_body_size=oa.MAX_BODY_BYTES,
         middleware=[gateway_metrics.middleware],
-        openapi_config=OpenAPIConfig(title="Adrenaline gateway", version="1", description="OpenAI-compatible API"),
+        openapi_config=OpenAPIConfig(
+            title="Adrenaline gateway",
+            version="1",
+            description="OpenAI-compatible API",
+            render_plugins=[
+                DocumentPlugin(
+                    model=settings.served_model_name,
+                    vocab_size=spec.vocab_size,
+                    max_model_len=spec.max_model_len,
+                    api_keys=bool(settings.api_keys),
+                )
+            ],
+        ),
         logging_config=None,  # structlog writes our lines; Litestar must not reconfigure the root logger
     )

@@ -1,8 +1,11 @@
 """Request and response bodies of the OpenAI API we serve, as msgspec structs, with the limits on requests.
 
-Litestar validates request bodies against these (a wrong type or a value out of range is a 400
-naming the field) and documents both directions, constraints included, in the generated OpenAPI
-schema. A request field we do not know is refused by name, as OpenAI itself does, rather than
+Litestar validates request bodies against these with msgspec (a wrong type or a value out of range
+is a 400 naming the field), and msgspec's JSON Schema of these same types is the OpenAPI document's
+(`services/gateway/openapi.py`), so what is declared here is what is enforced and what is documented.
+Checks made in code (prompts.py) are stated here too, as schema-only keywords (`_schema`), and
+values that depend on the served model (its name, vocabulary, context) as `per_model` markers that
+the document fills in. A request field we do not know is refused by name, as OpenAI itself does, rather than
 silently ignored: a client that sends one expects an effect we would not give. Fields OpenAI
 defines but we cannot honour (`best_of`, `suffix`, `tools`...) are declared with `unsupported(...)`:
 their neutral values, which clients send, pass; anything else is refused by name. Fields that
@@ -45,38 +48,63 @@ def unsupported(*accepted: Any) -> Meta:
 
     A request may leave it out, send null, or send one of `accepted` (the field's neutral values,
     which clients send as a matter of course); `prompts.refuse_unsupported` refuses anything else
-    by name. The same words document the field in the OpenAPI schema.
+    by name. The same words, and the accepted values as an `enum`, document the field in the schema.
     """
     values = " or ".join(msgspec.json.encode(v).decode() for v in accepted)
     how = f"leave it out or send {values}" if accepted else "leave it out"
-    return Meta(description=f"Not supported by this server: {how}.", extra={"accepted": (None, *accepted), "how": how})
+    return Meta(
+        description=f"Not supported by this server: {how}.",
+        extra={"accepted": (None, *accepted), "how": how},
+        extra_json_schema={"enum": [None, *accepted]},
+    )
 
 
-def _schema(description: str | None = None, **extra: Any) -> Meta:
-    """Schema keywords Litestar cannot read from a union's members (or from a check in code), for /schema only."""
-    return Meta(description=description, extra_json_schema={"extra": extra})
+def _schema(description: str | None = None, **keywords: Any) -> Meta:
+    """JSON Schema keywords for a check made in code rather than by msgspec: they document, they do not validate."""
+    return Meta(description=description, extra_json_schema=keywords)
+
+
+PER_MODEL = "x-per-model"
+"""A schema-only marker that `openapi.py` replaces with the served model's value: "model" (its name),
+"token_id" (below the vocabulary size), "token_key" (a token id written as a string), "context"
+(at most the context length less one token), "prompt_tokens" (a token list that fits the context)."""
+
+
+def per_model(kind: str, description: str | None = None, **keywords: Any) -> Meta:
+    return _schema(description, **keywords, **{PER_MODEL: kind})
 
 
 StopString = Annotated[str, Meta(max_length=MAX_STOP_LENGTH)]
 Stop = Annotated[
     StopString | Annotated[list[StopString], Meta(max_length=MAX_STOP_STRINGS)] | None,
-    _schema(
-        f"At most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_LENGTH} characters each",
-        max_length=MAX_STOP_LENGTH,
-        max_items=MAX_STOP_STRINGS,
-    ),
+    Meta(description=f"At most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_LENGTH} characters each"),
 ]
-_MINIMUM_0 = {"extra": {"minimum": 0}}  # Litestar leaves out a bound of 0 from /schema (it tests truthiness)
 TopK = Annotated[int, Meta(ge=-1, le=MAX_TOP_K)]
-Logprobs = Annotated[int, Meta(ge=0, le=MAX_LOGPROBS, extra_json_schema=_MINIMUM_0)]
-Temperature = Annotated[float, Meta(ge=0, le=MAX_TEMPERATURE, extra_json_schema=_MINIMUM_0)]
-TokenCount = Annotated[int, Meta(ge=1)]
+Logprobs = Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)]
+Temperature = Annotated[float, Meta(ge=0, le=MAX_TEMPERATURE)]
+_FITS = "At most what the context leaves after the prompt (else a 400 `context_length_exceeded`)"
+TokenCount = Annotated[int, Meta(ge=1), per_model("context", _FITS)]
+TopP = Annotated[float, _schema(exclusiveMinimum=0, maximum=1)]  # checked by SamplingParams
+Seed = Annotated[int, _schema(minimum=0, maximum=2**63 - 1)]  # checked by SamplingParams
+TokenId = Annotated[int, per_model("token_id", minimum=0)]  # checked against the vocabulary in prompts.py
 Penalty = Annotated[float, Meta(ge=-MAX_PENALTY, le=MAX_PENALTY)]
 Bias = Annotated[float, Meta(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]
 LogitBias = Annotated[
-    Annotated[dict[str, Bias], Meta(max_length=MAX_LOGIT_BIAS_TOKENS)] | None,
-    _schema("Token id (as a string) -> bias added to its logit", max_properties=MAX_LOGIT_BIAS_TOKENS),
+    Annotated[dict[str, Bias], Meta(max_length=MAX_LOGIT_BIAS_TOKENS), per_model("token_key")] | None,
+    Meta(description="Token id (as a string) -> bias added to its logit"),
 ]
+_TOKEN_ID = {"type": "integer", "minimum": 0, PER_MODEL: "token_id"}
+_TOKENS = {"type": "array", "items": _TOKEN_ID, "minItems": 1, PER_MODEL: "prompt_tokens"}
+PROMPT_SCHEMA = {
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        _TOKENS,
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": MAX_CHOICES},
+        {"type": "array", "items": _TOKENS, "minItems": 1, "maxItems": MAX_CHOICES},
+    ]
+}
+"""What prompts.py takes: a non-empty string or token list, or a batch of one kind of them. The document
+states it in place of msgspec's schema of the type, which is wider (and which msgspec lets no keyword override)."""
 
 
 class StreamOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -87,12 +115,12 @@ class StreamOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Fields both endpoints share. None means "the default", as OpenAI clients may send explicit nulls."""
 
-    model: str | None = None
+    model: Annotated[str | None, per_model("model")] = None  # another model is a 404
     max_tokens: TokenCount | None = None  # default 16; clamped to the context when not given
     temperature: Temperature | None = None  # default 1.0; 0 is greedy
-    top_p: float | None = None
+    top_p: TopP | None = None
     top_k: TopK | None = None  # extension: 0 or -1 keeps all tokens
-    seed: int | None = None
+    seed: Seed | None = None
     stop: Stop = None  # stop strings, matched in the decoded text
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -104,16 +132,20 @@ class SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     user: str | None = None  # informational
     # vLLM's extensions
     repetition_penalty: Annotated[float, Meta(gt=0, le=MAX_REPETITION_PENALTY)] | None = None  # prompt and output
-    min_tokens: Annotated[int, Meta(ge=0, extra_json_schema=_MINIMUM_0)] | None = None  # no stop before this many
-    stop_token_ids: Annotated[list[int], Meta(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    min_tokens: Annotated[int, Meta(ge=0)] | None = None  # no stop before this many (at most max_tokens)
+    stop_token_ids: Annotated[list[TokenId], Meta(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     include_stop_str_in_output: bool | None = False  # keep the stop string (or stop token's text) in the text
     skip_special_tokens: bool | None = True  # leave special tokens out of the text
 
 
 class CompletionRequest(SamplingFields, kw_only=True):
+    """Rules across fields, checked in code (a 400 naming the field): the prompt's tokens plus `max_tokens`
+    fit the model's context (else `context_length_exceeded`); `min_tokens` <= `max_tokens` (16 when not
+    given); `n` times the prompts of a batch <= MAX_CHOICES (128); `echo` not with `logprobs`."""
+
     # A string, a list of token ids, or a batch of either (a list of strings, a list of token lists);
     # nothing nested deeper. Not empty, and a batch of one kind (prompts.py checks it).
-    prompt: Annotated[str | list[int | str | list[int]], _schema(min_length=1, min_items=1)]
+    prompt: str | list[int | str | list[int]]  # documented as PROMPT_SCHEMA
     logprobs: Logprobs | None = None  # the chosen token's logprob plus this many alternatives
     echo: bool | None = False  # the prompt's text before each choice's (not with logprobs: no prompt logprobs)
     best_of: Annotated[int | None, unsupported(1)] = None
@@ -121,12 +153,15 @@ class CompletionRequest(SamplingFields, kw_only=True):
 
 
 class ContentPart(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    type: str  # only "text" is served; the other kinds' payloads are declared so that they are refused by type
+    """Only text parts are served (prompts.py refuses the others, and a text part without text); the
+    other kinds' payloads are declared so that they are refused by name rather than as unknown fields."""
+
+    type: Annotated[str, _schema(enum=["text"])]
     text: str | None = None
-    image_url: Any = None
-    input_audio: Any = None
-    file: Any = None
-    refusal: Any = None
+    image_url: Annotated[Any, unsupported()] = None
+    input_audio: Annotated[Any, unsupported()] = None
+    file: Annotated[Any, unsupported()] = None
+    refusal: Annotated[Any, unsupported()] = None
 
 
 class ChatMessage(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -141,6 +176,11 @@ class ChatMessage(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
+    """Rules across fields, checked in code (a 400 naming the field): the prompt's tokens plus
+    `max_completion_tokens` (or `max_tokens`) fit the model's context (else `context_length_exceeded`);
+    `min_tokens` <= that (16 when not given); `top_logprobs` needs `logprobs: true`;
+    `continue_final_message` needs `add_generation_prompt: false` and the assistant's message last."""
+
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
     max_completion_tokens: TokenCount | None = None  # OpenAI's newer name for max_tokens
     logprobs: bool | None = False
@@ -263,11 +303,12 @@ class ErrorBody(msgspec.Struct):
 # ---- tokenizer utilities (vLLM's /tokenize, /detokenize, /version) ---------------------------
 class TokenizeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Either `prompt` (text, as /v1/completions tokenizes it) or `messages` (as /v1/chat/completions
-    does, through the chat template)."""
+    does, through the chat template), not both. `continue_final_message` needs `add_generation_prompt:
+    false` and the assistant's message last."""
 
-    model: str | None = None
+    model: Annotated[str | None, per_model("model")] = None
     prompt: str | None = None
-    messages: Annotated[list[ChatMessage] | None, _schema(min_items=1)] = None
+    messages: Annotated[list[ChatMessage] | None, _schema(minItems=1)] = None
     add_special_tokens: bool = True  # prompt only: the tokenizer's own BOS/EOS
     add_generation_prompt: bool = True  # messages only: end with the assistant's turn opening
     continue_final_message: bool = False  # messages only: leave the last (assistant's) message open
@@ -280,8 +321,8 @@ class TokenizeResponse(msgspec.Struct):
 
 
 class DetokenizeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    tokens: list[int]
-    model: str | None = None
+    tokens: list[TokenId]
+    model: Annotated[str | None, per_model("model")] = None
 
 
 class DetokenizeResponse(msgspec.Struct):

@@ -53,12 +53,18 @@ def standin_tokens(prompt: list[int], n: int, vocab: int) -> list[int]:
     return [FIRST_MERGE + (start + 17 * i) % (vocab - FIRST_MERGE) for i in range(n)]
 
 
+def _top_logprobs(token: int, top: int) -> list[tuple[int, float]]:
+    """The stand-in's `top` alternatives for a token: the token itself first, at the logprob it reports."""
+    return [(token, -0.25), *((FIRST_MERGE + j, -3.0 - j) for j in range(top - 1))][:top]
+
+
 class StandInBackend:
     """Stands in for scheduler + prefill + decode, to test the gateway alone over its real NATS messages.
 
     It answers `Subjects(prefix).submit` and publishes `standin_tokens` for the prompt to the
     request's token subject, one TokenBatch per token (`token_delay` apart), the last with
-    finish_reason "length". `mode` makes it misbehave on purpose: "refuse" (429; "refuse_choice_1"
+    finish_reason "length"; with `burst`, all of them in one event (a fuzzer's thousands of tokens
+    per request then cost one message). `mode` makes it misbehave on purpose: "refuse" (429; "refuse_choice_1"
     only a request's choice 1), "error" (an
     "error" event after two tokens), "silent" (accepts, then sends nothing). It records every
     submit and every AbortRequest, and stops generating a request once it is aborted.
@@ -68,6 +74,7 @@ class StandInBackend:
         self.nats_url, self.subjects, self.vocab = nats_url, Subjects(prefix), vocab
         self.mode = "normal"
         self.token_delay = 0.0
+        self.burst = False
         self.submits: list[SubmitRequest] = []
         self.aborts: list[AbortRequest] = []
         self._loop = asyncio.new_event_loop()
@@ -116,6 +123,18 @@ class StandInBackend:
     async def _generate(self, msg: SubmitRequest, mode: str, delay: float) -> None:
         assert self.bus is not None
         n = msg.sampling.max_new_tokens
+        top = msg.sampling.logprobs
+        if self.burst and mode == "normal":
+            tokens = standin_tokens(msg.prompt_token_ids, n, self.vocab)
+            event = TokenEvent(
+                msg.request_id,
+                tokens,
+                [-0.25] * n if top is not None else [],
+                [_top_logprobs(t, top) for t in tokens] if top else [],
+                "length",
+            )
+            await self.bus.publish(msg.token_subject, TokenBatch([event]))
+            return
         for i, token in enumerate(standin_tokens(msg.prompt_token_ids, n, self.vocab)):
             if self.aborted(msg.request_id):
                 return
@@ -123,12 +142,11 @@ class StandInBackend:
                 event = TokenEvent(msg.request_id, [], finish_reason="error", error="decode instance lost")
                 await self.bus.publish(msg.token_subject, TokenBatch([event]))
                 return
-            top = msg.sampling.logprobs
             event = TokenEvent(
                 msg.request_id,
                 [token],
                 [-0.25] if top is not None else [],
-                [[(token, -0.25), *((FIRST_MERGE + j, -3.0 - j) for j in range(top - 1))][:top]] if top else [],
+                [_top_logprobs(token, top)] if top else [],
                 "length" if i == n - 1 else None,
             )
             await self.bus.publish(msg.token_subject, TokenBatch([event]))
@@ -237,6 +255,6 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 
 @pytest.fixture(autouse=True)
 def _reset_backend(env: Env) -> Iterator[None]:
-    env.backend.mode, env.backend.token_delay = "normal", 0.0
+    env.backend.mode, env.backend.token_delay, env.backend.burst = "normal", 0.0, False
     yield
-    env.backend.mode, env.backend.token_delay = "normal", 0.0
+    env.backend.mode, env.backend.token_delay, env.backend.burst = "normal", 0.0, False

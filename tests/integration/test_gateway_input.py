@@ -361,21 +361,46 @@ def test_405_carries_allow(http: httpx.Client, method: str, path: str, allowed: 
     assert allowed in [m.strip() for m in r.headers["allow"].split(",")], r.headers
 
 
+def _value(schema: dict[str, Any]) -> dict[str, Any]:
+    """A nullable field's schema for its non-null values (msgspec writes `anyOf: [<value>, {"type": "null"}]`)."""
+    members = [m for m in schema.get("anyOf", [schema]) if m.get("type") != "null"]
+    assert len(members) == 1, schema
+    member: dict[str, Any] = members[0]
+    return member
+
+
 def test_the_schema_states_the_limits(env: Env, http: httpx.Client) -> None:
+    """The limits, as the document states them; tests/integration/test_gateway_schema.py holds the whole
+    document to what the server does."""
     schemas = http.get("/schema/openapi.json").json()["components"]["schemas"]
     completion, chat = schemas["CompletionRequest"]["properties"], schemas["ChatCompletionRequest"]["properties"]
-    assert (completion["prompt"]["minLength"], completion["prompt"]["minItems"]) == (1, 1)
+    text, tokens, texts, token_lists = completion["prompt"]["anyOf"]
+    assert (text["minLength"], tokens["minItems"], texts["items"]["minLength"]) == (1, 1, 1)
+    assert (tokens["items"]["minimum"], tokens["items"]["maximum"]) == (0, env.vocab - 1)
+    assert (texts["maxItems"], token_lists["maxItems"]) == (MAX_CHOICES, MAX_CHOICES)
     assert chat["messages"]["minItems"] == 1
-    assert (completion["top_k"]["minimum"], completion["top_k"]["maximum"]) == (-1, MAX_TOP_K)
-    assert (completion["stop"]["maxItems"], completion["stop"]["maxLength"]) == (MAX_STOP_STRINGS, MAX_STOP_LENGTH)
-    assert (completion["logprobs"]["minimum"], completion["logprobs"]["maximum"]) == (0, 20)
-    assert (chat["top_logprobs"]["minimum"], chat["top_logprobs"]["maximum"]) == (0, 20)
-    assert completion["temperature"]["minimum"] == 0 and chat["max_completion_tokens"]["minimum"] == 1
+    assert (_value(completion["top_k"])["minimum"], _value(completion["top_k"])["maximum"]) == (-1, MAX_TOP_K)
+    string, strings, _ = completion["stop"]["anyOf"]
+    assert (strings["maxItems"], strings["items"]["maxLength"], string["maxLength"]) == (
+        MAX_STOP_STRINGS,
+        MAX_STOP_LENGTH,
+        MAX_STOP_LENGTH,
+    )
+    assert (_value(completion["logprobs"])["minimum"], _value(completion["logprobs"])["maximum"]) == (0, 20)
+    assert (_value(chat["top_logprobs"])["minimum"], _value(chat["top_logprobs"])["maximum"]) == (0, 20)
+    assert _value(completion["temperature"])["minimum"] == 0
+    assert _value(chat["max_completion_tokens"])["minimum"] == 1
+    assert (_value(completion["top_p"])["exclusiveMinimum"], _value(completion["top_p"])["maximum"]) == (0, 1)
+    assert _value(completion["repetition_penalty"])["exclusiveMinimum"] == 0
     assert schemas["ChatMessage"]["properties"]["role"]["enum"] == ["system", "developer", "user", "assistant"]
     for name in ("best_of", "suffix"):
         assert completion[name]["description"].startswith("Not supported"), name
+    assert (completion["best_of"]["enum"], completion["suffix"]["enum"]) == ([None, 1], [None, ""])
     for name in ("tools", "tool_choice", "response_format"):
         assert chat[name]["description"].startswith("Not supported"), name
-    assert (completion["n"]["minimum"], completion["n"]["maximum"]) == (1, MAX_CHOICES)
-    assert (chat["presence_penalty"]["minimum"], chat["presence_penalty"]["maximum"]) == (-2, 2)
-    assert completion["logit_bias"]["maxProperties"] == 300
+    assert chat["tool_choice"]["enum"] == [None, "none", "auto"]
+    assert (_value(completion["n"])["minimum"], _value(completion["n"])["maximum"]) == (1, MAX_CHOICES)
+    assert (_value(chat["presence_penalty"])["minimum"], _value(chat["presence_penalty"])["maximum"]) == (-2, 2)
+    assert _value(completion["logit_bias"])["maxProperties"] == 300
+    assert completion["model"]["enum"] == [MODEL, None]
+    assert schemas["CompletionRequest"]["additionalProperties"] is False
