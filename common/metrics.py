@@ -11,7 +11,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 
 from common.config import model_name
 
@@ -88,10 +88,13 @@ TRANSFER_FAILURES = Counter("adrenaline_kv_transfer_failures_total", "KV transfe
 
 
 def serve(port: int, host: str = "127.0.0.1") -> None:
-    """Serve /metrics on `host`:`port` in a background thread; port 0 means off. Loopback unless
-    told otherwise: metrics name models and load, nothing a stranger on the network should read."""
+    """Serve /metrics, and /health and /live (common/health.py), on `host`:`port` in a background
+    thread; port 0 means off. Loopback unless told otherwise: metrics name models and load,
+    nothing a stranger on the network should read."""
     if port:
-        start_http_server(port, addr=host)
+        from common import health
+
+        health.serve(port, host)
 
 
 @contextmanager

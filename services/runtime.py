@@ -27,6 +27,7 @@ from common import settings_catalog as catalog
 from common.bus import Bus, NatsAuth
 from common.config import EngineConfig
 from common.engine import Engine, StepOutput
+from common.health import HEALTH
 from common.logging import configure
 from common.messages import InstanceLoad, TokenEvent
 from common.settings import field, load_or_exit, verify
@@ -175,7 +176,12 @@ async def heartbeat(bus: Bus, subjects: Subjects, load: Callable[[], InstanceLoa
                 current.role, current.total_blocks, current.free_blocks, current.running, current.waiting
             )
             await bus.publish(subjects.load_of(current.role), current)
+            if bus.client.is_connected:
+                HEALTH.ok()
+            else:
+                HEALTH.not_ok("not connected to NATS")
         except Exception as exc:  # a reconnecting NATS client must not kill the instance
+            HEALTH.not_ok(f"heartbeat failed: {exc}")
             log.warning("heartbeat failed", error=str(exc))
         await asyncio.sleep(interval)
 

@@ -22,6 +22,7 @@ from prometheus_client import Counter, Gauge
 from common import settings_catalog as catalog
 from common.bus import Bus, NatsAuth, Reply, ServiceUnavailable
 from common.config import parse_offload_ratio
+from common.health import HEALTH
 from common.liveness import Hearing
 from common.messages import (
     AbortRequest,
@@ -162,7 +163,9 @@ class Scheduler:
         """Forget instances that stopped heartbeating and fail the requests they held."""
         await self.hearing.tick()
         if not self.hearing.judging:
+            HEALTH.not_ok("NATS round trips are failing or only just recovered")
             return
+        HEALTH.ok()
         horizon = time.monotonic() - self.settings.dead_after_s
         dead = {iid for iid, inst in self.instances.items() if inst.seen < horizon}
         for iid in dead:

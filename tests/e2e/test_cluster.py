@@ -273,3 +273,5 @@ def test_the_prometheus_configuration_of_a_run_scrapes_every_service(cluster: Lo
         for target in targets:
             body = httpx.get(f"http://{target}/metrics", timeout=10).text
             assert "vllm:" in body or "adrenaline_" in body, (role, target)
+            health = httpx.get(f"http://{target}/health", timeout=10)  # readiness, as a probe asks
+            assert health.status_code == 200, (role, target, health.text)
