@@ -46,7 +46,7 @@ from tests.integration.gateway_harness import API_KEY, Env
 from tests.integration.gateway_harness import env as env  # the module fixture, a fresh instance for this module
 
 SEED = 20261129
-MAX_EXAMPLES = 25  # per operation, in the fuzzing phase (the coverage phase adds its own, fewer)
+MAX_EXAMPLES = 100  # per operation, in the fuzzing phase (the coverage phase adds its own, fewer)
 
 pytestmark = pytest.mark.timeout(300)
 
