@@ -112,6 +112,7 @@ class LocalCluster:
         self.log_dir = self.log_dir or Path(tempfile.mkdtemp(prefix="adrenaline-logs-"))
         self.group = ProcessGroup(self.log_dir)
         self.metrics_ports: dict[str, int] = {}  # scheduler, prefill and decode replicas' Prometheus ports
+        self.role_of: dict[str, str] = {}  # instance id -> its compose role
         self.stopping = False  # set (by a signal handler) to abandon start() or wait_ready() promptly
 
     offload_ratio: str | float = "auto"  # the scheduler's: "auto" or a fixed share; 0 runs no executors (plain PD)
@@ -177,8 +178,7 @@ class LocalCluster:
             return None
         jobs: dict[str, list[str]] = {}
         for instance_id, port in sorted(self.metrics_ports.items()):
-            role = next(r for r in ROLES if instance_id.startswith({"attention-executor": "executor"}.get(r, r)))
-            jobs.setdefault(role, []).append(f"{self.metrics_host}:{port}")
+            jobs.setdefault(self.role_of[instance_id], []).append(f"{self.metrics_host}:{port}")
         if "gateway" in self.roles:
             jobs["gateway"] = [f"{self.host}:{self.port}"]
         config = {
@@ -230,6 +230,7 @@ class LocalCluster:
                     env["ADRENALINE_GATEWAY_ID"] = env.pop("ADRENALINE_INSTANCE_ID")
                 else:
                     self.metrics_ports[env["ADRENALINE_INSTANCE_ID"]] = free_port(self.metrics_host)
+                    self.role_of[env["ADRENALINE_INSTANCE_ID"]] = role
                     env["ADRENALINE_METRICS_PORT"] = str(self.metrics_ports[env["ADRENALINE_INSTANCE_ID"]])
                 args = entry.args
                 if role == "gateway":

@@ -45,6 +45,16 @@ from services.runtime import (
 )
 
 log = structlog.get_logger("decode")
+STALL_TTL_S = 10.0  # an executor-wait measurement older than this is forgotten (`stall_estimate`)
+
+
+def stall_estimate(mean: float | None, measured_at: float, now: float) -> float | None:
+    """The measured executor wait, or None once it is older than STALL_TTL_S: a wait measured
+    under a load that has passed must not keep the policy from offloading forever (it would
+    offload nothing, so nothing would measure again); unknown, the policy probes with one request."""
+    if mean is None or now - measured_at > STALL_TTL_S:
+        return None
+    return mean
 
 
 @dataclass
@@ -84,6 +94,7 @@ class DecodeService:
         self.step_model: StepModel | None = None  # profiled when serving starts
         self.attention_model: StepModel | None = None
         self.offload_stall_s: float | None = None  # moving mean over steps with offloaded rows
+        self.stall_measured_at = 0.0  # when a step last had offloaded rows
 
     def load(self) -> InstanceLoad:
         load = engine_load(self.settings, "decode", self.engine, self.channel.address, len(self.pending))
@@ -92,8 +103,11 @@ class DecodeService:
             step_model=self.step_model.to_wire() if self.step_model else [],
             attention_model=self.attention_model.to_wire() if self.attention_model else [],
             max_num_seqs=self.engine.config.max_num_seqs,
-            offload_stall_s=self.offload_stall_s,
+            offload_stall_s=self.current_stall(),
         )
+
+    def current_stall(self) -> float | None:
+        return stall_estimate(self.offload_stall_s, self.stall_measured_at, time.monotonic())
 
     # ---- NATS handlers: queue, never touch the engine --------------------------------------
     async def on_handoff(self, handoff: KVHandoff, reply: Reply | None) -> None:
@@ -333,8 +347,9 @@ class DecodeService:
         metrics.DECODE_ROWS.labels("local").inc(len(split.local_rows))
         metrics.LOCAL_ATTENTION_SECONDS.observe(split.local_s / self.engine.spec.num_layers)
         metrics.OFFLOAD_STALL_SECONDS.observe(split.stall_s)
-        previous = self.offload_stall_s
+        previous = self.current_stall()  # a stale mean restarts from this step
         self.offload_stall_s = split.stall_s if previous is None else 0.8 * previous + 0.2 * split.stall_s
+        self.stall_measured_at = time.monotonic()
 
     async def _publish(self, outputs: list[StepOutput]) -> None:
         events: dict[str, list[TokenEvent]] = {}

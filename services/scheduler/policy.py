@@ -11,13 +11,15 @@ attention work) as in the paper (arXiv 2503.20552; docs/services.md), from what 
   where an instance's attention bandwidth is 1 / `per_token_s` of its profiled decode
   attention (`attention_model`: tokens of KV per second, measured alike on both sides);
 * compute: OB_comp = (B_max - B_tpot) / B_tpot, where B_tpot is the largest decode batch that
-  meets the TPOT SLO and fits the decode instance's KV without offloading, and B_max the
+  meets the TPOT SLO and fits the decode instance's KV without offloading (at the mean context
+  length its batch has now, this request included), and B_max the
   largest whose non-attention work meets the SLO (attention entirely offloaded and hidden);
 * OB = min(OB_mem, OB_comp).
 
 A request is offloaded only if
   (C1) the offloaded requests at their maximum lengths, plus this one, stay within OB times the
-       decode instance's KV capacity, and the executor has room for this one's maximum length;
+       decode instance's KV capacity, and the executor has room for this one's prompt and a block
+       to grow by (it grows requests block by block and hands them back to decode when full);
   (C2) unless the decode instance is under memory pressure (below): the offloaded-to-local
        ratios of the current total context and of the batch size, with this request, stay
        within OB, so that remote attention hides under local attention (with nothing local to

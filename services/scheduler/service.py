@@ -134,7 +134,6 @@ class Scheduler:
         self.inflight: dict[str, _InFlight] = {}
         self.routed = 0  # requests routed so far, for the fixed offload ratio
         self.dispatches: set[asyncio.Task[None]] = set()  # routed requests waiting for their prefill's ack
-        self.mean_len: float | None = None  # moving mean of requests' maximum lengths, for the compute bound
         # ticked by the reap loop, every dead_after_s / 4
         self.hearing = Hearing(bus, settings.subjects_prefix, settings.dead_after_s, tick_s=settings.dead_after_s / 4)
 
@@ -314,7 +313,6 @@ class Scheduler:
             offload=why,
         )
         SUBMISSIONS.labels("200").inc()
-        self.mean_len = max_tokens if self.mean_len is None else 0.9 * self.mean_len + 0.1 * max_tokens
         await reply(SubmitReply(rid, True, 200, "", prefill.instance_id, decode_id, executor is not None))
 
     def _offload_target(
@@ -337,7 +335,11 @@ class Scheduler:
                 return None, "executor_full"
             return executor, "fixed_ratio"
         slo_s = self.settings.tpot_slo_ms / 1e3
-        bound = policy.bounds(decode, decodes, self.live("executor"), self.mean_len or max_tokens, slo_s)
+        books = self._books(decode.instance_id)
+        # B_tpot at the lengths the batch has now (with this request), not at maximum lengths
+        batch = books.local_batch + books.offloaded_batch
+        mean_len = (books.local_tokens + books.offloaded_tokens + prompt) / (batch + 1)
+        bound = policy.bounds(decode, decodes, self.live("executor"), mean_len, slo_s)
         if bound is not None:
             for name, value in dataclasses.asdict(bound).items():
                 OFFLOAD_BOUND.labels(name).set(value)
@@ -346,7 +348,7 @@ class Scheduler:
             max_tokens=max_tokens,
             decode=decode,
             decode_free_tokens=self._free_tokens(decode),
-            books=self._books(decode.instance_id),
+            books=books,
             executor_free_tokens=self._free_tokens(executor) if executor is not None else None,
             executor_need_tokens=self._executor_need(executor, prompt) if executor is not None else 0,
             bound=bound,
