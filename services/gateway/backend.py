@@ -4,7 +4,10 @@ Token events for every request this gateway owns arrive on ONE subscription,
 `subjects.tokens(gateway_id)`, as `TokenBatch`es (one message per engine step, not one per
 request); each event is routed to its request's queue by id. Events for ids we no longer hold
 (a request that ended on a stop string, a client that left) are dropped: the backend may still
-send a step or two before our abort reaches it.
+send a step or two before our abort reaches it. Events for ids this process never held are
+another matter: they are requests of an earlier process under the same gateway id (killed, then
+restarted by its supervisor), whose clients are gone with it. Nothing else would stop them
+before their `max_tokens`, so each is aborted once, when its first event arrives.
 
 A request never hangs: the scheduler must answer the submit within `submit_timeout`, and each
 token event must follow the previous one within `token_timeout`; either failure ends the request
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 
 import structlog
 from nats.aio.subscription import Subscription
@@ -37,6 +41,9 @@ from services.gateway.settings import GatewaySettings
 log = structlog.get_logger("gateway")
 
 READINESS_TTL_S = 0.5  # how long one answer of the scheduler serves /health, and how long it may take
+# Ids of requests this process held and let go (or aborted as an earlier process's), remembered so
+# that their late events are not taken for an earlier process's requests; the oldest go first.
+REMEMBERED_IDS = 100_000
 
 
 class Generation:
@@ -88,6 +95,7 @@ class BackendClient:
         self.bus: Bus | None = None
         self._subscription: Subscription | None = None
         self._queues: dict[str, asyncio.Queue[TokenEvent]] = {}
+        self._known: OrderedDict[str, None] = OrderedDict()  # ids held once, no longer (REMEMBERED_IDS)
         self._pending: set[asyncio.Task[None]] = set()  # abort publishes in flight; held so they are not collected
         self._readiness: tuple[float, list[str]] = (-READINESS_TTL_S, [])  # (when asked, what was missing)
 
@@ -138,6 +146,15 @@ class BackendClient:
             queue = self._queues.get(event.request_id)
             if queue is not None:
                 queue.put_nowait(event)
+            elif event.finish_reason is None and event.request_id not in self._known:
+                # Still running, and never ours: an earlier process under our id took it and died.
+                self._remember(event.request_id)
+                self.abort(event.request_id, "the gateway that took it is gone (restarted)")
+
+    def _remember(self, request_id: str) -> None:
+        self._known[request_id] = None
+        if len(self._known) > REMEMBERED_IDS:
+            self._known.popitem(last=False)
 
     async def submit(self, request_id: str, prompt: list[int], sampling: Sampling) -> Generation:
         """Hand the request to the scheduler; raise APIError (503, 429, 400...) when it is not accepted."""
@@ -171,7 +188,8 @@ class BackendClient:
         return Generation(self, request_id, queue)
 
     def release(self, request_id: str) -> None:
-        self._queues.pop(request_id, None)
+        if self._queues.pop(request_id, None) is not None:
+            self._remember(request_id)
 
     def abort(self, request_id: str, reason: str) -> None:
         """Publish an AbortRequest without waiting: this runs in `finally` blocks of cancelled tasks."""
