@@ -65,8 +65,11 @@ class ExecutorService:
         self.tasks: set[asyncio.Task[None]] = set()
 
     def load(self) -> InstanceLoad:
+        """The heartbeat. Hand-offs in flight are not taken off its free blocks: the scheduler
+        already counts each routed request until this instance shows it admitted, and counting it
+        here too would hide that room twice."""
         blocks = self.core.blocks
-        free = blocks.num_free_blocks - self.core.reserved_blocks - sum(self.pending.values())
+        free = blocks.num_free_blocks - self.core.reserved_blocks
         return InstanceLoad(
             instance_id=self.settings.instance_id,
             role="executor",

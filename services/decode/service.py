@@ -97,9 +97,14 @@ class DecodeService:
         self.stall_measured_at = 0.0  # when a step last had offloaded rows
 
     def load(self) -> InstanceLoad:
+        """The heartbeat. Blocks allocated to hand-offs still in flight count as free here: the
+        scheduler counts each routed request until this instance shows it admitted, and taking
+        them off here too would hide that room twice."""
         load = engine_load(self.settings, "decode", self.engine, self.channel.address, len(self.pending))
+        in_flight = sum(len(self.engine.blocks.block_table(rid)) for rid in self.pending if rid in self.engine.blocks)
         return dataclasses.replace(
             load,
+            free_blocks=load.free_blocks + in_flight,
             step_model=self.step_model.to_wire() if self.step_model else [],
             attention_model=self.attention_model.to_wire() if self.attention_model else [],
             max_num_seqs=self.engine.config.max_num_seqs,

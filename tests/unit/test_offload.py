@@ -174,3 +174,29 @@ def test_a_step_beyond_a_requests_reservation_changes_nothing(llama_dir: Path) -
     with pytest.raises(KeyError):
         core.begin_step(["a", "stranger"], [8, 8])
     assert core.blocks.num_tokens("a") == 7
+
+
+def test_an_executors_heartbeat_counts_hand_offs_in_flight_once(llama_dir: Path) -> None:
+    """The scheduler counts a routed request until the executor shows it admitted; the executor's
+    heartbeat must not take the same blocks off its free count too."""
+    import asyncio
+
+    from common.tensor_channel import TensorChannel
+    from services.attention_executor.service import ExecutorService
+    from services.runtime import InstanceSettings
+
+    engine = Engine.from_folder(llama_dir, EngineConfig(block_size=8, kv_cache_bytes=2**20))
+    core = _core_with(engine, {"held": 8}, num_blocks=16)
+
+    async def heartbeat_free() -> int:
+        channel = await TensorChannel.create()  # a real UCX worker: the heartbeat carries its address
+        try:
+            service = ExecutorService(
+                InstanceSettings(model=str(llama_dir), instance_id="executor-0"), engine.spec, core, None, channel
+            )  # type: ignore[arg-type]
+            service.pending["in-flight"] = 3  # blocks promised to a hand-off whose KV is on its way
+            return service.load().free_blocks
+        finally:
+            await channel.close()
+
+    assert asyncio.run(heartbeat_free()) == 16 - 1 - 1  # used by "held", and its growth watermark
