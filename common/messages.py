@@ -234,7 +234,7 @@ class Ack:
 
 @dataclass(frozen=True)
 class KVHandoff:
-    """prefill -> decode (request/reply): a prefilled request, whose prompt KV follows over UCX.
+    """prefill -> decode or executor (request/reply): a prefilled request, whose prompt KV follows over UCX.
 
     The decode instance allocates blocks for `num_kv_tokens`, posts a receive for `tag` and acks;
     only then does the prefill instance send one tensor `[num_layers, 2, num_kv_tokens, kv_heads,
@@ -248,8 +248,10 @@ class KVHandoff:
     num_kv_tokens: int
     tag: int
     prefill_address: bytes
-    executor_id: str = ""  # to a decode instance: the KV went to this executor instead, no transfer follows
+    # executor -> decode, once the KV has landed on the executor: it holds the KV, no transfer follows
+    executor_id: str = ""
     executor_address: bytes = b""
+    decode_id: str = ""  # prefill -> executor: the decode instance the executor hands the request to
 
     def __post_init__(self) -> None:
         _check_tokens("first_token_id", [self.first_token_id], nonempty=True)
@@ -257,11 +259,12 @@ class KVHandoff:
         _check_count("num_kv_tokens", self.num_kv_tokens, 1, prompt)
         _check_count("tag", self.tag, 0, MAX_TAG)
         _check_id("executor_id", self.executor_id, empty_ok=True)
+        _check_id("decode_id", self.decode_id, empty_ok=True)
 
 
 @dataclass(frozen=True)
 class Admitted:
-    """decode or executor -> scheduler (and decode): the request's KV has landed on `instance_id`.
+    """decode or executor -> scheduler: the request's KV has landed on `instance_id`.
 
     From then on a dead prefill instance no longer matters to the request.
     """

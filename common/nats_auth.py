@@ -76,12 +76,13 @@ def permissions(user: str, subjects: Subjects) -> Permissions:
                 s.instance("*", "release"),
                 liveness,
             ),
-            (s.instance("*", "handoff"), s.abort, s.admitted, s.load_of("executor"), liveness),
+            (s.instance("*", "handoff"), s.abort, s.load_of("executor"), liveness),
             responds=True,
         ),
-        # An executor's failures reach the gateway through the scheduler (an abort), never directly.
+        # An executor's failures reach the gateway through the scheduler (an abort), never directly;
+        # it hands an offloaded request to its decode instance once the KV has landed.
         "attention_executor": Permissions(
-            (s.load_of("executor"), s.abort, s.admitted),
+            (s.load_of("executor"), s.abort, s.admitted, s.instance("*", "handoff")),
             (
                 s.instance("*", "handoff"),
                 s.instance("*", "step"),

@@ -20,7 +20,7 @@ import structlog
 import torch
 
 from common import metrics
-from common.bus import Bus, Reply
+from common.bus import Bus, Reply, ServiceUnavailable
 from common.errors import NoFreeBlocksError
 from common.kv_transfer import kv_shape
 from common.messages import (
@@ -95,7 +95,9 @@ class ExecutorService:
         # the prompt's blocks and one to grow by (the watermark `ExecutorCore.can_admit` keeps)
         need = self.core.blocks.blocks_for(len(request.prompt_token_ids)) + 1
         free = self.core.blocks.num_free_blocks - self.core.reserved_blocks - sum(self.pending.values())
-        if rid in self.pending or rid in self.core.max_tokens:
+        if not handoff.decode_id:
+            ack = Ack(False, "a hand-off to an executor must name the decode instance to hand the request to")
+        elif rid in self.pending or rid in self.core.max_tokens:
             ack = Ack(False, f"{rid!r} is already here")
         elif rid in self.aborted:
             ack = Ack(False, f"{rid!r} was aborted")
@@ -129,6 +131,34 @@ class ExecutorService:
         self.core.admit(rid, kv, len(request.prompt_token_ids) + request.sampling.max_new_tokens)
         await self.bus.publish(self.subjects.admitted, Admitted(rid, self.settings.instance_id))
         log.info("admitted", request_id=rid, kv_tokens=handoff.num_kv_tokens)
+        await self._hand_to_decode(handoff)
+
+    async def _hand_to_decode(self, handoff: KVHandoff) -> None:
+        """The one message that puts an offloaded request in its decode instance's batch, sent once
+        its KV is here. Refused (aborted meanwhile, or the decode instance gone): the KV is freed
+        and the request aborted everywhere; queued there to recompute (no room for a while): the
+        KV is freed, the request goes on there."""
+        rid = handoff.request.request_id
+        message = KVHandoff(
+            handoff.request,
+            handoff.first_token_id,
+            handoff.num_kv_tokens,
+            0,
+            handoff.prefill_address,
+            executor_id=self.settings.instance_id,
+            executor_address=self.channel.address,
+        )
+        subject = self.subjects.instance(handoff.decode_id, "handoff")
+        try:
+            ack = await self.bus.request(subject, message, Ack, timeout=self.settings.transfer_timeout_s)
+        except ServiceUnavailable as exc:
+            ack = Ack(False, str(exc))
+        if ack.accepted and ack.send_kv:
+            return
+        self.core.release(rid)
+        if not ack.accepted:
+            log.warning("decode refused the request", request_id=rid, decode_id=handoff.decode_id, error=ack.error)
+            await self.bus.publish(self.subjects.abort, AbortRequest(rid, f"decode refused the request: {ack.error}"))
 
     async def on_release(self, release: ReleaseKV, reply: Reply | None) -> None:
         self.core.release(release.request_id)

@@ -9,6 +9,10 @@ A hand-off goes through three states, all changed on the event loop between step
 An abort that arrives while the KV is in flight is deferred: the request is marked and its
 blocks are freed once the receive completes or times out, never while UCX may still write
 into them (the failure peers' users report: aborts racing transfers).
+
+An offloaded request's hand-off comes from its attention executor, once the prompt KV has
+landed there, and joins the batch at once; no room (seats or blocks) for a while, and it is
+queued to recompute here instead (the executor then frees its copy).
 """
 
 from __future__ import annotations
@@ -63,7 +67,6 @@ class _Pending:
     aborted: bool = False
     kv: torch.Tensor | None = None  # set once received
     failed: str = ""
-    on_executor: bool = False  # offloaded: set once its executor reports the KV landed there
 
 
 @dataclass
@@ -85,8 +88,6 @@ class DecodeService:
         self.inbox = _Inbox()
         self.wake = asyncio.Event()
         self.receives: set[asyncio.Task[None]] = set()
-        # Executors' `Admitted` may overtake the prefill's hand-off; remembered until it arrives.
-        self.landed_on_executor: dict[str, float] = {}
         self.aborted = Tombstones()
         self.executor_slots = 0  # executors met so far; each gets its own slot in the step tags
         self.held: dict[str, float] = {}  # hand-offs waiting for room, and until when they may
@@ -118,17 +119,6 @@ class DecodeService:
     async def on_handoff(self, handoff: KVHandoff, reply: Reply | None) -> None:
         self.inbox.handoffs.append((handoff, reply))
         self.wake.set()
-
-    async def on_admitted(self, admitted: Admitted, reply: Reply | None) -> None:
-        entry = self.pending.get(admitted.request_id)
-        if entry is not None and entry.handoff.executor_id == admitted.instance_id:
-            entry.on_executor = True
-            self.inbox.landed.append(admitted.request_id)
-            self.wake.set()
-        elif admitted.instance_id != self.settings.instance_id:
-            now = time.monotonic()
-            self.landed_on_executor = {r: t for r, t in self.landed_on_executor.items() if now - t < 60.0}
-            self.landed_on_executor[admitted.request_id] = now
 
     async def on_load(self, load: InstanceLoad, reply: Reply | None) -> None:
         if load.role == "executor":
@@ -207,10 +197,13 @@ class DecodeService:
                 raise InvalidRequestError("request_id", f"{rid!r} was aborted")
             params = from_wire(request.sampling)
             self.engine.validate(request.prompt_token_ids, params)
-            if not handoff.executor_id:
-                if self.engine.waiting:
-                    raise NoFreeBlocksError(self.engine.blocks.blocks_for(handoff.num_kv_tokens), 0)
-                self.engine.blocks.allocate(rid, handoff.num_kv_tokens)
+            seats = len(self.engine.running) + len(self.pending)
+            if self.engine.waiting or seats >= self.engine.config.max_num_seqs:  # max_num_seqs holds here too
+                raise NoFreeBlocksError(self.engine.blocks.blocks_for(handoff.num_kv_tokens), 0)
+            if handoff.executor_id:  # sent by the executor once the KV landed there: decode from now on
+                await self._admit_offloaded(handoff)
+                return Ack(True)
+            self.engine.blocks.allocate(rid, handoff.num_kv_tokens)
         except NoFreeBlocksError:
             if time.monotonic() < self.held.get(rid, 0.0):
                 return None
@@ -219,14 +212,11 @@ class DecodeService:
             metrics.HANDOFFS_RECOMPUTED.inc()
             await self.bus.publish(self.subjects.admitted, Admitted(rid, self.settings.instance_id))
             log.info("queued to recompute", request_id=rid, kv_tokens=handoff.num_kv_tokens)
-            return Ack(True, send_kv=False)
+            return Ack(True, send_kv=False)  # from an executor: it frees its copy
         except InvalidRequestError as exc:
             return Ack(False, str(exc))
         self.pending[rid] = _Pending(handoff)
-        if handoff.executor_id:
-            receive = asyncio.create_task(self._await_executor(rid))
-        else:
-            receive = asyncio.create_task(self._receive(rid))
+        receive = asyncio.create_task(self._receive(rid))
         self.receives.add(receive)
         receive.add_done_callback(self.receives.discard)
         return Ack(True)
@@ -247,25 +237,9 @@ class DecodeService:
         self.inbox.landed.append(request_id)
         self.wake.set()
 
-    async def _await_executor(self, request_id: str) -> None:
-        """An offloaded request joins once its executor says the KV landed there, or fails after the timeout."""
-        if self.landed_on_executor.pop(request_id, None) is not None:
-            self.pending[request_id].on_executor = True
-        else:
-            await asyncio.sleep(self.settings.transfer_timeout_s)
-        entry = self.pending.get(request_id)
-        if entry is not None and request_id not in self.inbox.landed:
-            if not entry.on_executor:
-                entry.failed = f"executor {entry.handoff.executor_id} did not report the KV within the timeout"
-            self.inbox.landed.append(request_id)
-            self.wake.set()
-
     async def _admit(self, request_id: str) -> None:
         entry = self.pending.pop(request_id, None)
-        if entry is None:  # already admitted (the executor's report and the timeout both queued it)
-            return
-        if entry.on_executor:
-            await self._admit_offloaded(entry)
+        if entry is None:
             return
         request = entry.handoff.request
         bound = log.bind(request_id=request_id)
@@ -285,13 +259,11 @@ class DecodeService:
         await self.bus.publish(self.subjects.admitted, Admitted(request_id, self.settings.instance_id))
         bound.info("admitted", kv_tokens=entry.handoff.num_kv_tokens)
 
-    async def _admit_offloaded(self, entry: _Pending) -> None:
-        h = entry.handoff
+    async def _admit_offloaded(self, h: KVHandoff) -> None:
+        """An offloaded request joins the batch: its executor holds its KV (it sends the hand-off
+        only once the KV has landed there), so there is nothing to wait for."""
         request = h.request
         rid = request.request_id
-        if entry.aborted:
-            await self.bus.publish(self.subjects.abort, AbortRequest(rid, "aborted before decoding"))
-            return
         known = self.engine.executors.get(h.executor_id)
         if isinstance(known, RemoteExecutor) and (known.failed or known.peer.address != h.executor_address):
             # It failed, or restarted under the same id (a new UCX worker): what it held is gone.
@@ -375,7 +347,6 @@ class DecodeService:
                 self.subjects.instance(self.settings.instance_id, "handoff"), KVHandoff, self.on_handoff
             ),
             await self.bus.subscribe(self.subjects.abort, AbortRequest, self.on_abort),
-            await self.bus.subscribe(self.subjects.admitted, Admitted, self.on_admitted),
             await self.bus.subscribe(self.subjects.load_of("executor"), InstanceLoad, self.on_load),
         ]
         watch = asyncio.create_task(self.watch_executors())

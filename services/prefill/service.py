@@ -160,8 +160,8 @@ class PrefillService:
 
     async def _handoff(self, task: PrefillTask, first_token: int, kv: torch.Tensor) -> None:
         """Ship the prompt KV to where the request will decode: its decode instance, or, for an
-        offloaded request, its attention executor (then the decode instance only gets the hand-off
-        message naming the executor)."""
+        offloaded request, its attention executor (which hands the request to the decode instance
+        once the KV has landed)."""
         request = task.request
         bound = log.bind(request_id=request.request_id, decode_id=task.decode_id, executor_id=task.executor_id)
         start = time.perf_counter()
@@ -182,30 +182,31 @@ class PrefillService:
             self.tasks.pop(request.request_id, None)
 
     async def _offload(self, task: PrefillTask, first_token: int, kv: torch.Tensor) -> int | None:
-        """KV to the executor, then the decode instance told where it is; None if the executor
-        refused or was gone before taking anything (full after all: the scheduler's view lags), so
-        that the decode instance takes the request itself instead of it failing."""
+        """KV to the executor, which tells the decode instance once it has landed; None if the
+        executor refused or was gone before taking anything (full after all: the scheduler's view
+        lags), so that the decode instance takes the request itself instead of it failing."""
         request = task.request
         try:
-            sent = await self._send_kv(request, first_token, kv, task.executor_id, task.executor_address)
+            return await self._send_kv(
+                request, first_token, kv, task.executor_id, task.executor_address, decode_id=task.decode_id
+            )
         except (_Refused, ServiceUnavailable) as exc:
             log.warning("executor refused; handing to decode", request_id=request.request_id, error=str(exc))
             return None
-        handoff = KVHandoff(
-            request, first_token, kv.shape[2], 0, self.channel.address, task.executor_id, task.executor_address
-        )
-        subject = self.subjects.instance(task.decode_id, "handoff")
-        ack = await self.bus.request(subject, handoff, Ack, timeout=self.settings.transfer_timeout_s)
-        if not ack.accepted:
-            raise AdrenalineError(f"decode instance {task.decode_id} refused the request: {ack.error}")
-        return sent
 
     async def _send_kv(
-        self, request: SubmitRequest, first_token: int, kv: torch.Tensor, target: str, address: bytes
+        self,
+        request: SubmitRequest,
+        first_token: int,
+        kv: torch.Tensor,
+        target: str,
+        address: bytes,
+        decode_id: str = "",
     ) -> int:
-        """KVHandoff to `target` (it reserves room and posts the receive), then the KV over UCX."""
+        """KVHandoff to `target` (it reserves room and posts the receive), then the KV over UCX;
+        `decode_id` for an executor: where it hands the request on once the KV has landed."""
         tag = next(self._tags)
-        handoff = KVHandoff(request, first_token, kv.shape[2], tag, self.channel.address)
+        handoff = KVHandoff(request, first_token, kv.shape[2], tag, self.channel.address, decode_id=decode_id)
         subject = self.subjects.instance(target, "handoff")
         ack = await self.bus.request(subject, handoff, Ack, timeout=self.settings.transfer_timeout_s)
         if not ack.accepted:
