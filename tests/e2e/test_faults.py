@@ -29,7 +29,7 @@ and holds the cluster to what docs/services.md ("Failures") states:
 Known gap, reported by the nats-server kill and not held against it: core NATS delivers at most
 once, so a `TokenBatch` in flight when the server dies (or published by an instance that
 reconnects before the gateway has resubscribed) is lost, and a stream can complete with a token
-missing (seen: 1 of 12 streams, its first token, in most runs). Token events carry no sequence
+missing (seen: 0 to 3 of the 12 streams per run, in most runs). Token events carry no sequence
 number for the gateway to notice the gap and fail the request instead (docs/services.md).
 
 The cases share the cluster, in an order that leaves it whole before the next one: pauses first,
