@@ -44,6 +44,7 @@ class StepOutput:
     logprob: float | None
     top_logprobs: list[tuple[int, float]] | None
     finish_reason: FinishReason | None  # set on the request's last step
+    index: int = 0  # the token's position in the request's output (0: the first token)
 
 
 class Engine:
@@ -359,7 +360,8 @@ class Engine:
             reason = self._finish_reason(request, token)
             if reason is not None:
                 self._finish(request, reason)
-            outputs.append(StepOutput(request.request_id, token, logprob, top, reason))
+            index = len(request.output_token_ids) - 1
+            outputs.append(StepOutput(request.request_id, token, logprob, top, reason, index))
         return outputs
 
     def _finish_reason(self, request: Request, token: int) -> FinishReason | None:

@@ -174,10 +174,15 @@ class TokenEvent:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str = ""
+    # the position of token_ids[0] in the request's output: NATS delivers at most once and events
+    # come from two instances (prefill's first token, decode's others), so the gateway puts them
+    # in order and notices one that never came (`services.gateway.backend.Generation`)
+    first_index: int = 0
 
     def __post_init__(self) -> None:
         _check_id("request_id", self.request_id)
         _check_tokens("token_ids", self.token_ids, nonempty=False)
+        _check_count("first_index", self.first_index, 0, 2**31)
         _check(self.finish_reason in FINISH_REASONS, "finish_reason", self.finish_reason, f"one of {FINISH_REASONS}")
         # a log-probability is at most 0 (-inf allowed: a token masked out); NaN would reach clients as JSON
         _check(all(_logprob(x) for x in self.logprobs), "logprobs", self.logprobs, "log-probabilities")

@@ -154,6 +154,7 @@ def token_event(out: StepOutput) -> TokenEvent:
         [out.logprob] if out.logprob is not None else [],
         [out.top_logprobs] if out.top_logprobs is not None else [],
         str(out.finish_reason) if out.finish_reason is not None else None,
+        first_index=out.index,
     )
 
 

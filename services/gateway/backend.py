@@ -46,34 +46,70 @@ READINESS_TTL_S = 0.5  # how long one answer of the scheduler serves /health, an
 REMEMBERED_IDS = 100_000
 
 
+GAP_GRACE_S = 2.0  # how long an event ahead of a missing one waits for it (`Generation`)
+
+
 class Generation:
-    """One accepted request's token events, in order; `close` it when done, whatever happened."""
+    """One accepted request's token events, in order; `close` it when done, whatever happened.
+
+    Events are put in output order by their `first_index`: the first token comes from the prefill
+    instance and the rest from the decode instance, two publishers whose messages a NATS cluster
+    may deliver in either order. An event ahead of one not yet here waits up to `GAP_GRACE_S` for
+    it; if it never comes (NATS delivers at most once: a server that died with it in flight lost
+    it), the request fails with an error rather than complete with a token missing.
+    """
 
     def __init__(self, backend: BackendClient, request_id: str, queue: asyncio.Queue[TokenEvent]) -> None:
         self.backend = backend
         self.request_id = request_id
         self._queue = queue
         self.finished = False  # the backend ended the request (or we aborted it): no abort is owed
+        self.received = 0  # output tokens handed out so far
+        self._early: dict[int, TokenEvent] = {}  # events that came before an earlier one, by first_index
 
     async def next(self) -> TokenEvent:
-        """The next event (the last one carries a finish_reason); APIError on a backend error or a silence.
+        """The next event (the last one carries a finish_reason); APIError on a backend error, a
+        silence, or a lost event.
 
         A method rather than an async generator, so that a cancelled caller leaves no suspended
         generator behind whose clean-up would run at some later garbage collection.
         """
         if self.finished:
             raise RuntimeError(f"{self.request_id}: no more events after the request ended")
-        try:
-            event = await asyncio.wait_for(self._queue.get(), self.backend.settings.token_timeout)
-        except TimeoutError:
-            self.close("token timeout")
-            timeout = self.backend.settings.token_timeout
-            raise APIError(504, f"no token from the backend within {timeout} s", code="timeout") from None
-        if event.finish_reason in ("error", "abort"):
-            self.finished = True  # the backend ended it: no abort is owed
-            self.close("")
-            message = event.error or "the request was aborted by the backend"
-            raise APIError(502, f"the backend failed this request: {message}", code="backend_error")
+        while True:
+            waiting = self._early.pop(self.received, None)
+            if waiting is not None:
+                return self._take(waiting)
+            timeout = GAP_GRACE_S if self._early else self.backend.settings.token_timeout
+            try:
+                event = await asyncio.wait_for(self._queue.get(), timeout)
+            except TimeoutError:
+                if self._early:
+                    self.close("tokens lost in transit")
+                    lost = min(self._early) - self.received
+                    raise APIError(
+                        502,
+                        f"{lost} token(s) of this request were lost in transit; it was stopped rather than "
+                        "returned with a gap (retry it)",
+                        code="backend_error",
+                    ) from None
+                self.close("token timeout")
+                timeout = self.backend.settings.token_timeout
+                raise APIError(504, f"no token from the backend within {timeout} s", code="timeout") from None
+            if event.finish_reason in ("error", "abort"):
+                self.finished = True  # the backend ended it: no abort is owed
+                self.close("")
+                message = event.error or "the request was aborted by the backend"
+                raise APIError(502, f"the backend failed this request: {message}", code="backend_error")
+            if event.token_ids and event.first_index > self.received:  # ahead of one still on its way
+                self._early[event.first_index] = event
+                continue
+            if event.token_ids and event.first_index < self.received:  # already handed out: never twice
+                continue
+            return self._take(event)
+
+    def _take(self, event: TokenEvent) -> TokenEvent:
+        self.received += len(event.token_ids)
         if event.finish_reason is not None:
             self.finished = True
         return event

@@ -135,20 +135,29 @@ class StandInBackend:
             )
             await self.bus.publish(msg.token_subject, TokenBatch([event]))
             return
+        events = []
         for i, token in enumerate(standin_tokens(msg.prompt_token_ids, n, self.vocab)):
+            events.append(
+                TokenEvent(
+                    msg.request_id,
+                    [token],
+                    [-0.25] if top is not None else [],
+                    [_top_logprobs(token, top)] if top else [],
+                    "length" if i == n - 1 else None,
+                    first_index=i,
+                )
+            )
+        if mode == "swap" and n >= 2:  # the first two arrive the wrong way round (two publishers)
+            events[0], events[1] = events[1], events[0]
+        for i, event in enumerate(events):
             if self.aborted(msg.request_id):
                 return
             if mode == "error" and i == 2:
                 event = TokenEvent(msg.request_id, [], finish_reason="error", error="decode instance lost")
                 await self.bus.publish(msg.token_subject, TokenBatch([event]))
                 return
-            event = TokenEvent(
-                msg.request_id,
-                [token],
-                [-0.25] if top is not None else [],
-                [_top_logprobs(token, top)] if top else [],
-                "length" if i == n - 1 else None,
-            )
+            if mode == "lose" and i == 2:  # in flight when a NATS server died: never delivered
+                continue
             await self.bus.publish(msg.token_subject, TokenBatch([event]))
             await asyncio.sleep(delay)
 

@@ -320,6 +320,28 @@ def test_a_backend_error_is_502_or_an_error_event(env: Env) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_tokens_from_two_publishers_are_put_in_order(env: Env) -> None:
+    env.backend.mode = "normal"
+    expected = env.client().completions.create(model=MODEL, prompt="order", max_tokens=6).choices[0].text
+    env.backend.mode = "swap"  # token 1 before token 0, as prefill's and decode's may cross
+    assert env.client().completions.create(model=MODEL, prompt="order", max_tokens=6).choices[0].text == expected
+    stream = env.client().completions.create(model=MODEL, prompt="order", max_tokens=6, stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == expected
+
+
+@pytest.mark.timeout(60)
+def test_a_token_lost_in_transit_fails_the_request_instead_of_leaving_a_gap(env: Env) -> None:
+    env.backend.mode = "lose"
+    with pytest.raises(openai.InternalServerError) as lost:
+        env.client().completions.create(model=MODEL, prompt="x", max_tokens=8)
+    assert lost.value.status_code == 502 and "lost in transit" in _error(lost.value)["message"]
+    assert env.backend.wait_abort(env.backend.submits[-1].request_id).reason == "tokens lost in transit"
+    stream = env.client().completions.create(model=MODEL, prompt="x", max_tokens=8, stream=True)
+    with pytest.raises(openai.APIError, match="lost in transit"):
+        list(stream)
+
+
+@pytest.mark.timeout(60)
 def test_a_silent_backend_times_out_and_is_aborted(env: Env) -> None:
     env.backend.mode = "silent"
     start = time.monotonic()
