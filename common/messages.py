@@ -264,6 +264,7 @@ class KVHandoff:
         _check_count("num_kv_tokens", self.num_kv_tokens, 1, prompt)
         _check_count("tag", self.tag, 0, MAX_TAG)
         _check_id("executor_id", self.executor_id, empty_ok=True)
+        _check(bool(self.executor_id) == bool(self.executor_address), "executor_address", "", "given with executor_id")
         _check_id("decode_id", self.decode_id, empty_ok=True)
 
 
@@ -299,6 +300,7 @@ class StepBegin:
 
     def __post_init__(self) -> None:
         _check_id("decode_id", self.decode_id)
+        _check(bool(self.decode_address), "decode_address", self.decode_address, "a UCX worker address")
         _check(bool(self.request_ids), "request_ids", self.request_ids, "non-empty")
         _check(len(self.request_ids) == len(self.context_lens), "context_lens", self.context_lens, "one per request")
         for request_id in self.request_ids:

@@ -198,7 +198,12 @@ class TensorChannel:
         peer = self._peers.get(peer_address)
         if peer is None:
             worker = self._worker()
-            address = UCXAddress.create_from_buffer(peer_address)
+            if not peer_address:
+                raise TransferError("no UCX worker address to connect to")
+            try:
+                address = UCXAddress.create_from_buffer(peer_address)
+            except (IndexError, ValueError) as exc:  # ucxx's answer to a truncated address
+                raise TransferError(f"not a UCX worker address: {exc}") from exc
             endpoint = UCXEndpoint.create_from_worker_address(worker, address, False)
             self._progress()  # start the wire-up now
             peer = self._peers[peer_address] = Peer(peer_address, endpoint)

@@ -38,6 +38,14 @@ SANE_FIELDS: dict[str, st.SearchStrategy[Any]] = {
         unique_by=lambda pair: pair[0],
     ),
 }
+LOGPROBS = st.floats(min_value=-20.0, max_value=0.0)
+# plausible values of fields whose meaning differs between messages of the same field name
+SANE_CLASS_FIELDS: dict[tuple[str, str], st.SearchStrategy[Any]] = {
+    ("TokenEvent", "logprobs"): st.lists(LOGPROBS, max_size=3),
+    ("TokenEvent", "top_logprobs"): st.lists(
+        st.lists(st.tuples(st.integers(min_value=1, max_value=6), LOGPROBS).map(list), max_size=2), max_size=3
+    ),
+}
 ANY = st.one_of(st.none(), st.booleans(), WILD_INTS, WILD_FLOATS, st.text(max_size=8), st.binary(max_size=8))
 
 
@@ -86,7 +94,7 @@ def wire_bodies(draw: st.DrawFn, cls: type, addresses: tuple[bytes, ...] | None 
             body[f.name] = draw(st.sampled_from(addresses))
         else:
             wild = draw(st.integers(0, len(fields))) == 0  # about one wild field a message
-            sane = SANE_FIELDS.get(f.name)
+            sane = SANE_CLASS_FIELDS.get((cls.__name__, f.name), SANE_FIELDS.get(f.name))
             body[f.name] = draw(sane if sane is not None and not wild else value_of(hints[f.name], addresses, wild))
     if draw(st.integers(0, 7)) == 0:
         mischief = draw(st.sampled_from(["drop", "extra", "retype"]))

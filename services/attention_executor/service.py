@@ -215,13 +215,13 @@ class ExecutorService:
         self, begin: StepBegin, meta: DecodeMetadata | None, rows: torch.Tensor, n: int, status: torch.Tensor
     ) -> None:
         spec = self.spec
-        peer = await self.channel.connect(begin.decode_address)
         qkv = torch.empty(n, spec.q_size + 2 * spec.kv_size, dtype=spec.dtype)
         answer = torch.zeros(n, spec.num_heads * spec.head_dim, dtype=spec.dtype)
         every_row = len(rows) == n
         layer_bytes = sum(begin.context_lens) * self.core.layout.bytes_per_token // spec.num_layers
         busy = 0.0  # the waits for each layer's q/k/v are the decode instance's time, not ours
         try:
+            peer = await self.channel.connect(begin.decode_address)
             for layer in range(spec.num_layers):
                 tag = begin.tag_base + layer
                 await self.channel.recv_into(tag, [qkv], timeout=self.settings.transfer_timeout_s)

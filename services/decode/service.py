@@ -201,7 +201,10 @@ class DecodeService:
             if self.engine.waiting or seats >= self.engine.config.max_num_seqs:  # max_num_seqs holds here too
                 raise NoFreeBlocksError(self.engine.blocks.blocks_for(handoff.num_kv_tokens), 0)
             if handoff.executor_id:  # sent by the executor once the KV landed there: decode from now on
-                await self._admit_offloaded(handoff)
+                try:
+                    await self._admit_offloaded(handoff)
+                except TransferError as exc:  # an address UCX cannot use: refuse, the executor frees the KV
+                    return Ack(False, f"cannot reach executor {handoff.executor_id}: {exc}")
                 return Ack(True)
             self.engine.blocks.allocate(rid, handoff.num_kv_tokens)
         except NoFreeBlocksError:

@@ -80,6 +80,7 @@ def encode_body(message: Any) -> dict[str, Any]:
         (KVHandoff(SUBMIT, 9, 3, 77, b""), {"num_kv_tokens": 4}, "num_kv_tokens"),  # more than the prompt
         (KVHandoff(SUBMIT, 9, 3, 77, b""), {"tag": -1}, "tag"),
         (KVHandoff(SUBMIT, 9, 3, 77, b""), {"first_token_id": -5}, "first_token_id"),
+        (KVHandoff(SUBMIT, 9, 3, 77, b""), {"executor_id": "executor-0"}, "executor_address"),  # where to?
         # once: a division by zero in every submit
         (LOAD, {"block_size": 0}, "block_size"),
         (LOAD, {"free_blocks": 101}, "free_blocks"),
@@ -89,8 +90,9 @@ def encode_body(message: Any) -> dict[str, Any]:
         (SUBMIT, {"prompt_token_ids": []}, "prompt_token_ids"),
         (SUBMIT, {"token_subject": "test.gateway.*.tokens"}, "token_subject"),  # a wildcard: every gateway
         (SUBMIT, {"request_id": ""}, "request_id"),
-        (StepBegin("decode-0", b"", ["r-1"], [5], 0), {"context_lens": [5, 6]}, "context_lens"),
-        (StepBegin("decode-0", b"", ["r-1"], [5], 0), {"context_lens": [0]}, "context_lens"),
+        (StepBegin("decode-0", b"addr", ["r-1"], [5], 0), {"context_lens": [5, 6]}, "context_lens"),
+        (StepBegin("decode-0", b"addr", ["r-1"], [5], 0), {"context_lens": [0]}, "context_lens"),
+        (StepBegin("decode-0", b"addr", ["r-1"], [5], 0), {"decode_address": b""}, "decode_address"),
         (TokenEvent("r-1", [1]), {"finish_reason": "exploded"}, "finish_reason"),
     ],
 )
