@@ -42,6 +42,7 @@ LOGPROBS = st.floats(min_value=-20.0, max_value=0.0)
 # plausible values of fields whose meaning differs between messages of the same field name
 SANE_CLASS_FIELDS: dict[tuple[str, str], st.SearchStrategy[Any]] = {
     ("TokenEvent", "logprobs"): st.lists(LOGPROBS, max_size=3),
+    ("KVHandoff", "num_kv_tokens"): st.just(1),  # at most the prompt's length, whose sane lists start at 1
     ("TokenEvent", "top_logprobs"): st.lists(
         st.lists(st.tuples(st.integers(min_value=1, max_value=6), LOGPROBS).map(list), max_size=2), max_size=3
     ),
