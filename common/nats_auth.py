@@ -98,9 +98,16 @@ def permissions(user: str, subjects: Subjects) -> Permissions:
     return Permissions(granted.publish, (*granted.subscribe, f"{inbox_prefix(user)}.>"), granted.responds)
 
 
+def generate_password() -> str:
+    """192 random bits as a letter and hex digits: nats-server parses an environment variable it
+    substitutes as a configuration value, so a password starting with a digit would be read as
+    a number (and fail to parse), and `-` or `_` are safest left out of values altogether."""
+    return "p" + secrets.token_hex(24)
+
+
 def generate_passwords() -> dict[str, str]:
     """A fresh random password per user, for one run of a cluster."""
-    return {user: secrets.token_urlsafe(24) for user in USERS}
+    return {user: generate_password() for user in USERS}
 
 
 def server_config(passwords: Mapping[str, str] | None, subjects: Subjects) -> str:

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Make real NATS passwords for a deployment: one per user (the five roles, `observer` for
 # `adrenaline status`, and `route` for the NATS nodes' cluster routes), 256 random bits each, in
-# hex (the route password is part of a URL). Writes an env file readable only by you; use it as
+# hex after a letter (the route password is part of a URL, and nats-server reads a substituted
+# variable as a configuration value: one starting with a digit would parse as a number). Writes an env file readable only by you; use it as
 # the Secret adrenaline-nats from an overlay of your own (docs/deploy.md, "NATS credentials").
 # Never commit the file: deploy/k8s/.gitignore keeps *.secret.env out of git.
 set -eu
@@ -12,6 +13,6 @@ if [ -e "$out" ]; then
 fi
 umask 077
 for user in gateway scheduler prefill decode attention_executor observer route; do
-  printf '%s=%s\n' "$user" "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+  printf '%s=p%s\n' "$user" "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 done >"$out"
 echo "wrote $out"

@@ -363,7 +363,7 @@ def test_an_operators_secret_replaces_the_example(tmp_path: Path) -> None:
     assert config["data"]["ADRENALINE_MODEL"] == "/models/mine"
     (secret,) = [m for m in manifests if m["kind"] == "Secret"]
     values = [base64.b64decode(v).decode() for v in secret["data"].values()]
-    assert all(re.fullmatch(r"[0-9a-f]{64}", v) for v in values) and len(set(values)) == len(values)
+    assert all(re.fullmatch(r"p[0-9a-f]{64}", v) for v in values) and len(set(values)) == len(values)
     assert EXAMPLE_PASSWORD not in yaml.safe_dump_all(manifests)
     refs = re.findall(r"name: (adrenaline-nats-[a-z0-9]{10})\b", yaml.safe_dump_all(manifests))
     assert set(refs) == {secret["metadata"]["name"]}

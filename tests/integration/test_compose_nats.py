@@ -88,3 +88,22 @@ async def test_compose_nats_admits_each_role_with_its_secret_and_no_one_else(com
                 await nats.connect(url, allow_reconnect=False, connect_timeout=2, **options)
     finally:
         await scheduler.close()
+
+
+def test_generated_passwords_survive_nats_variable_substitution(tmp_path: Path) -> None:
+    """nats-server reads a substituted variable as a configuration value, not as text: some
+    passwords `secrets.token_urlsafe` draws (about 1 in 100: a leading '-', a digit then '-')
+    do not parse, and the server does not start; ours are a letter and hex digits."""
+    conf = tmp_path / "auth.conf"
+    conf.write_text(nats_auth.server_config(None, nats_auth.Subjects()))
+
+    def valid(passwords: dict[str, str]) -> bool:
+        env = {nats_auth.password_env(user): password for user, password in passwords.items()}
+        checked = subprocess.run([nats_server_binary(), "-c", str(conf), "-t"], env=env, capture_output=True)
+        return checked.returncode == 0
+
+    assert not valid({user: "1-jdgMxps_utobA4-G1zKN29kDXpH8v5" for user in nats_auth.USERS})  # a token_urlsafe draw
+    for _ in range(20):
+        passwords = nats_auth.generate_passwords()
+        assert all(p[0].isalpha() and p.isalnum() for p in passwords.values())
+        assert valid(passwords)
