@@ -7,10 +7,13 @@ only what differs for them (instance ids, KV budgets, loopback addresses, creden
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
+from common.bus import NatsAuth
 from common.config import parse_offload_ratio
 from common.settings import (
     Setting,
+    field,
     integer,
     non_negative,
     number,
@@ -20,8 +23,10 @@ from common.settings import (
     prefix_check,
     size,
     subject_token,
+    verify,
     words,
 )
+from common.subjects import Subjects
 
 REQUIRED = dataclasses.MISSING
 
@@ -189,3 +194,29 @@ TPOT_SLO_MS = Setting(
     unit="ms",
     check=positive,
 )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ControlPlaneSettings:
+    """What every service's settings share: how it reaches NATS, as whom, and its log level.
+    Each service's settings class adds its own fields; `__post_init__` checks them all."""
+
+    nats_url: str = field(NATS_URL)
+    subjects_prefix: str = field(SUBJECTS_PREFIX)
+    nats_user: str = field(NATS_USER)
+    nats_password: str = field(NATS_PASSWORD)
+    nats_tls_ca: str = field(NATS_TLS_CA)
+    nats_tls_cert: str = field(NATS_TLS_CERT)
+    nats_tls_key: str = field(NATS_TLS_KEY)
+    log_level: str = field(LOG_LEVEL)
+
+    def __post_init__(self) -> None:
+        verify(self)
+
+    @property
+    def subjects(self) -> Subjects:
+        return Subjects(self.subjects_prefix)
+
+    @property
+    def nats(self) -> NatsAuth:
+        return NatsAuth(self.nats_user, self.nats_password, self.nats_tls_ca, self.nats_tls_cert, self.nats_tls_key)

@@ -269,7 +269,7 @@ class LocalCluster:
                     and self.expected("prefill") <= set(status.prefill)
                     and self.expected("decode") <= set(status.decode)
                     and self.expected("attention-executor") <= set(status.executor)
-                    and ("gateway" not in self.roles or _healthy(self.url))
+                    and ("gateway" not in self.roles or healthy(self.url))
                 ):
                     return status
                 await asyncio.sleep(0.2)
@@ -310,7 +310,8 @@ class Stopped(Exception):
     """A signal came while the cluster was starting: stop instead of waiting for it to be ready."""
 
 
-def _healthy(url: str) -> bool:
+def healthy(url: str) -> bool:
+    """The gateway at `url` answers /health with 200: a request can be served."""
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=1.0) as response:
             return bool(response.status == 200)

@@ -24,13 +24,13 @@ import torch
 
 from common import metrics
 from common import settings_catalog as catalog
-from common.bus import Bus, NatsAuth
+from common.bus import Bus
 from common.config import EngineConfig
 from common.engine import Engine, StepOutput
 from common.health import HEALTH
 from common.logging import configure
 from common.messages import InstanceLoad, TokenEvent
-from common.settings import field, load_or_exit, verify
+from common.settings import field, load_or_exit
 from common.subjects import Subjects
 from common.tensor_channel import TensorChannel
 
@@ -38,18 +38,11 @@ log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
-class InstanceSettings:
+class InstanceSettings(catalog.ControlPlaneSettings):
     """Settings of one prefill, decode or attention-executor instance (docs/settings.md)."""
 
-    nats_url: str = field(catalog.NATS_URL)
     model: str = field(catalog.MODEL)
     instance_id: str = field(catalog.INSTANCE_ID)  # "" is filled in by `parse` (role-host-pid)
-    subjects_prefix: str = field(catalog.SUBJECTS_PREFIX)
-    nats_user: str = field(catalog.NATS_USER)
-    nats_password: str = field(catalog.NATS_PASSWORD)
-    nats_tls_ca: str = field(catalog.NATS_TLS_CA)
-    nats_tls_cert: str = field(catalog.NATS_TLS_CERT)
-    nats_tls_key: str = field(catalog.NATS_TLS_KEY)
     kv_cache_bytes: int = field(catalog.KV_CACHE_BYTES)
     block_size: int = field(catalog.BLOCK_SIZE)
     max_num_seqs: int = field(catalog.MAX_NUM_SEQS)
@@ -63,18 +56,6 @@ class InstanceSettings:
     colocated_with: str = field(catalog.COLOCATED_WITH)
     ucx_net_devices: str = field(catalog.UCX_NET_DEVICES)
     ucx_spin_us: float = field(catalog.UCX_SPIN_US)
-    log_level: str = field(catalog.LOG_LEVEL)
-
-    def __post_init__(self) -> None:
-        verify(self)
-
-    @property
-    def subjects(self) -> Subjects:
-        return Subjects(self.subjects_prefix)
-
-    @property
-    def nats(self) -> NatsAuth:
-        return NatsAuth(self.nats_user, self.nats_password, self.nats_tls_ca, self.nats_tls_cert, self.nats_tls_key)
 
     @classmethod
     def parse(cls, argv: list[str] | None, role: str) -> InstanceSettings:

@@ -11,17 +11,14 @@ import uuid
 from dataclasses import dataclass
 
 from common import settings_catalog as catalog
-from common.bus import NatsAuth
 from common.config import model_name
-from common.settings import field, load_or_exit, verify
-from common.subjects import Subjects
+from common.settings import field, load_or_exit
 
 
 @dataclass(frozen=True, kw_only=True)
-class GatewaySettings:
+class GatewaySettings(catalog.ControlPlaneSettings):
     """The gateway's settings (docs/settings.md)."""
 
-    nats_url: str = field(catalog.NATS_URL)
     model: str = field(catalog.MODEL)
     served_model_name: str = field(catalog.SERVED_MODEL_NAME)
     gateway_id: str = field(catalog.GATEWAY_ID)
@@ -31,29 +28,14 @@ class GatewaySettings:
     submit_timeout: float = field(catalog.SUBMIT_TIMEOUT_S)
     token_timeout: float = field(catalog.TOKEN_TIMEOUT_S)
     max_concurrent_requests: int = field(catalog.MAX_CONCURRENT_REQUESTS)
-    subjects_prefix: str = field(catalog.SUBJECTS_PREFIX)
-    nats_user: str = field(catalog.NATS_USER)
-    nats_password: str = field(catalog.NATS_PASSWORD)
-    nats_tls_ca: str = field(catalog.NATS_TLS_CA)
-    nats_tls_cert: str = field(catalog.NATS_TLS_CERT)
-    nats_tls_key: str = field(catalog.NATS_TLS_KEY)
-    log_level: str = field(catalog.LOG_LEVEL)
 
     def __post_init__(self) -> None:
-        verify(self)
+        super().__post_init__()
         # Derived defaults are filled in here so that every way of building settings agrees on them.
         if not self.served_model_name:
             object.__setattr__(self, "served_model_name", model_name(self.model))
         if not self.gateway_id:
             object.__setattr__(self, "gateway_id", f"gateway-{uuid.uuid4().hex[:12]}")
-
-    @property
-    def subjects(self) -> Subjects:
-        return Subjects(self.subjects_prefix)
-
-    @property
-    def nats(self) -> NatsAuth:
-        return NatsAuth(self.nats_user, self.nats_password, self.nats_tls_ca, self.nats_tls_cert, self.nats_tls_key)
 
     @classmethod
     def parse(cls, argv: list[str] | None = None) -> GatewaySettings:

@@ -20,7 +20,7 @@ import structlog
 from prometheus_client import Counter, Gauge
 
 from common import settings_catalog as catalog
-from common.bus import Bus, NatsAuth, Reply, ServiceUnavailable
+from common.bus import Bus, Reply, ServiceUnavailable
 from common.config import parse_offload_ratio
 from common.health import HEALTH
 from common.liveness import Hearing
@@ -37,7 +37,7 @@ from common.messages import (
     TokenBatch,
     TokenEvent,
 )
-from common.settings import field, load_or_exit, verify
+from common.settings import field, load_or_exit
 from common.subjects import Subjects
 from services.scheduler import policy
 
@@ -63,35 +63,20 @@ DECISIONS = Counter(
 
 
 @dataclass(frozen=True, kw_only=True)
-class SchedulerSettings:
+class SchedulerSettings(catalog.ControlPlaneSettings):
     """The scheduler's settings (docs/settings.md)."""
 
-    nats_url: str = field(catalog.NATS_URL)
-    subjects_prefix: str = field(catalog.SUBJECTS_PREFIX)
-    nats_user: str = field(catalog.NATS_USER)
-    nats_password: str = field(catalog.NATS_PASSWORD)
-    nats_tls_ca: str = field(catalog.NATS_TLS_CA)
-    nats_tls_cert: str = field(catalog.NATS_TLS_CERT)
-    nats_tls_key: str = field(catalog.NATS_TLS_KEY)
     dead_after_s: float = field(catalog.DEAD_AFTER_S)
     request_timeout_s: float = field(catalog.REQUEST_TIMEOUT_S)
     metrics_host: str = field(catalog.METRICS_HOST)
     metrics_port: int = field(catalog.METRICS_PORT)
     offload_ratio: str = field(catalog.OFFLOAD_RATIO)
     tpot_slo_ms: float = field(catalog.TPOT_SLO_MS)
-    log_level: str = field(catalog.LOG_LEVEL)
-
-    def __post_init__(self) -> None:
-        verify(self)
 
     @property
     def fixed_ratio(self) -> float | None:
         """The fixed offload ratio, or None for the auto policy."""
         return parse_offload_ratio(self.offload_ratio)
-
-    @property
-    def nats(self) -> NatsAuth:
-        return NatsAuth(self.nats_user, self.nats_password, self.nats_tls_ca, self.nats_tls_cert, self.nats_tls_key)
 
     @classmethod
     def parse(cls, argv: list[str] | None) -> SchedulerSettings:

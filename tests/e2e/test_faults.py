@@ -59,7 +59,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from common.metrics import scrape_metrics
 from common.natsd import free_port
 from services.launcher import Child
-from services.local_cluster import LocalCluster, _NatsKeeper
+from services.local_cluster import LocalCluster, _NatsKeeper, healthy
 from services.supervisor import RestartBudget, Supervisor
 
 PAUSE_S = 3.0  # three times dead_after_s: long enough to be judged dead, unless judged with hysteresis
@@ -231,14 +231,6 @@ def _decoded_rows(cluster: LocalCluster) -> float:
     return total
 
 
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=1.0) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
-
-
 def _prompts(count: int, offset: int) -> list[str]:
     return [" ".join(WORDS[(offset + i + j) % len(WORDS)] for j in range(3 + (offset + i) % 5)) for i in range(count)]
 
@@ -402,7 +394,7 @@ def test_fault_under_load(
     cluster = supervised.cluster
     name = TARGETS[target]
     expected = set().union(*(cluster.expected(r) for r in ("prefill", "decode", "attention-executor")))
-    supervised.until(lambda: _healthy(cluster.url), "the gateway is ready before the fault", RECOVERY_S)
+    supervised.until(lambda: healthy(cluster.url), "the gateway is ready before the fault", RECOVERY_S)
     supervised.until(lambda: not any(_kv_in_use(cluster).values()), "no KV in use before the fault", KV_FREE_S)
     pid_before = _pid(cluster, name)
     rows_before = _decoded_rows(cluster)
