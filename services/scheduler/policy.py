@@ -28,12 +28,19 @@ A request is offloaded only if
        local requests fill the decode instance; C1 and the SLO still bound what is offloaded;
   (SLO) the decode step predicted with it, plus the executor wait the decode instance measures
        (`offload_stall_s`), meets the TPOT SLO;
-and only if it is worth it: the decode instance cannot hold the request's maximum length
-without risking preemption, or its measured executor wait shows the round trip is hidden. On a
-GPU the round trip hides under local attention and requests are offloaded up to the bound; on
-a CPU, where it does not, offloading happens only under memory pressure, where the batch it
-buys is worth the wait. Until a decode instance has measured its wait, one request at a time
-is offloaded as a probe, so the first offloaded steps tell which case holds.
+and only if it is worth it, in one of two ways:
+  (hidden) the decode instance has room for the request, and its measured executor wait shows
+       the round trip hides under local attention: offloading then costs nothing;
+  (memory pressure) the decode instance cannot hold the request's maximum length without risking
+       preemption, so kept local it would wait for room; offloaded, it joins the batch now but
+       every step pays the exposed wait. It is offloaded only when the predicted output rate
+       rises: (batch + 1) / (step(batch + 1) + wait) against local / step(local), the rate of
+       the local requests alone, which is what the instance would run without offloading.
+On a GPU the round trip hides under local attention and requests are offloaded up to the bound;
+on a CPU, where it may not, offloading happens only where the batch it buys pays for the wait.
+Until a decode instance has measured its wait, one request at a time is offloaded as a probe,
+so the first offloaded steps tell which case holds; the measurement expires when no step has
+offloaded rows for a while (`services.decode.service.STALL_TTL_S`), so a bad one is probed again.
 """
 
 from __future__ import annotations
@@ -141,10 +148,22 @@ def decide(
     stall = decode.offload_stall_s
     if model.time(batch + 1, books.local_tokens) + (stall or 0.0) > slo_s:
         return Decision(False, "slo")
-    if pressure:
-        return Decision(True, "memory_pressure")
     if stall is None:  # never measured: offload one request, whose steps will tell
-        return Decision(books.offloaded_batch == 0, "probe")
+        return Decision(books.offloaded_batch == 0, "memory_pressure_probe" if pressure else "probe")
+    if pressure:
+        if output_rate_rises(model, books, stall):
+            return Decision(True, "memory_pressure")
+        return Decision(False, "no_gain")
     if stall <= HIDDEN_FRACTION * model.time(batch, books.local_tokens):
         return Decision(True, "hidden")
     return Decision(False, "not_hidden")
+
+
+def output_rate_rises(model: StepModel, books: Books, stall_s: float) -> bool:
+    """Would the decode instance emit more tokens per second with this request offloaded (its whole
+    batch, paying the measured executor wait every step) than with its local requests alone?"""
+    batch = books.local_batch + books.offloaded_batch + 1
+    with_offload = batch / (model.time(batch, books.local_tokens) + stall_s)
+    if books.local_batch == 0:
+        return True
+    return with_offload > books.local_batch / model.time(books.local_batch, books.local_tokens)

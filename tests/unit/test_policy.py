@@ -89,7 +89,7 @@ def _decide(**kw: object) -> tuple[bool, str]:
     args: dict[str, object] = {
         "prompt_tokens": 50,
         "max_tokens": 100,
-        "decode": _decode(offload_stall_s=0.02),
+        "decode": _decode(offload_stall_s=0.002),
         "decode_free_tokens": 50,  # cannot hold 100 more tokens: memory pressure
         "books": Books(local_batch=8, local_tokens=800, offloaded_batch=2, offloaded_tokens=200),
         "executor_free_tokens": 1000,
@@ -127,9 +127,9 @@ def test_memory_pressure_offloads_whatever_the_local_batch() -> None:
     never_measured = _decode()  # no executor wait measured yet: offload_stall_s is None
     # one local request of 310 tokens; 64 tokens free, the new request may grow to 100
     one_long = {"decode": never_measured, "books": Books(1, 310, 0, 0), "decode_free_tokens": 64}
-    assert _decide(**one_long) == (True, "memory_pressure")
+    assert _decide(**one_long) == (True, "memory_pressure_probe")
     # C2 by batch (0 + 1 > 0.5 * 1) had refused it, as it still does with room locally
-    assert _decide(**one_long, bound=Bounds(1.0, 1.0, 0.5)) == (True, "memory_pressure")
+    assert _decide(**one_long, bound=Bounds(1.0, 1.0, 0.5)) == (True, "memory_pressure_probe")
     assert _decide(**{**one_long, "decode_free_tokens": 1000}, bound=Bounds(1.0, 1.0, 0.5)) == (False, "c2")
     # nothing local at all (by tokens and by batch), still no room for its 100 tokens
     assert _decide(books=Books(0, 0, 0, 0)) == (True, "memory_pressure")
@@ -143,9 +143,28 @@ def test_memory_pressure_offloads_whatever_the_local_batch() -> None:
     assert _decide(**{**one_long, "decode": slow}) == (False, "slo")
 
 
+def test_under_memory_pressure_offloading_needs_a_higher_output_rate() -> None:
+    """The batch an offload buys must pay for the wait every step then shows. The injected step
+    model: 10 ms + 1 ms per request + 10 us per local context token."""
+    books = Books(local_batch=8, local_tokens=800, offloaded_batch=2, offloaded_tokens=200)
+    # local alone: 8 / (10 + 8 + 8 ms) = 307.7 tok/s; with this one: 11 / (10 + 11 + 8 ms + wait)
+    # rises while the wait is under 11 / 307.7 - 29 ms = 6.75 ms
+    assert _decide(books=books, decode=_decode(offload_stall_s=0.0065)) == (True, "memory_pressure")
+    assert _decide(books=books, decode=_decode(offload_stall_s=0.0070)) == (False, "no_gain")
+    # the first offload must pay for its wait alone: 9 / (10 + 9 + 8 ms + wait) > 307.7 below 2.25 ms
+    first = Books(local_batch=8, local_tokens=800)
+    assert _decide(books=first, decode=_decode(offload_stall_s=0.002)) == (True, "memory_pressure")
+    assert _decide(books=first, decode=_decode(offload_stall_s=0.0025)) == (False, "no_gain")
+    # nothing local: anything offloaded is a gain
+    assert _decide(books=Books(0, 0, 3, 300), decode=_decode(offload_stall_s=0.05)) == (True, "memory_pressure")
+    # not measured yet: one probe at a time, whose steps measure the wait
+    assert _decide(books=first, decode=_decode()) == (True, "memory_pressure_probe")
+    assert _decide(books=books, decode=_decode()) == (False, "memory_pressure_probe")
+
+
 def test_with_room_locally_offloading_needs_a_hidden_round_trip() -> None:
     room = {"decode_free_tokens": 1000}
-    assert _decide(**room) == (False, "not_hidden")  # 20 ms of wait on a 28 ms step
+    assert _decide(**room) == (False, "not_hidden")  # 2 ms of wait on a 28 ms step: over 5%
     assert _decide(**room, decode=_decode(offload_stall_s=0.0005)) == (True, "hidden")
     # never measured: one probe at a time
     assert _decide(**room, decode=_decode(), books=Books(8, 800, 0, 0)) == (True, "probe")
