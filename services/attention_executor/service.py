@@ -113,7 +113,8 @@ class ExecutorService:
     async def _receive(self, handoff: KVHandoff) -> None:
         request = handoff.request
         rid = request.request_id
-        kv = torch.empty(kv_shape(self.core.layout, handoff.num_kv_tokens), dtype=self.core.layout.dtype)
+        layout, device = self.core.layout, self.core.device  # UCX lands it on the executor's device
+        kv = torch.empty(kv_shape(layout, handoff.num_kv_tokens), dtype=layout.dtype, device=device)
         start = time.perf_counter()
         try:
             received = await self.channel.recv_into(handoff.tag, [kv], timeout=self.settings.transfer_timeout_s)
@@ -206,17 +207,20 @@ class ExecutorService:
             log.info("pool full: requests handed back to decode", decode_id=begin.decode_id, evicted=evicted)
             rows = [r for j, r in enumerate(rows) if j not in set(refused)]
         served = [begin.request_ids[i] for i in rows]
-        status = torch.ones(n, dtype=torch.int8)  # 1: not served here
+        status = torch.ones(n, dtype=torch.int8)  # 1: not served here (host memory: the decode reads it there)
         status[rows] = 0
         with self.core.stepping(served):
-            await self._run_layers(begin, meta, torch.tensor(rows, dtype=torch.int64), n, status)
+            await self._run_layers(
+                begin, meta, torch.tensor(rows, dtype=torch.int64, device=self.core.device), n, status
+            )
 
     async def _run_layers(
         self, begin: StepBegin, meta: DecodeMetadata | None, rows: torch.Tensor, n: int, status: torch.Tensor
     ) -> None:
         spec = self.spec
-        qkv = torch.empty(n, spec.q_size + 2 * spec.kv_size, dtype=spec.dtype)
-        answer = torch.zeros(n, spec.num_heads * spec.head_dim, dtype=spec.dtype)
+        device = self.core.device  # every buffer of the step where its attention runs
+        qkv = torch.empty(n, spec.q_size + 2 * spec.kv_size, dtype=spec.dtype, device=device)
+        answer = torch.zeros(n, spec.num_heads * spec.head_dim, dtype=spec.dtype, device=device)
         every_row = len(rows) == n
         layer_bytes = sum(begin.context_lens) * self.core.layout.bytes_per_token // spec.num_layers
         busy = 0.0  # the waits for each layer's q/k/v are the decode instance's time, not ours

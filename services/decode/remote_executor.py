@@ -128,9 +128,9 @@ class RemoteExecutor(ExecutorClient):
         n = self._rows
         packed = torch.cat([q.reshape(n, -1), k.reshape(n, -1), v.reshape(n, -1)], dim=1).contiguous()
         with torch.inference_mode(False):  # the event loop's thread writes into it, outside inference mode
-            out = torch.empty(n, self.spec.q_size, dtype=q.dtype)
+            out = torch.empty(n, self.spec.q_size, dtype=q.dtype, device=q.device)  # on the engine's device
             buffers = [out]
-            if layer == 0:  # the first answer also says which rows the executor served
+            if layer == 0:  # the first answer also says which rows the executor served (host memory: read here)
                 self._status = torch.zeros(n, dtype=torch.int8)
                 buffers.append(self._status)
         tag = self._tag_base + layer

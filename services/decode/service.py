@@ -227,7 +227,8 @@ class DecodeService:
     async def _receive(self, request_id: str) -> None:
         entry = self.pending[request_id]
         h = entry.handoff
-        kv = torch.empty(kv_shape(self.engine.layout, h.num_kv_tokens), dtype=self.engine.layout.dtype)
+        layout = self.engine.layout  # received straight into the engine's device (UCX moves device memory)
+        kv = torch.empty(kv_shape(layout, h.num_kv_tokens), dtype=layout.dtype, device=self.engine.device)
         start = time.perf_counter()
         try:
             received = await self.channel.recv_into(h.tag, [kv], timeout=self.settings.transfer_timeout_s)
@@ -253,8 +254,8 @@ class DecodeService:
                 event = TokenEvent(request_id, [], finish_reason="error", error=f"KV transfer failed: {entry.failed}")
                 await self.bus.publish(request.token_subject, TokenBatch([event]))
             return
-        slots = torch.tensor(self.engine.blocks.slots(request_id, 0, entry.handoff.num_kv_tokens), dtype=torch.int64)
-        scatter_kv(self.engine.pool, slots.to(self.engine.device), entry.kv.to(self.engine.device))
+        slots = self.engine.blocks.slots(request_id, 0, entry.handoff.num_kv_tokens)
+        scatter_kv(self.engine.pool, torch.tensor(slots, dtype=torch.int64, device=self.engine.device), entry.kv)
         self.engine.add_running(
             request_id, request.prompt_token_ids, entry.handoff.first_token_id, from_wire(request.sampling)
         )

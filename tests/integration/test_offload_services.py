@@ -39,7 +39,23 @@ def _hf_greedy(
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize(("ratio", "prefills"), [(1.0, 1), (0.5, 2), (1.0, 2)])
 def test_offloaded_greedy_equals_transformers(llama_dir: Path, tmp_path: Path, ratio: float, prefills: int) -> None:
-    cluster = BackendCluster(llama_dir, tmp_path, prefills=prefills, decodes=2, executors=True, offload_ratio=ratio)
+    _offloaded_equals_transformers(llama_dir, tmp_path, ratio, prefills)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none")
+def test_offloaded_greedy_equals_transformers_on_cuda(llama_dir: Path, tmp_path: Path) -> None:
+    """Every buffer of the offload path on the GPU: KV received into device memory on the decode
+    instance and the executor, q/k/v and attention outputs moved by UCX between devices."""
+    _offloaded_equals_transformers(llama_dir, tmp_path, 0.5, 1, {"ADRENALINE_DEVICE": "cuda"})
+
+
+def _offloaded_equals_transformers(
+    llama_dir: Path, tmp_path: Path, ratio: float, prefills: int, env: dict[str, str] | None = None
+) -> None:
+    cluster = BackendCluster(
+        llama_dir, tmp_path, prefills=prefills, decodes=2, executors=True, offload_ratio=ratio, extra_env=env or {}
+    )
     cluster.start()
     prompts = _prompts(12)
     sampling = Sampling(max_new_tokens=24, temperature=0.0)
