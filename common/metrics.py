@@ -64,6 +64,11 @@ EXECUTOR_STEP_SECONDS = Histogram(
     "summed over layers; the waits for each layer's q/k/v and the sends excluded)",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
+EXECUTOR_SLOWDOWN = Gauge(
+    "adrenaline_executor_attention_slowdown",
+    "Executor side: recent steps' attention time over what the start-up profile predicts (1: as "
+    "profiled; above 1: the colocated prefill takes its share); scales the bandwidth it reports",
+)
 EXECUTOR_EVICTIONS = Counter(
     "adrenaline_executor_evictions_total",
     "Executor side: offloaded requests handed back to their decode instance (recomputed there) "

@@ -5,7 +5,8 @@ scheduler does not load it."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -54,3 +55,41 @@ class StepModel:
         coef = np.linalg.lstsq(x, y, rcond=None)[0]
         fixed, per_seq, per_token = (max(0.0, float(c)) for c in coef)
         return cls(fixed, per_seq, per_token)
+
+
+@dataclass
+class Slowdown:
+    """How much slower real steps run than the start-up profile predicts, over the recent ones.
+
+    An attention executor shares its device with a prefill instance: the bandwidth it can give
+    decode attention is what the prefill leaves, which an idle start-up profile overstates.
+    Rather than refit a model from whatever shapes traffic happens to bring (little spread, so a
+    noisy slope: the failure that made the policy refuse everything), the profile keeps its
+    shape and is scaled by measured time over predicted time. A factor within [1/`limit`,
+    `limit`]; 1 until `min_steps` steps were seen within `ttl_s`, so an old load is forgotten.
+    """
+
+    window: int = 64
+    min_steps: int = 8
+    ttl_s: float = 10.0
+    limit: float = 50.0
+    _steps: deque[tuple[float, float, float]] = field(default_factory=deque)  # (when, measured, predicted)
+
+    def observe(self, measured_s: float, predicted_s: float, now: float) -> None:
+        if measured_s >= 0 and predicted_s > 0 and math.isfinite(measured_s):
+            self._steps.append((now, measured_s, predicted_s))
+            while len(self._steps) > self.window:
+                self._steps.popleft()
+
+    def factor(self, now: float) -> float:
+        while self._steps and now - self._steps[0][0] > self.ttl_s:
+            self._steps.popleft()
+        if len(self._steps) < self.min_steps:
+            return 1.0
+        measured = sum(m for _, m, _ in self._steps)
+        predicted = sum(p for _, _, p in self._steps)
+        return min(self.limit, max(1 / self.limit, measured / predicted))
+
+    def scaled(self, model: StepModel, now: float) -> StepModel:
+        f = self.factor(now)
+        return StepModel(model.fixed_s * f, model.per_seq_s * f, model.per_token_s * f)

@@ -35,7 +35,7 @@ from common.messages import (
 from common.model.spec import ModelSpec
 from common.offload import ExecutorCore
 from common.profiling import profile_executor
-from common.step_model import StepModel
+from common.step_model import Slowdown, StepModel
 from common.tensor_channel import TensorChannel, TransferError
 from kernels.backend import DecodeMetadata
 from services.runtime import InstanceSettings, Tombstones, heartbeat
@@ -54,6 +54,7 @@ class ExecutorService:
     ) -> None:
         self.settings = settings
         self.attention_model: StepModel | None = None  # profiled at start-up: the scheduler's bandwidth bound
+        self.slowdown = Slowdown()  # real steps against that profile, while the colocated prefill runs
         self.subjects = settings.subjects
         self.spec = spec
         self.core = core
@@ -70,6 +71,11 @@ class ExecutorService:
         here too would hide that room twice."""
         blocks = self.core.blocks
         free = blocks.num_free_blocks - self.core.reserved_blocks
+        model = None
+        if self.attention_model is not None:  # the bandwidth this executor gives now, not when idle
+            now = time.monotonic()
+            metrics.EXECUTOR_SLOWDOWN.set(self.slowdown.factor(now))
+            model = self.slowdown.scaled(self.attention_model, now)
         return InstanceLoad(
             instance_id=self.settings.instance_id,
             role="executor",
@@ -80,7 +86,7 @@ class ExecutorService:
             running=len(self.core.max_tokens),  # held requests (evicted ones leave at once)
             waiting=len(self.pending),
             colocated_with=self.settings.colocated_with,
-            attention_model=self.attention_model.to_wire() if self.attention_model else [],
+            attention_model=model.to_wire() if model else [],
         )
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -210,13 +216,16 @@ class ExecutorService:
         status = torch.ones(n, dtype=torch.int8)  # 1: not served here (host memory: the decode reads it there)
         status[rows] = 0
         with self.core.stepping(served):
-            await self._run_layers(
-                begin, meta, torch.tensor(rows, dtype=torch.int64, device=self.core.device), n, status
-            )
+            index = torch.tensor(rows, dtype=torch.int64, device=self.core.device)
+            busy = await self._run_layers(begin, meta, index, n, status)
+        if busy is not None and meta is not None and self.attention_model is not None:
+            predicted = self.attention_model.time(len(rows), sum(begin.context_lens[i] for i in rows))
+            self.slowdown.observe(busy, predicted, time.monotonic())
 
     async def _run_layers(
         self, begin: StepBegin, meta: DecodeMetadata | None, rows: torch.Tensor, n: int, status: torch.Tensor
-    ) -> None:
+    ) -> float | None:
+        """Serve the step's layers; the busy seconds (attention, not the waits), None if it failed."""
         spec = self.spec
         device = self.core.device  # every buffer of the step where its attention runs
         qkv = torch.empty(n, spec.q_size + 2 * spec.kv_size, dtype=spec.dtype, device=device)
@@ -248,8 +257,10 @@ class ExecutorService:
                 await self.channel.send(peer, tag, [answer, status] if layer == 0 else [answer])
                 metrics.EXECUTOR_ATTENTION_BYTES.inc(layer_bytes)
             metrics.EXECUTOR_STEP_SECONDS.observe(busy)
+            return busy
         except TransferError as exc:
             log.warning("decode step failed", decode_id=begin.decode_id, error=str(exc))
+            return None
 
     async def profile(self, stop: asyncio.Event, wait_s: float = 60.0) -> None:
         """Profile decode attention once the colocated prefill instance is up: its start-up

@@ -19,7 +19,7 @@ from common.kv_pool import KVLayout
 from common.messages import InstanceLoad
 from common.offload import ExecutorCore
 from common.profiling import RUNS, blocks_needed, grid, profile_decode_attention, profile_engine, profile_executor
-from common.step_model import StepModel
+from common.step_model import Slowdown, StepModel
 from kernels.backend import get_backend
 from services.scheduler.policy import Books, Bounds, bounds, decide
 
@@ -186,6 +186,27 @@ def test_step_model_fit_recovers_known_costs() -> None:
     for got, want in zip(fitted.to_wire(), true.to_wire(), strict=True):
         assert got == pytest.approx(want, rel=1e-6)
     assert StepModel.from_wire([]) is None
+
+
+def test_an_executor_reports_the_bandwidth_it_gives_under_load() -> None:
+    """Its profile is taken idle; steps that run 3x slower (the colocated prefill takes the
+    device) scale the model it reports, so the bandwidth bound shrinks by 3, and an old load is
+    forgotten."""
+    profile = StepModel(0.001, 0.0001, 1e-6)
+    slow = Slowdown(min_steps=4, ttl_s=10.0)
+    for i in range(3):
+        slow.observe(0.03, 0.01, now=float(i))
+    assert slow.factor(now=3.0) == 1.0  # too few steps to say
+    slow.observe(0.03, 0.01, now=3.0)
+    assert slow.factor(now=3.0) == pytest.approx(3.0)
+    assert slow.scaled(profile, now=3.0).per_token_s == pytest.approx(3e-6)
+    slow.observe(float("nan"), 0.01, now=3.0)  # ignored, as is a step with nothing predicted
+    slow.observe(0.5, 0.0, now=3.0)
+    assert slow.factor(now=3.0) == pytest.approx(3.0)
+    assert slow.factor(now=13.5) == 1.0  # ten seconds without steps: back to the profile
+    for i in range(4):
+        slow.observe(10.0, 0.001, now=20.0 + i)
+    assert slow.factor(now=24.0) == slow.limit  # bounded either way
 
 
 def test_grid_is_fixed_whatever_the_pool() -> None:
