@@ -31,6 +31,7 @@ class Command:
     args: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict, repr=False)  # holds credentials: never printed
     cpus: frozenset[int] | None = None
+    nice: int = 0  # raised niceness: this child yields its CPU to the others (`lower_priority`)
 
 
 @dataclass
@@ -57,13 +58,15 @@ class ProcessGroup:
         args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         cpus: set[int] | None = None,
+        nice: int = 0,
     ) -> Child:
-        """Run `python -m module args` with extra environment `env`, optionally pinned to `cpus`.
+        """Run `python -m module args` with extra environment `env`, optionally pinned to `cpus`
+        and at a lower priority (`nice` > 0).
 
         Call it from a thread that outlives the child (the main thread): the child is killed when
         the thread that started it ends.
         """
-        command = Command(module, tuple(args), dict(env or {}), frozenset(cpus) if cpus else None)
+        command = Command(module, tuple(args), dict(env or {}), frozenset(cpus) if cpus else None, nice)
         child = self._start(name, command)
         self.children.append(child)
         return child
@@ -78,6 +81,14 @@ class ProcessGroup:
 
     def _start(self, name: str, command: Command) -> Child:
         module, args, env, cpus = command.module, command.args, command.env, command.cpus
+        on_parent_death = die_with_parent()
+
+        def preexec() -> None:  # in the child, after setsid
+            if on_parent_death is not None:
+                on_parent_death()
+            if command.nice:
+                lower_priority(command.nice)
+
         full_env = {**os.environ, **env}
         out: IO[bytes] | int | None = None
         log_path = None
@@ -91,7 +102,7 @@ class ProcessGroup:
             stdout=out,
             stderr=subprocess.STDOUT if out is not None else None,
             start_new_session=True,
-            preexec_fn=die_with_parent(),
+            preexec_fn=preexec,
         )
         if out is not None and not isinstance(out, int):
             out.close()  # the child has its own descriptor
@@ -149,6 +160,20 @@ class ProcessGroup:
 
 
 _KILL_WAIT_S = 2.0  # how long a stop waits for SIGKILLed processes to be gone
+
+
+def lower_priority(nice: int) -> None:
+    """Lower this process's CPU priority by `nice`, against every other process on the machine.
+
+    Its niceness alone is not enough: with the kernel's autogroup scheduling (on by default on
+    most distributions) a process in its own session, as each child here is, competes as a
+    group, and niceness only orders processes within one group; the group's own niceness
+    (/proc/self/autogroup) is what sets its share against the others. Raising either needs no
+    privilege; where the file is missing (autogroup off, or not Linux) niceness alone works.
+    """
+    os.nice(nice)
+    with contextlib.suppress(OSError):
+        Path("/proc/self/autogroup").write_text(str(nice))
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

@@ -72,3 +72,21 @@ def test_a_crash_loop_is_reported_and_given_up(group: ProcessGroup) -> None:
     assert not group.children
     assert said.count("crashy restarted") == FAST.max_restarts
     assert "a crash loop, giving up on it" in said[-1] and "exited with 3" in said[-1]
+
+
+def test_a_lowered_child_yields_to_the_others_and_keeps_it_when_restarted(group: ProcessGroup) -> None:
+    """A prefill instance runs at a lower priority than its attention executor (they share a
+    core): its niceness and, where the kernel groups each session (autogroup), its group's."""
+    child = group.spawn("low", "tests.child", ["sleep"], nice=5)
+    supervisor = Supervisor(group, FAST, lambda _: None)
+
+    def niceness(pid: int) -> tuple[int, str]:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        nice = int(stat.rsplit(")", 1)[1].split()[16])  # field 19 of proc(5)
+        autogroup = Path(f"/proc/{pid}/autogroup")
+        return nice, autogroup.read_text().split()[-1] if autogroup.exists() else "5"
+
+    assert niceness(child.process.pid) == (5, "5")
+    os.killpg(child.process.pid, signal.SIGKILL)
+    _poll_until(supervisor, lambda: any(c.alive and c.process.pid != child.process.pid for c in group.children))
+    assert niceness(group.children[0].process.pid) == (5, "5")
