@@ -421,6 +421,7 @@ def run_mode(
         offload_ratio=ratio,
         tpot_slo_ms=args.tpot_slo_ms,
         kv_cache_bytes=kv,
+        prefill_nice=args.prefill_nice,
     )
     cluster.start()
     try:
@@ -561,6 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the throughput-against-ratio curve, e.g. 0,0.25,0.5,0.75,1,auto",
     )
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument(
+        "--prefill-nice", type=int, default=10, help="niceness of prefill beside an executor (0: equal priority)"
+    )
     p.add_argument("--tpot-slo-ms", type=float, default=200.0, help="goodput's SLO, and the auto policy's")
     p.add_argument("--decode-kv-bytes", type=int, default=None, help="default: room for ~16 average requests")
     p.add_argument("--out", default=None, help="results JSON; default bench-results/serve-<timestamp>.json")

@@ -120,6 +120,10 @@ class LocalCluster:
     # KV budget of each prefill, decode and executor process. compose.yaml's budgets are sized for
     # GPUs; on one machine every process's pool lives in the same RAM, so this overrides them.
     kv_cache_bytes: int = 256 * 2**20
+    # A prefill instance that shares its CPUs with an attention executor runs this much nicer, so
+    # that the executor's per-layer work, which a decode step waits on, is not queued behind a
+    # prefill: the CPU stand-in for the GPU's MPS share (docs/services.md has its cost to TTFT).
+    prefill_nice: int = 10
 
     def replicas(self, role: str) -> int:
         """How many `role` processes this host runs."""
@@ -236,7 +240,8 @@ class LocalCluster:
                 if role == "gateway":
                     args = _replace_flag(_replace_flag(args, "--host", self.host), "--port", str(self.port))
                 name = env.get("ADRENALINE_INSTANCE_ID") or env["ADRENALINE_GATEWAY_ID"]
-                self.group.spawn(name, entry.module, args, env, self.pin.get(role))
+                nice = self.prefill_nice if role == "prefill" and self.replicas("attention-executor") else 0
+                self.group.spawn(name, entry.module, args, env, self.pin.get(role), nice=nice)
 
     def wait_ready(self, timeout: float = 120.0) -> ClusterStatus:
         return asyncio.run(self._wait_ready(timeout))
