@@ -30,9 +30,11 @@ from common.model.model import CausalLM
 from common.model.spec import ModelSpec
 from common.offload import ExecutorClient, RemoteGroup, SplitAttention
 from common.paged_attention import PagedAttention, decode_metadata, prefill_metadata
-from common.request import FinishReason, Request, Status
+from common.request import FinishReason, PromptLogprobs, Request, Status
 from common.sampling import SamplingParams, processes_logits, sample
 from kernels.backend import default_backend, get_backend
+
+PROMPT_LOGPROBS_CHUNK = 256  # prompt positions whose full-vocabulary logits are held at once
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class StepOutput:
     top_logprobs: list[tuple[int, float]] | None
     finish_reason: FinishReason | None  # set on the request's last step
     index: int = 0  # the token's position in the request's output (0: the first token)
+    prompt_logprobs: PromptLogprobs | None = None  # with the first token, if the request asked for them
 
 
 class Engine:
@@ -94,6 +97,7 @@ class Engine:
         for field, ids in (
             ("stop_token_ids", params.stop_token_ids),
             ("logit_bias", [t for t, _ in params.logit_bias]),
+            ("bad_words", [t for word in params.bad_words for t in word]),
         ):
             bad = [t for t in ids if t >= vocab]  # the processors index the logits with them
             if bad:
@@ -285,11 +289,34 @@ class Engine:
         tokens = torch.tensor([t for r in batch for t in r.all_token_ids], device=self.device)
         positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
         hidden = self.model(tokens, positions, self.attention.prefill_fn(meta))
+        starts = meta.cu_seqlens[:-1].tolist()
         last = meta.cu_seqlens[1:].long() - 1
-        for request in batch:
+        for request, start in zip(batch, starts, strict=True):
             request.status = Status.RUNNING
+            # once, at the first prefill: a recomputed request has an output, and has sent them already
+            if request.params.prompt_logprobs is not None and not request.output_token_ids:
+                request.prompt_logprobs = self._prompt_logprobs(request, hidden[start : start + request.num_tokens])
         self.running.extend(batch)
         return self.model.logits(hidden[last])
+
+    def _prompt_logprobs(self, request: Request, hidden: torch.Tensor) -> PromptLogprobs:
+        """Each prompt token's logprob given the tokens before it, from the prefill's own hidden states
+        (position j predicts token j + 1), and the `prompt_logprobs` most likely tokens there. Logits
+        are made PROMPT_LOGPROBS_CHUNK positions at a time, so a long prompt never holds [n, vocab]."""
+        k = request.params.prompt_logprobs or 0
+        targets = torch.tensor(request.prompt_token_ids[1:], device=hidden.device)
+        chosen: list[float] = []
+        top: list[list[tuple[int, float]]] = []
+        for lo in range(0, len(targets), PROMPT_LOGPROBS_CHUNK):
+            hi = min(lo + PROMPT_LOGPROBS_CHUNK, len(targets))
+            logp = torch.log_softmax(self.model.logits(hidden[lo:hi]), dim=-1)
+            chosen += logp.gather(1, targets[lo:hi, None]).squeeze(1).tolist()
+            if k:
+                values, indices = logp.topk(min(k, logp.shape[-1]), dim=-1)
+                top += [list(zip(i, v, strict=True)) for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
+            else:
+                top += [[] for _ in range(hi - lo)]
+        return PromptLogprobs(chosen, top)
 
     def _decode(self, batch: list[Request]) -> torch.Tensor:
         tokens = torch.tensor([r.output_token_ids[-1] for r in batch], device=self.device)
@@ -361,7 +388,8 @@ class Engine:
             if reason is not None:
                 self._finish(request, reason)
             index = len(request.output_token_ids) - 1
-            outputs.append(StepOutput(request.request_id, token, logprob, top, reason, index))
+            prompt_logprobs = request.prompt_logprobs if index == 0 else None
+            outputs.append(StepOutput(request.request_id, token, logprob, top, reason, index, prompt_logprobs))
         return outputs
 
     def _finish_reason(self, request: Request, token: int) -> FinishReason | None:

@@ -1,13 +1,18 @@
-"""Logits processors: logit bias, min_tokens, and the repetition, frequency and presence penalties.
+"""Logits processors: logit bias, min_tokens, bad words, and the repetition, frequency and presence penalties.
 
 They change a row's logits from its own token history before any temperature, top-k or top-p,
-in vLLM's order (bias, min_tokens, then the penalties) and with its semantics, which are also
-transformers' and OpenAI's:
+in vLLM's order (bias, min_tokens, bad words, then the penalties; the order of those that set -inf
+does not matter) and with its semantics, which are also transformers' and OpenAI's:
 
 - `logit_bias`: the bias is added to the token's logit (OpenAI; transformers'
   `SequenceBiasLogitsProcessor` with one-token sequences).
 - `min_tokens`: while fewer output tokens than that exist, the request's stop tokens and (unless
   `ignore_eos`) its end-of-sequence tokens get -inf (transformers' `MinNewTokensLengthLogitsProcessor`).
+- `bad_words`: token sequences the output must never complete: where the output ends with all of
+  a sequence but its last token, that token gets -inf (a one-token sequence is always banned);
+  transformers' `NoBadWordsLogitsProcessor`, except that only the output is matched, as vLLM does
+  (a word the prompt started may be completed). The gateway makes the sequences from vLLM's
+  `bad_words` strings (`services/gateway/prompts.py`).
 - `repetition_penalty` r: every token of the prompt or the output has its logit divided by r if
   positive, multiplied by r if not (transformers' `RepetitionPenaltyLogitsProcessor`, whose
   history is prompt and output).
@@ -50,6 +55,10 @@ def process_logits(logits: torch.Tensor, params: list[SamplingParams], histories
             stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(p.eos_token_ids))
             if stops:
                 sub[j, sorted(stops)] = float("-inf")
+        if p.bad_words:
+            banned = _completing(p.bad_words, output)
+            if banned:
+                sub[j, banned] = float("-inf")
     penalized = [j for j, i in enumerate(rows) if params[i].penalized]
     if penalized:
         sub[penalized] = _penalize(
@@ -58,6 +67,18 @@ def process_logits(logits: torch.Tensor, params: list[SamplingParams], histories
     out = logits.clone()
     out[index] = sub
     return out
+
+
+def _completing(words: Sequence[Sequence[int]], output: Sequence[int]) -> list[int]:
+    """The last token of each word whose other tokens end the output (all one-token words)."""
+    banned = []
+    for word in words:
+        prefix = len(word) - 1
+        if prefix > len(output):
+            continue
+        if prefix == 0 or list(output[len(output) - prefix :]) == list(word[:prefix]):
+            banned.append(word[-1])
+    return banned
 
 
 def _penalize(logits: torch.Tensor, params: list[SamplingParams], histories: list[History]) -> torch.Tensor:

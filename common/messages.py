@@ -89,6 +89,9 @@ class Sampling:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: list[tuple[int, float]] = field(default_factory=list)  # (token id, bias) pairs
+    min_p: float = 0.0
+    bad_words: list[list[int]] = field(default_factory=list)  # banned token sequences
+    prompt_logprobs: int | None = None  # the prefill instance reports the prompt tokens' logprobs
 
     def __post_init__(self) -> None:
         try:
@@ -178,6 +181,12 @@ class TokenEvent:
     # come from two instances (prefill's first token, decode's others), so the gateway puts them
     # in order and notices one that never came (`services.gateway.backend.Generation`)
     first_index: int = 0
+    # `Sampling.prompt_logprobs`: the prompt's tokens' logprobs from its second token on, and the most
+    # likely tokens at each position (`common.request.PromptLogprobs`). The prefill instance sends
+    # them before the first token, in events of their own with no output token, split so that no
+    # message nears NATS's payload limit (`services.runtime.prompt_logprob_events`).
+    prompt_logprobs: list[float] = field(default_factory=list)
+    prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check_id("request_id", self.request_id)
@@ -185,10 +194,15 @@ class TokenEvent:
         _check_count("first_index", self.first_index, 0, 2**31)
         _check(self.finish_reason in FINISH_REASONS, "finish_reason", self.finish_reason, f"one of {FINISH_REASONS}")
         # a log-probability is at most 0 (-inf allowed: a token masked out); NaN would reach clients as JSON
-        _check(all(_logprob(x) for x in self.logprobs), "logprobs", self.logprobs, "log-probabilities")
-        for top in self.top_logprobs:
-            _check(all(_logprob(x) for _, x in top), "top_logprobs", top, "log-probabilities")
-            _check_tokens("top_logprobs", [t for t, _ in top], nonempty=False)
+        for name in ("logprobs", "prompt_logprobs"):
+            values = getattr(self, name)
+            _check(all(_logprob(x) for x in values), name, values[:8], "log-probabilities")
+        for name in ("top_logprobs", "prompt_top_logprobs"):
+            for top in getattr(self, name):
+                _check(all(_logprob(x) for _, x in top), name, top, "log-probabilities")
+                _check_tokens(name, [t for t, _ in top], nonempty=False)
+        rows = len(self.prompt_top_logprobs)
+        _check(rows == len(self.prompt_logprobs), "prompt_top_logprobs", rows, "one row per prompt logprob")
 
 
 def _logprob(value: float) -> bool:

@@ -21,6 +21,17 @@ class FinishReason(enum.StrEnum):
     ERROR = "error"  # the system failed it (e.g. its attention executor died)
 
 
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """The prompt's tokens' log-probabilities, from its second token on (the first has no context):
+    `logprobs[j]` is that of prompt token j + 1 given those before it, `top[j]` the most likely
+    tokens there with theirs (empty lists when none were asked for). The model's own distribution,
+    as generated tokens' logprobs are."""
+
+    logprobs: list[float]
+    top: list[list[tuple[int, float]]]
+
+
 @dataclass
 class Request:
     request_id: str
@@ -32,6 +43,7 @@ class Request:
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
     executor: str | None = None  # where its KV and decode attention live; None: this engine's pool
+    prompt_logprobs: PromptLogprobs | None = None  # computed by its first prefill, if its params ask
 
     @property
     def num_tokens(self) -> int:

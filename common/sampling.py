@@ -35,6 +35,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # over prompt and output tokens, as transformers'; 1 is none
     frequency_penalty: float = 0.0  # times each token's count in the output, as OpenAI's
     presence_penalty: float = 0.0  # once for each token present in the output, as OpenAI's
+    bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences never completed in the output (vLLM's)
+    min_p: float = 0.0  # after temperature, drop tokens less likely than min_p times the likeliest (vLLM's)
+    prompt_logprobs: int | None = None  # None: none; n: each prompt token's logprob and the n most likely
     eos_token_ids: tuple[int, ...] = field(default=(), repr=False)  # filled in by the engine
 
     def __post_init__(self) -> None:
@@ -47,7 +50,7 @@ class SamplingParams:
     @property
     def processes_logits(self) -> bool:
         """Whether any logits processor applies: without one, sampling reads the model's logits as they are."""
-        return bool(self.logit_bias or self.min_tokens or self.penalized)
+        return bool(self.logit_bias or self.min_tokens or self.bad_words or self.penalized)
 
     @property
     def penalized(self) -> bool:
@@ -60,14 +63,23 @@ class SamplingParams:
 def to_wire(params: SamplingParams) -> Sampling:
     """The message form of validated parameters (what the gateway sends); `from_wire` reverses it."""
     values = {f.name: getattr(params, f.name) for f in dataclasses.fields(Sampling)}
-    return Sampling(**{**values, "stop_token_ids": list(params.stop_token_ids), "logit_bias": list(params.logit_bias)})
+    lists = {
+        "stop_token_ids": list(params.stop_token_ids),
+        "logit_bias": list(params.logit_bias),
+        "bad_words": [list(word) for word in params.bad_words],
+    }
+    return Sampling(**{**values, **lists})
 
 
 def from_wire(sampling: Sampling) -> SamplingParams:
     """Parameters from a message, validated (raises InvalidRequestError naming the field)."""
     values = {f.name: getattr(sampling, f.name) for f in dataclasses.fields(Sampling)}
-    stop, bias = tuple(sampling.stop_token_ids), tuple((t, float(b)) for t, b in sampling.logit_bias)
-    return SamplingParams(**{**values, "stop_token_ids": stop, "logit_bias": bias})
+    tuples = {
+        "stop_token_ids": tuple(sampling.stop_token_ids),
+        "logit_bias": tuple((t, float(b)) for t, b in sampling.logit_bias),
+        "bad_words": tuple(tuple(word) for word in sampling.bad_words),
+    }
+    return SamplingParams(**{**values, **tuples})
 
 
 def processes_logits(params: list[SamplingParams]) -> bool:
@@ -112,6 +124,7 @@ def sample(
         rows = torch.tensor(sampled_rows)
         scaled = logits[rows] / torch.tensor([params[i].temperature for i in sampled_rows])[:, None]
         scaled = _top_k_top_p(scaled, [params[i].top_k for i in sampled_rows], [params[i].top_p for i in sampled_rows])
+        scaled = _min_p(scaled, [params[i].min_p for i in sampled_rows])
         probs = torch.softmax(scaled, dim=-1)
         # Exponential race: argmax(p / E) with E ~ Exp(1) samples from p, and lets each row
         # take its noise from its own generator without a per-row multinomial call.
@@ -150,3 +163,17 @@ def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> 
     drop |= mass_before >= torch.tensor(top_p)[:, None]
     drop[:, 0] = False  # the most likely token always survives
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+
+
+def _min_p(logits: torch.Tensor, min_p: list[float]) -> torch.Tensor:
+    """Mask tokens less likely than each row's `min_p` times its likeliest token (vLLM's `min_p`).
+
+    Applied after temperature, top-k and top-p, in transformers' order (`MinPLogitsWarper`);
+    vLLM applies it before top-p, which differs only when a request sets both. The likeliest token
+    always survives (its ratio is 1), and masking by top-k or top-p first changes no ratio.
+    """
+    if all(p <= 0.0 for p in min_p):
+        return logits
+    probs = torch.softmax(logits, dim=-1)
+    threshold = torch.tensor(min_p, dtype=probs.dtype)[:, None] * probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(probs < threshold, float("-inf"))

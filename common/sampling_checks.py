@@ -23,6 +23,8 @@ MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2], as OpenAI 
 MAX_REPETITION_PENALTY = 100.0  # any finite value > 0 has a meaning; past this it is a mistake
 MAX_LOGIT_BIAS = 100.0  # a bias lies in [-100, 100], as OpenAI defines it
 MAX_LOGIT_BIAS_TOKENS = 300  # as OpenAI: more entries are refused
+MAX_BAD_WORD_SEQUENCES = 128  # banned token sequences: the gateway makes up to two per word of `bad_words`
+MAX_BAD_WORD_TOKENS = 512  # tokens per banned sequence; every step compares the output's tail with each
 
 
 class SamplingValues(Protocol):
@@ -50,6 +52,12 @@ class SamplingValues(Protocol):
     def frequency_penalty(self) -> float: ...
     @property
     def logit_bias(self) -> Sequence[tuple[int, float]]: ...
+    @property
+    def min_p(self) -> float: ...
+    @property
+    def bad_words(self) -> Sequence[Sequence[int]]: ...
+    @property
+    def prompt_logprobs(self) -> int | None: ...
 
 
 def check_sampling(p: SamplingValues) -> None:
@@ -66,8 +74,12 @@ def check_sampling(p: SamplingValues) -> None:
         raise InvalidRequestError("seed", f"must be an integer in [0, 2**63), got {p.seed!r}")
     if any(not _is_token(t) for t in p.stop_token_ids):
         raise InvalidRequestError("stop_token_ids", f"must be token ids in [0, 2**31), got {p.stop_token_ids!r}")
-    if p.logprobs is not None and (not _is_int(p.logprobs) or not 0 <= p.logprobs <= MAX_LOGPROBS):
-        raise InvalidRequestError("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {p.logprobs!r}")
+    for name in ("logprobs", "prompt_logprobs"):
+        value = getattr(p, name)
+        if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+            raise InvalidRequestError(name, f"must be in [0, {MAX_LOGPROBS}], got {value!r}")
+    if not _is_number(p.min_p) or not 0.0 <= p.min_p <= 1.0:
+        raise InvalidRequestError("min_p", f"must be in [0, 1], got {p.min_p!r}")
     if not _is_int(p.min_tokens) or not 0 <= p.min_tokens <= p.max_new_tokens:
         raise InvalidRequestError(
             "min_tokens", f"must be an integer in [0, max_tokens={p.max_new_tokens}], got {p.min_tokens!r}"
@@ -81,6 +93,7 @@ def check_sampling(p: SamplingValues) -> None:
         if not _is_number(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:
             raise InvalidRequestError(name, f"must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value!r}")
     _check_logit_bias(p.logit_bias)
+    _check_bad_words(p.bad_words)
 
 
 def _check_logit_bias(bias: Sequence[tuple[int, float]]) -> None:
@@ -95,6 +108,18 @@ def _check_logit_bias(bias: Sequence[tuple[int, float]]) -> None:
                 "logit_bias", f"biases must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {value!r}"
             )
         seen.add(token)
+
+
+def _check_bad_words(words: Sequence[Sequence[int]]) -> None:
+    if len(words) > MAX_BAD_WORD_SEQUENCES:
+        raise InvalidRequestError(
+            "bad_words", f"must ban at most {MAX_BAD_WORD_SEQUENCES} token sequences, got {len(words)}"
+        )
+    for word in words:
+        if not 1 <= len(word) <= MAX_BAD_WORD_TOKENS or not all(_is_token(t) for t in word):
+            raise InvalidRequestError(
+                "bad_words", f"each must be 1-{MAX_BAD_WORD_TOKENS} token ids in [0, 2**31), got {list(word)[:8]!r}"
+            )
 
 
 def _is_int(x: object) -> bool:

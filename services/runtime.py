@@ -30,6 +30,7 @@ from common.engine import Engine, StepOutput
 from common.health import HEALTH
 from common.logging import configure
 from common.messages import InstanceLoad, TokenEvent
+from common.request import PromptLogprobs
 from common.settings import field, load_or_exit
 from common.subjects import Subjects
 from common.tensor_channel import TensorChannel
@@ -137,6 +138,22 @@ def token_event(out: StepOutput) -> TokenEvent:
         str(out.finish_reason) if out.finish_reason is not None else None,
         first_index=out.index,
     )
+
+
+PROMPT_LOGPROB_VALUES = 16_384  # logprobs (each with its token id) per event: about 250 KB, well under NATS's 1 MB
+
+
+def prompt_logprob_events(request_id: str, prompt: PromptLogprobs) -> list[TokenEvent]:
+    """A request's prompt logprobs as events of their own, in prompt order, each small enough for one
+    NATS message whatever the prompt's length (the first token's event follows them)."""
+    per_position = 1 + max((len(row) for row in prompt.top), default=0)
+    size = max(1, PROMPT_LOGPROB_VALUES // per_position)
+    return [
+        TokenEvent(
+            request_id, [], prompt_logprobs=prompt.logprobs[i : i + size], prompt_top_logprobs=prompt.top[i : i + size]
+        )
+        for i in range(0, len(prompt.logprobs), size)
+    ]
 
 
 async def wait_for_work(wake: asyncio.Event, stop: asyncio.Event) -> None:

@@ -46,6 +46,9 @@ SANE_CLASS_FIELDS: dict[tuple[str, str], st.SearchStrategy[Any]] = {
     ("TokenEvent", "top_logprobs"): st.lists(
         st.lists(st.tuples(st.integers(min_value=1, max_value=6), LOGPROBS).map(list), max_size=2), max_size=3
     ),
+    # one row of alternatives per prompt logprob: none, as most events carry
+    ("TokenEvent", "prompt_logprobs"): st.just([]),
+    ("TokenEvent", "prompt_top_logprobs"): st.just([]),
 }
 ANY = st.one_of(st.none(), st.booleans(), WILD_INTS, WILD_FLOATS, st.text(max_size=8), st.binary(max_size=8))
 

@@ -39,6 +39,7 @@ from services.runtime import (
     Tombstones,
     engine_load,
     heartbeat,
+    prompt_logprob_events,
     step,
     token_event,
     wait_for_work,
@@ -143,6 +144,9 @@ class PrefillService:
             if entry is None:
                 continue
             request = entry.task.request
+            if out.prompt_logprobs is not None:  # before the first token: the gateway has them all by then
+                for event in prompt_logprob_events(out.request_id, out.prompt_logprobs):
+                    await self.bus.publish(request.token_subject, TokenBatch([event]))
             finished = out.finish_reason is not None
             events.setdefault(request.token_subject, []).append(token_event(out))
             if finished:

@@ -13,9 +13,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from common.kv_pool import KVLayout
-from common.messages import AbortRequest, Sampling
+from common.messages import AbortRequest, Sampling, TokenEvent
 from common.model.spec import ModelSpec
 from common.model.tiny import make_tiny
+from services.runtime import PROMPT_LOGPROB_VALUES
 from tests.integration.cluster import PREFIX, BackendCluster, Client
 
 
@@ -72,6 +73,48 @@ def test_disaggregated_greedy_equals_transformers_on_every_replica(cluster: Back
         assert scraped[f"vllm:num_requests_running{label}"] == 0
         assert scraped[f"vllm:num_requests_waiting{label}"] == 0
         assert scraped[f"vllm:kv_cache_usage_perc{label}"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_prompt_logprobs_come_from_the_prefill_instance_and_equal_transformers(
+    cluster: BackendCluster, llama_dir: Path
+) -> None:
+    """The prefill instance, which runs the prompt's forward pass, sends each prompt token's logprob
+    and its 20 most likely tokens (a 900-token prompt's take two messages) before the first token;
+    they equal log_softmax of transformers' logits on the prompt. A request that does not ask gets none."""
+    long = torch.randint(3, 384, (900,), generator=torch.Generator().manual_seed(12)).tolist()
+    prompts = [[7], *_prompts(2, seed=11), long]  # one token: nothing before it, so no logprob to send
+    asked = Sampling(max_new_tokens=3, temperature=0.0, logprobs=1, prompt_logprobs=20)
+
+    async def scenario() -> dict[str, list[TokenEvent]]:
+        client = await Client.connect(cluster.nats.url)
+        await client.wait_ready(prefills=2, decodes=2)
+        submits = [client.submit(f"pl{i}", p, asked) for i, p in enumerate(prompts)]
+        replies = await asyncio.gather(*submits, client.submit("plain", prompts[0], Sampling(max_new_tokens=3)))
+        assert all(r.accepted for r in replies), [r.error for r in replies if not r.accepted]
+        for reply in replies:
+            await client.result(reply.request_id)
+        await client.bus.close()
+        return client.events
+
+    events = asyncio.run(scenario())
+    assert not any(e.prompt_logprobs for e in events["plain"])
+    hf = AutoModelForCausalLM.from_pretrained(llama_dir)
+    for i, prompt in enumerate(prompts):
+        mine = events[f"pl{i}"]
+        ahead = mine[: next(j for j, e in enumerate(mine) if e.token_ids)]  # all of them precede the first token
+        logprobs = [x for e in ahead for x in e.prompt_logprobs]
+        top = [row for e in ahead for row in e.prompt_top_logprobs]
+        assert len(logprobs) == len(top) == len(prompt) - 1
+        assert len(ahead) == -(-(len(prompt) - 1) // (PROMPT_LOGPROB_VALUES // 21))  # 0, 1, 1 and 2
+        with torch.no_grad():
+            expected = torch.log_softmax(hf(torch.tensor([prompt])).logits[0, :-1].float(), dim=-1)
+        gathered = expected.gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(logprobs), gathered, atol=1e-4, rtol=0)
+        values, indices = expected.topk(20, dim=-1)
+        assert [[t for t, _ in row] for row in top] == indices.tolist()
+        got = torch.tensor([v for row in top for _, v in row]).reshape(-1, 20)
+        torch.testing.assert_close(got, values, atol=1e-4, rtol=0)
 
 
 @pytest.mark.timeout(120)

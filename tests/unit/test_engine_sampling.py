@@ -9,6 +9,7 @@ rest by another, as prefill and decode instances do.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,10 @@ from transformers import (
     LogitsProcessor,
     LogitsProcessorList,
     MinNewTokensLengthLogitsProcessor,
+    MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
     SequenceBiasLogitsProcessor,
+    TemperatureLogitsWarper,
 )
 
 from common.config import EngineConfig
@@ -124,15 +127,18 @@ def test_min_tokens_holds_back_a_stop_token_as_transformers_does(engine: Engine,
         assert len(request.output_token_ids) > 6 and stop not in request.output_token_ids[:6]
 
 
-def _reference_seeded(hf: Any, prompt: list[int], params: SamplingParams, processors: list[Any]) -> list[int]:
-    """transformers' model and processors, drawing with the engine's noise for (seed, step)."""
+def _reference_seeded(
+    hf: Any, prompt: list[int], params: SamplingParams, processors: list[Any], warpers: tuple[Any, ...] = ()
+) -> list[int]:
+    """transformers' model, processors and `warpers` (after the temperature), drawing with the
+    engine's noise for (seed, step)."""
     assert params.seed is not None
     ids = list(prompt)
     for step in range(params.max_new_tokens):
         with torch.no_grad():
             logits = hf(torch.tensor([ids])).logits[:, -1].float()
-        scores = LogitsProcessorList(processors)(torch.LongTensor([ids]), logits)[0]
-        probs = torch.softmax(scores / params.temperature, dim=-1)
+        chain = [*processors, TemperatureLogitsWarper(params.temperature), *warpers]
+        probs = torch.softmax(LogitsProcessorList(chain)(torch.LongTensor([ids]), logits)[0], dim=-1)
         noise = torch.empty_like(probs).exponential_(generator=_step_generator(params.seed, step))
         ids.append(int((probs / noise).argmax()))
     return ids[len(prompt) :]
@@ -193,3 +199,71 @@ def test_token_ids_outside_the_vocabulary_are_refused_naming_the_field(engine: E
         with pytest.raises(InvalidRequestError) as err:
             engine.add_request("bad", [5, 6], params)
         assert err.value.field == field
+
+
+def test_seeded_min_p_equals_transformers_min_p_warper(engine: Engine, hf: Any) -> None:
+    """min_p after the temperature, as transformers' `MinPLogitsWarper`; it must change the draws
+    (a hot temperature spreads the mass so that it has tokens to drop) for this to mean anything."""
+    prompts = _prompts(engine.spec.vocab_size)[:2]
+    params = SamplingParams(max_new_tokens=MAX_NEW, temperature=1.5, seed=77, ignore_eos=True, min_p=0.2)
+    got = _run_beside_plain_requests(engine, prompts, params)
+    for prompt, tokens in zip(prompts, got, strict=True):
+        assert tokens == _reference_seeded(hf, prompt, params, [], (MinPLogitsWarper(0.2),))
+    unbounded = _run_beside_plain_requests(engine, prompts, dataclasses.replace(params, min_p=0.0))
+    assert got != unbounded
+
+
+def test_greedy_with_bad_words_equals_transformers(engine: Engine, hf: Any) -> None:
+    """Words taken from the free output (so that banning them bites): one token, and two tokens,
+    whose first token does not end the prompt (vLLM matches the output only, transformers the
+    prompt too: they agree unless a word straddles the prompt's end)."""
+    prompts = _prompts(engine.spec.vocab_size)
+    for prompt in prompts:
+        free = _generate(hf, prompt)
+        words = [[free[2]], free[5:7]]
+        assert prompt[-1] != free[5]
+        params = SamplingParams(max_new_tokens=MAX_NEW, temperature=0.0, bad_words=tuple(map(tuple, words)))
+        [got] = _run_beside_plain_requests(engine, [prompt], params)
+        assert got == _generate(hf, prompt, bad_words_ids=words)
+        assert got[:2] == free[:2] and got[2] != free[2]
+
+
+def test_prompt_logprobs_equal_transformers_log_softmax(llama_dir: Path, engine: Engine, hf: Any) -> None:
+    """Each prompt token's logprob given the tokens before it (from the second on), and the most
+    likely tokens at each position, equal log_softmax of transformers' logits over the prompt; they
+    come once, with the first token, and only to requests that ask (batched with one that does not).
+    A decode engine that recomputes the prompt (its KV did not come) does not send them again."""
+    prompts = _prompts(engine.spec.vocab_size)
+    asked = [
+        engine.add_request(f"lp{i}", p, SamplingParams(max_new_tokens=3, prompt_logprobs=(4, 0, 4, 1)[i]))
+        for i, p in enumerate(prompts)
+    ]
+    engine.add_request("none", prompts[0], SamplingParams(max_new_tokens=3))
+    outputs = []
+    while engine.has_unfinished():
+        outputs += engine.step()
+    firsts = {o.request_id: o for o in outputs if o.index == 0}
+    assert firsts["none"].prompt_logprobs is None
+    assert all(o.prompt_logprobs is None for o in outputs if o.index > 0)
+    for request, prompt in zip(asked, prompts, strict=True):
+        got = firsts[request.request_id].prompt_logprobs
+        assert got is not None
+        with torch.no_grad():
+            expected = torch.log_softmax(hf(torch.tensor([prompt])).logits[0, :-1].float(), dim=-1)
+        targets = torch.tensor(prompt[1:])
+        torch.testing.assert_close(
+            torch.tensor(got.logprobs), expected.gather(1, targets[:, None])[:, 0], atol=1e-4, rtol=0
+        )
+        k = request.params.prompt_logprobs or 0
+        assert [len(row) for row in got.top] == [k] * (len(prompt) - 1)
+        if k:
+            values, indices = expected.topk(k, dim=-1)
+            assert [[t for t, _ in row] for row in got.top] == indices.tolist()
+            torch.testing.assert_close(
+                torch.tensor([[v for _, v in row] for row in got.top]), values, atol=1e-4, rtol=0
+            )
+    decode = Engine.from_folder(llama_dir, EngineConfig(block_size=4, kv_cache_bytes=2**20))
+    params = SamplingParams(max_new_tokens=3, prompt_logprobs=2)
+    decode.add_waiting("r", prompts[1], asked[1].output_token_ids[0], params)
+    while decode.has_unfinished():
+        assert all(o.prompt_logprobs is None for o in decode.step())

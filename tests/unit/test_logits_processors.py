@@ -7,13 +7,18 @@ import torch
 from transformers import (
     LogitsProcessorList,
     MinNewTokensLengthLogitsProcessor,
+    MinPLogitsWarper,
+    NoBadWordsLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     SequenceBiasLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
 )
 
 from common.errors import InvalidRequestError
 from common.logits_processors import History, process_logits
-from common.sampling import SamplingParams, sample
+from common.sampling import SamplingParams, _step_generator, sample
 
 VOCAB = 40
 
@@ -85,6 +90,53 @@ def test_each_processor_equals_transformers_and_openai_row_by_row() -> None:
     torch.testing.assert_close(out[7], _openai_penalties(staged, list(histories[7][1]), 0.3, 1.1))
 
 
+def test_bad_words_equal_transformers_over_the_output() -> None:
+    """Each row's output ends differently: a one-token word is always banned, a longer one only where
+    the output ends with all of it but its last token (transformers' `NoBadWordsLogitsProcessor`
+    given the output as its ids: vLLM, whose semantics these are, matches the output only)."""
+    words = ((5,), (7, 8), (1, 2, 3), (9, 9, 4))
+    outputs = [[6, 7], [0, 1, 2], [9, 9], [6, 6, 6], [1, 2, 7, 9, 9]]
+    params = [SamplingParams(bad_words=words) for _ in outputs]
+    logits = _logits(len(outputs), seed=6)
+    out = process_logits(logits, params, [([7, 1, 2], o) for o in outputs])  # prompts end with prefixes too
+    reference = NoBadWordsLogitsProcessor([list(w) for w in words])
+    for row, output in enumerate(outputs):
+        expected = reference(torch.tensor([output]), logits[row : row + 1].clone())[0]
+        torch.testing.assert_close(out[row], expected)
+    banned = [sorted(int(t) for t in torch.nonzero(row == float("-inf"))) for row in out]
+    assert banned == [[5, 8], [3, 5], [4, 5], [5], [4, 5]]
+
+
+def test_seeded_min_p_draws_equal_transformers_warpers() -> None:
+    """min_p after temperature, top-k and top-p, in transformers' order; the engine's noise for (seed,
+    step) makes the draws comparable one for one, and min_p must change some for this to mean much."""
+    logits = _logits(6, seed=8)
+    rows = [
+        SamplingParams(seed=3, temperature=1.7, min_p=0.05),
+        SamplingParams(seed=4, temperature=0.6, min_p=0.3, top_k=12),
+        SamplingParams(seed=5, temperature=2.5, min_p=0.5, top_p=0.8),
+        SamplingParams(seed=6, temperature=1.0, min_p=1.0),  # only the likeliest token is left
+        SamplingParams(seed=7, temperature=2.0),  # no min_p, beside rows that have one
+        SamplingParams(temperature=0.0, min_p=0.9),  # greedy: the argmax, whatever min_p
+    ]
+    changed = 0
+    for step in range(40):
+        got = sample(logits, rows, [step] * len(rows)).token_ids
+        for i, p in enumerate(rows[:5]):
+            assert p.seed is not None
+            chain = [TemperatureLogitsWarper(p.temperature)]
+            chain += [TopKLogitsWarper(p.top_k)] if p.top_k else []
+            chain += [TopPLogitsWarper(p.top_p)] if p.top_p < 1 else []
+            plain = LogitsProcessorList(chain)(torch.LongTensor([[0]]), logits[i : i + 1].clone())
+            scores = MinPLogitsWarper(p.min_p)(torch.LongTensor([[0]]), plain.clone()) if p.min_p else plain
+            noise = torch.empty(VOCAB).exponential_(generator=_step_generator(p.seed, step))
+            assert got[i] == int((torch.softmax(scores[0], -1) / noise).argmax()), (i, step)
+            changed += int((torch.softmax(plain[0], -1) / noise).argmax()) != got[i]
+        assert got[3] == int(logits[3].argmax())
+        assert got[5] == int(logits[5].argmax())
+    assert changed > 0
+
+
 def test_min_tokens_lifts_the_mask_once_reached() -> None:
     params = [SamplingParams(min_tokens=3, stop_token_ids=(5,))]
     logits = _logits(1)
@@ -132,6 +184,13 @@ def test_a_processor_without_a_history_is_a_bug_not_a_silent_no_op() -> None:
         ("logit_bias", {"logit_bias": ((1, 1.0), (1, 2.0))}),
         ("logit_bias", {"logit_bias": ((-1, 1.0),)}),
         ("logit_bias", {"logit_bias": tuple((i, 1.0) for i in range(301))}),
+        ("min_p", {"min_p": -0.1}),
+        ("min_p", {"min_p": 1.5}),
+        ("bad_words", {"bad_words": ((),)}),
+        ("bad_words", {"bad_words": ((3, -1),)}),
+        ("bad_words", {"bad_words": tuple((i,) for i in range(129))}),
+        ("bad_words", {"bad_words": (tuple(range(513)),)}),
+        ("prompt_logprobs", {"prompt_logprobs": 21}),
     ],
 )
 def test_bad_processor_values_name_their_field(field: str, kwargs: dict[str, object]) -> None:

@@ -32,6 +32,7 @@ from tests.message_strategies import packed, wire_bodies
 
 SUBMIT = SubmitRequest("r-1", [5, 6, 7], Sampling(max_new_tokens=4), "test.gateway.gw.tokens")
 LOAD = InstanceLoad("decode-0", "decode", b"", 16, 100, 40, 3, 1)
+PROMPT = TokenEvent("r-1", [], prompt_logprobs=[-0.5, -1.0], prompt_top_logprobs=[[(3, -0.5)], [(4, -0.2)]])
 
 
 @st.composite
@@ -94,6 +95,13 @@ def encode_body(message: Any) -> dict[str, Any]:
         (StepBegin("decode-0", b"addr", ["r-1"], [5], 0), {"context_lens": [0]}, "context_lens"),
         (StepBegin("decode-0", b"addr", ["r-1"], [5], 0), {"decode_address": b""}, "decode_address"),
         (TokenEvent("r-1", [1]), {"finish_reason": "exploded"}, "finish_reason"),
+        # NaN or a positive "log-probability" would reach clients as JSON; rows must match their logprobs
+        (PROMPT, {"prompt_logprobs": [-0.5, float("nan")]}, "prompt_logprobs"),
+        (PROMPT, {"prompt_top_logprobs": [[[3, -0.5]], [[4, 0.2]]]}, "prompt_top_logprobs"),
+        (PROMPT, {"prompt_top_logprobs": [[[3, -0.5]]]}, "prompt_top_logprobs"),
+        (SUBMIT, {"sampling": {"max_new_tokens": 4, "min_p": 1.5}}, "min_p"),
+        (SUBMIT, {"sampling": {"max_new_tokens": 4, "bad_words": [[5], []]}}, "bad_words"),
+        (SUBMIT, {"sampling": {"max_new_tokens": 4, "prompt_logprobs": 21}}, "prompt_logprobs"),
     ],
 )
 def test_values_that_once_killed_a_service_are_refused_by_name(

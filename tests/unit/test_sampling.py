@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -107,7 +108,13 @@ def test_wire_form_round_trips_every_field() -> None:
         repetition_penalty=1.2,
         frequency_penalty=0.5,
         presence_penalty=-0.25,
+        min_p=0.1,
+        bad_words=((6,), (7, 8)),
+        prompt_logprobs=3,
     )
+    defaults = SamplingParams()
+    unset = [f.name for f in dataclasses.fields(params) if getattr(params, f.name) == getattr(defaults, f.name)]
+    assert unset == ["eos_token_ids"], "every field the wire carries is set here"
     wire = decode(encode(to_wire(params)), Sampling)
     assert from_wire(wire) == params
     with pytest.raises(MessageError, match="top_p"):  # the wire form checks the same ranges
