@@ -1,9 +1,12 @@
 """A decode instance's `ExecutorClient` for an attention executor in another process.
 
 The model step runs in a worker thread while the event loop keeps NATS and UCX going, so each
-call hands its I/O to the loop (`run_coroutine_threadsafe`). Per layer the receive for the
-output is posted before q/k/v are sent, so the executor's answer always lands in a posted
-buffer; `finish` then waits for it, after the local attention has run.
+call hands its I/O to the loop. Each hand-over wakes the loop's thread and, on a loaded CPU,
+costs tens of microseconds, so a step makes as few as it can: the step's announcement is queued
+without waiting for it (NATS keeps one connection's messages in order, and a dead executor
+shows in the first layer's transfer), and each layer's receive and send go over in one
+coroutine, the receive posted before q/k/v are sent so that the executor's answer always lands
+in a posted buffer; `finish` then waits for it, after the local attention has run.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Coroutine, Sequence
 from concurrent.futures import CancelledError, Future
 from typing import Any
 
+import structlog
 import torch
 
 from common import metrics
@@ -25,6 +29,8 @@ from common.offload import ExecutorClient
 from common.subjects import Subjects
 from common.tags import MAX_LAYERS, step_tag_base
 from common.tensor_channel import Peer, TensorChannel
+
+log = structlog.get_logger("decode")
 
 
 class ExecutorFailed(AdrenalineError):
@@ -65,7 +71,7 @@ class RemoteExecutor(ExecutorClient):
         self._step = 0
         self._rows = 0
         self._tag_base = 0
-        self._inflight: dict[int, tuple[Future[int], Future[float], torch.Tensor, float]] = {}
+        self._inflight: dict[int, tuple[Future[float], torch.Tensor, float]] = {}
         self._status = torch.zeros(0, dtype=torch.int8)  # the step's rows not served (1), with layer 0's answer
         self._failed = ""  # set (from the event loop) when the executor is known dead
         self._io: set[asyncio.Task[int]] = set()  # this executor's transfers running on the loop
@@ -88,9 +94,18 @@ class RemoteExecutor(ExecutorClient):
         for task in list(self._io):
             task.cancel()
 
-    async def _arrival(self, transfer: Coroutine[Any, Any, int]) -> float:
-        """When `transfer` completed, read on the event loop as the progress pass resolves it."""
-        await self._tracked(transfer)
+    async def _round_trip(self, send: Coroutine[Any, Any, int], recv: Coroutine[Any, Any, int]) -> float:
+        """Post the answer's receive, then send q/k/v; when the answer arrived, read on the event
+        loop as the progress pass resolves it. The receive is posted first: started before the
+        send, its task posts as soon as the loop runs it."""
+        answer = asyncio.ensure_future(self._tracked(recv))
+        try:
+            await self._tracked(send)
+        except BaseException:
+            answer.cancel()
+            answer.add_done_callback(lambda t: t.cancelled() or t.exception())  # the send's error is the one told
+            raise
+        await answer
         return time.perf_counter()
 
     async def _tracked(self, transfer: Coroutine[Any, Any, int]) -> int:
@@ -119,10 +134,9 @@ class RemoteExecutor(ExecutorClient):
         self._tag_base = step_tag_base(self.decode_id, self.slot, self._step)
         begin = StepBegin(self.decode_id, self.channel.address, list(request_ids), list(context_lens), self._tag_base)
         subject = self.subjects.instance(self.executor_id, "step")
-        try:
-            asyncio.run_coroutine_threadsafe(self.bus.publish(subject, begin), self.loop).result(self.timeout)
-        except Exception as exc:
-            raise ExecutorFailed(self.executor_id, exc) from exc
+        # queued, not awaited: a publish fails only with the NATS connection, and then the
+        # executor never answers layer 0, which fails the step at its transfer timeout
+        self._publish_soon(subject, begin)
 
     def start(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         n = self._rows
@@ -137,15 +151,13 @@ class RemoteExecutor(ExecutorClient):
         started = time.perf_counter()
         recv_io = self.channel.recv_into(tag, buffers, self.timeout)
         send_io = self.channel.send(self.peer, tag, [packed], self.timeout)
-        recv = asyncio.run_coroutine_threadsafe(self._arrival(recv_io), self.loop)
-        send = asyncio.run_coroutine_threadsafe(self._tracked(send_io), self.loop)
-        self._inflight[layer] = (send, recv, out, started)
+        trip = asyncio.run_coroutine_threadsafe(self._round_trip(send_io, recv_io), self.loop)
+        self._inflight[layer] = (trip, out, started)
 
     def finish(self, layer: int) -> torch.Tensor:
-        send, recv, out, started = self._inflight.pop(layer)
+        trip, out, started = self._inflight.pop(layer)
         try:
-            send.result(self.timeout + 1)
-            arrived = recv.result(self.timeout + 1)
+            arrived = trip.result(self.timeout + 1)
         except ExecutorFailed:
             self._inflight.clear()
             raise
@@ -164,5 +176,18 @@ class RemoteExecutor(ExecutorClient):
     def release(self, request_id: str) -> None:
         """Fire and forget (callable from the step thread or the loop): a lost release is caught by
         the executor's abort handling when the decode instance dies."""
-        subject = self.subjects.instance(self.executor_id, "release")
-        self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.bus.publish(subject, ReleaseKV(request_id))))
+        self._publish_soon(self.subjects.instance(self.executor_id, "release"), ReleaseKV(request_id))
+
+    def _publish_soon(self, subject: str, message: StepBegin | ReleaseKV) -> None:
+        """Queue a publish on the loop from any thread, without waiting; a failure is logged."""
+
+        def publish() -> None:
+            task = asyncio.ensure_future(self.bus.publish(subject, message))
+            task.add_done_callback(_log_failure)
+
+        self.loop.call_soon_threadsafe(publish)
+
+
+def _log_failure(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("publish to an executor failed", error=str(task.exception()))
