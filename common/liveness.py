@@ -60,6 +60,11 @@ class Hearing:
             self._hearing_since = self._last_tick
 
     @property
+    def since(self) -> float:
+        """When (monotonic) we began hearing well: silence before it says nothing about a peer."""
+        return self._hearing_since
+
+    @property
     def judging(self) -> bool:
         """True once we have heard well for `dead_after_s`: only then does silence mean death."""
         return time.monotonic() - self._hearing_since >= self.dead_after_s

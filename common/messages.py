@@ -351,6 +351,23 @@ class ClusterStatus:
         _check_count("inflight", self.inflight)
 
 
+@dataclass(frozen=True)
+class GatewayHeartbeat:
+    """gateway -> scheduler, periodically: the gateway reading `token_subject` is alive.
+
+    A gateway that dies and never comes back under its id leaves its requests running to their
+    `max_tokens`, holding KV; the scheduler aborts the requests of a gateway it has heard from
+    once and then not for `ADRENALINE_GATEWAY_DEAD_AFTER_S`.
+    """
+
+    gateway_id: str
+    token_subject: str  # where its requests' tokens go: what the scheduler's in-flight requests name
+
+    def __post_init__(self) -> None:
+        _check_id("gateway_id", self.gateway_id)
+        _check_subject("token_subject", self.token_subject)
+
+
 # ---- the codec --------------------------------------------------------------------------------
 _REGISTRY: dict[str, type[Any]] = {
     cls.__name__: cls
@@ -370,6 +387,7 @@ _REGISTRY: dict[str, type[Any]] = {
         ClusterStatus,
         StepBegin,
         ReleaseKV,
+        GatewayHeartbeat,
     )
 }
 MESSAGE_TYPES: tuple[type[Any], ...] = tuple(_REGISTRY.values())

@@ -54,10 +54,10 @@ def permissions(user: str, subjects: Subjects) -> Permissions:
     tokens = s.all_tokens  # every gateway's token subject
     liveness = f"{s.prefix}.liveness.>"  # `Hearing`'s echo to itself
     table = {
-        "gateway": Permissions((s.submit, s.status, s.abort), (tokens,), responds=False),
+        "gateway": Permissions((s.submit, s.status, s.abort, s.gateway_heartbeat), (tokens,), responds=False),
         "scheduler": Permissions(
             (s.instance("*", "prefill"), tokens, s.abort, liveness),
-            (s.submit, s.status, s.load, s.admitted, tokens, s.abort, liveness),
+            (s.submit, s.status, s.load, s.admitted, tokens, s.abort, liveness, s.gateway_heartbeat),
             responds=True,
         ),
         # The first token is sampled by prefill and goes straight to the gateway (time to first token).

@@ -107,7 +107,12 @@ THREADS = Setting(
     "ADRENALINE_THREADS", integer, 0, "torch threads of this process; 0 keeps torch's default", check=non_negative
 )
 HEARTBEAT_S = Setting(
-    "ADRENALINE_HEARTBEAT_S", number, 0.25, "interval of this instance's load heartbeat", unit="s", check=positive
+    "ADRENALINE_HEARTBEAT_S",
+    number,
+    0.25,
+    "interval of this service's heartbeat (an instance's load, a gateway's liveness)",
+    unit="s",
+    check=positive,
 )
 TRANSFER_TIMEOUT_S = Setting(
     "ADRENALINE_TRANSFER_TIMEOUT_S", number, 10.0, "a KV transfer that takes longer fails", unit="s", check=positive
@@ -185,6 +190,14 @@ OFFLOAD_RATIO = Setting(
     "auto",
     "`auto` (the load-aware policy) or the fixed share of requests offloaded, in [0, 1]; 0 is plain PD",
     check=_offload_ratio,
+)
+GATEWAY_DEAD_AFTER_S = Setting(
+    "ADRENALINE_GATEWAY_DEAD_AFTER_S",
+    number,
+    10.0,
+    "the scheduler aborts the requests of a gateway silent this long (while NATS itself answers), freeing their KV",
+    unit="s",
+    check=positive,
 )
 TPOT_SLO_MS = Setting(
     "ADRENALINE_TPOT_SLO_MS",

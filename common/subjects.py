@@ -44,6 +44,11 @@ class Subjects:
         return f"{self.prefix}.requests.admitted"
 
     @property
+    def gateway_heartbeat(self) -> str:
+        """gateways -> scheduler: `GatewayHeartbeat`, so that a dead gateway's requests are aborted."""
+        return f"{self.prefix}.gateways.heartbeat"
+
+    @property
     def all_tokens(self) -> str:
         """Every gateway's token subject, for the scheduler to see requests finish."""
         return f"{self.prefix}.gateway.*.tokens"

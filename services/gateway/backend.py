@@ -9,6 +9,10 @@ another matter: they are requests of an earlier process under the same gateway i
 restarted by its supervisor), whose clients are gone with it. Nothing else would stop them
 before their `max_tokens`, so each is aborted once, when its first event arrives.
 
+A gateway that dies and never comes back under its id (compose draws a random one per process)
+cannot abort its requests itself: it publishes a `GatewayHeartbeat` every `heartbeat_s`, and the
+scheduler aborts the requests of a gateway it no longer hears (`ADRENALINE_GATEWAY_DEAD_AFTER_S`).
+
 A request never hangs: the scheduler must answer the submit within `submit_timeout`, and each
 token event must follow the previous one within `token_timeout`; either failure ends the request
 with an error and, once the request is accepted, an `AbortRequest` so the backend frees its KV.
@@ -27,6 +31,7 @@ from common.bus import Bus, Reply, ServiceUnavailable
 from common.messages import (
     AbortRequest,
     ClusterStatus,
+    GatewayHeartbeat,
     MessageError,
     Sampling,
     StatusRequest,
@@ -134,6 +139,7 @@ class BackendClient:
         self._known: OrderedDict[str, None] = OrderedDict()  # ids held once, no longer (REMEMBERED_IDS)
         self._pending: set[asyncio.Task[None]] = set()  # abort publishes in flight; held so they are not collected
         self._readiness: tuple[float, list[str]] = (-READINESS_TTL_S, [])  # (when asked, what was missing)
+        self._heartbeat: asyncio.Task[None] | None = None
 
     @property
     def connected(self) -> bool:
@@ -166,9 +172,26 @@ class BackendClient:
         token_subject = self.subjects.tokens(self.settings.gateway_id)
         self._subscription = await self.bus.subscribe(token_subject, TokenBatch, self._on_tokens)
         await self.bus.flush()  # the subscription is live at the server before the first submit names it
+        # The first heartbeat goes before any submit, so the scheduler judges every request of ours.
+        heartbeat = GatewayHeartbeat(self.settings.gateway_id, token_subject)
+        await self.bus.publish(self.subjects.gateway_heartbeat, heartbeat)
+        self._heartbeat = asyncio.get_running_loop().create_task(self._beat(self.bus, heartbeat))
         log.info("connected", nats_url=self.settings.nats_url, token_subject=token_subject)
 
+    async def _beat(self, bus: Bus, heartbeat: GatewayHeartbeat) -> None:
+        """Tell the scheduler we are alive every `heartbeat_s`, until closed; a reconnecting NATS
+        client's failures are logged and the beat goes on."""
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_s)
+            try:
+                await bus.publish(self.subjects.gateway_heartbeat, heartbeat)
+            except Exception as exc:
+                log.warning("heartbeat not published", error=str(exc))
+
     async def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            self._heartbeat = None
         for request_id in list(self._queues):
             self.abort(request_id, "gateway shutting down")
         if self._pending:

@@ -28,6 +28,7 @@ class GatewaySettings(catalog.ControlPlaneSettings):
     submit_timeout: float = field(catalog.SUBMIT_TIMEOUT_S)
     token_timeout: float = field(catalog.TOKEN_TIMEOUT_S)
     max_concurrent_requests: int = field(catalog.MAX_CONCURRENT_REQUESTS)
+    heartbeat_s: float = field(catalog.HEARTBEAT_S)  # tells the scheduler this gateway is alive
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -4,7 +4,9 @@ It holds no KV and no model. For each request it picks the least-loaded prefill 
 the decode instance with the most free KV, asks the prefill instance to take it, and remembers
 the pair until the request finishes, so that when an instance stops heartbeating, the requests
 it held end with a clear error (and an abort that frees their blocks everywhere else) instead
-of waiting forever.
+of waiting forever. Gateways heartbeat too: the requests of a gateway silent for
+`gateway_dead_after_s` are aborted, since their clients went with it and nothing else would stop
+them before their `max_tokens`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from common.messages import (
     Ack,
     Admitted,
     ClusterStatus,
+    GatewayHeartbeat,
     InstanceLoad,
     PrefillTask,
     StatusRequest,
@@ -49,6 +52,14 @@ SUBMISSIONS = Counter(
     "adrenaline_scheduler_submissions_total", "Submitted requests by outcome (HTTP-like status)", ["status"]
 )
 LOST = Counter("adrenaline_scheduler_instances_lost_total", "Instances that stopped heartbeating")
+GATEWAYS = Gauge("adrenaline_scheduler_gateways", "Gateways heard from within gateway_dead_after_s")
+GATEWAYS_LOST = Counter(
+    "adrenaline_scheduler_gateways_lost_total", "Gateways that stopped heartbeating; their requests were aborted"
+)
+GATEWAY_ABORTS = Counter(
+    "adrenaline_scheduler_gateway_aborts_total", "Requests aborted because their gateway stopped heartbeating"
+)
+MAX_GATEWAYS = 10_000  # gateways tracked at once; past it the longest silent is forgotten (never judged)
 OFFLOAD_BOUND = Gauge(
     "adrenaline_scheduler_offload_bound",
     "The auto policy's bounds on the offload ratio at the last admission (memory_capacity, "
@@ -67,6 +78,7 @@ class SchedulerSettings(catalog.ControlPlaneSettings):
     """The scheduler's settings (docs/settings.md)."""
 
     dead_after_s: float = field(catalog.DEAD_AFTER_S)
+    gateway_dead_after_s: float = field(catalog.GATEWAY_DEAD_AFTER_S)
     request_timeout_s: float = field(catalog.REQUEST_TIMEOUT_S)
     metrics_host: str = field(catalog.METRICS_HOST)
     metrics_port: int = field(catalog.METRICS_PORT)
@@ -119,6 +131,10 @@ class Scheduler:
         self.inflight: dict[str, _InFlight] = {}
         self.routed = 0  # requests routed so far, for the fixed offload ratio
         self.dispatches: set[asyncio.Task[None]] = set()  # routed requests waiting for their prefill's ack
+        # token subject of each gateway heard from -> when last heard (monotonic), least recent first.
+        # Only gateways heard from are judged: a client of our own (a test, a tool) that submits
+        # without heartbeating keeps its requests.
+        self.gateways: dict[str, float] = {}
         # ticked by the reap loop, every dead_after_s / 4
         self.hearing = Hearing(bus, settings.subjects_prefix, settings.dead_after_s, tick_s=settings.dead_after_s / 4)
 
@@ -136,6 +152,37 @@ class Scheduler:
         if known is None:
             log.info("instance joined", instance_id=load.instance_id, role=load.role)
         self.instances[load.instance_id] = _Instance(load, time.monotonic())
+
+    async def on_gateway_heartbeat(self, heartbeat: GatewayHeartbeat, reply: Reply | None) -> None:
+        self.gateways.pop(heartbeat.token_subject, None)  # to the recent end
+        self.gateways[heartbeat.token_subject] = time.monotonic()
+        while len(self.gateways) > MAX_GATEWAYS:
+            del self.gateways[next(iter(self.gateways))]
+
+    async def reap_gateways(self) -> None:
+        """Abort every request of a gateway silent for `gateway_dead_after_s`, and forget the gateway.
+
+        Silence counts only while we could hear (`Hearing.since`): after a pause of ours or of
+        NATS, a gateway has the whole bound again to be heard. The abort frees the requests' KV on
+        every instance (they all hear aborts); nobody is left to tell.
+        """
+        now = time.monotonic()
+        horizon = now - self.settings.gateway_dead_after_s
+        silent = {subject for subject, seen in self.gateways.items() if max(seen, self.hearing.since) < horizon}
+        for subject in silent:
+            del self.gateways[subject]
+        GATEWAYS.set(len(self.gateways))
+        if not silent:
+            return
+        orphans = [rid for rid, f in self.inflight.items() if f.token_subject in silent]
+        GATEWAYS_LOST.inc(len(silent))
+        log.warning("gateways lost", token_subjects=sorted(silent), requests=len(orphans))
+        reason = f"its gateway was not heard from for {self.settings.gateway_dead_after_s:g} s"
+        for rid in orphans:
+            del self.inflight[rid]
+            GATEWAY_ABORTS.inc()
+            log.info("aborted", request_id=rid, reason=reason)
+            await self.bus.publish(self.subjects.abort, AbortRequest(rid, reason))
 
     def live(self, role: str) -> list[InstanceLoad]:
         """Instances of `role` heard within `dead_after_s`; while we cannot judge silence (we or NATS
@@ -161,6 +208,7 @@ class Scheduler:
         INFLIGHT.set(len(self.inflight))
         if dead:
             await self._fail_requests_on(dead)
+        await self.reap_gateways()
 
     async def _fail_requests_on(self, dead: set[str]) -> None:
         """End every request that needed one of the `dead` instances, and tell its other holders."""
@@ -400,6 +448,7 @@ class Scheduler:
             await self.bus.subscribe(s.all_tokens, TokenBatch, self.on_tokens),
             await self.bus.subscribe(s.abort, AbortRequest, self.on_abort),
             await self.bus.subscribe(s.status, StatusRequest, self.on_status, queue="scheduler"),
+            await self.bus.subscribe(s.gateway_heartbeat, GatewayHeartbeat, self.on_gateway_heartbeat),
         ]
         await self.hearing.start()
         log.info("scheduler ready")

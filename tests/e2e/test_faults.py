@@ -24,7 +24,8 @@ and holds the cluster to what docs/services.md ("Failures") states:
   greedy output equal to `transformers`, with the restarted instance's own transfer counters
   showing that it took part;
 - a killed gateway's requests are aborted in the backends (its restart, under the same id,
-  hears their tokens and stops them): KV is free long before the requests could have run out.
+  hears their tokens and stops them, or the scheduler does when the gateway's heartbeats stop
+  for longer than its restart takes): KV is free long before the requests could have run out.
 
 Core NATS delivers at most once, so a `TokenBatch` in flight when the server dies (or published
 by an instance that reconnects before the gateway has resubscribed) is lost. Token events carry
@@ -165,11 +166,16 @@ def _routes(cluster: LocalCluster) -> dict[str, Route]:
 
 
 def _aborted_as_orphans(cluster: LocalCluster) -> set[str]:
-    """Requests a restarted gateway aborted because an earlier process under its id had taken them."""
+    """Requests stopped because the gateway that took them died: aborted by its restart (an earlier
+    process under its id had taken them) or by the scheduler (the gateway's heartbeats stopped for
+    ADRENALINE_GATEWAY_DEAD_AFTER_S), whichever came first."""
     assert cluster.log_dir is not None
     aborted = set()
     for line in (cluster.log_dir / "gateway-0.log").read_text(errors="replace").splitlines():
         if '"abort"' in line and "is gone" in line:
+            aborted.add(json.loads(line)["request_id"])
+    for line in (cluster.log_dir / "scheduler-0.log").read_text(errors="replace").splitlines():
+        if '"aborted"' in line and "its gateway" in line:
             aborted.add(json.loads(line)["request_id"])
     return aborted
 
@@ -444,7 +450,7 @@ def test_fault_under_load(
         assert since < GATEWAY_ABORT_S, f"a dead gateway's requests held KV for {since:.1f} s"
         assert rows < 0.8 * len(outcomes) * max_tokens, f"the backends decoded {rows} rows: not aborted"
         # Those still running when it was back (a decode instance with fewer of them may finish
-        # first), and only those, were aborted by the restarted gateway.
+        # first), and only those, were aborted by the restarted gateway or the scheduler.
         aborted = _aborted_as_orphans(cluster) - supervised.orphans_seen
         supervised.orphans_seen |= aborted
         assert aborted and aborted <= set(routes), aborted

@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from common.messages import (
     AbortRequest,
     Admitted,
+    GatewayHeartbeat,
     InstanceLoad,
     KVHandoff,
     MessageError,
@@ -101,6 +102,7 @@ def test_no_service_dies_or_wedges_on_any_message(cluster: BackendCluster) -> No
         (s.instance("executor-0", "handoff"), KVHandoff),
         (s.instance("executor-0", "step"), StepBegin),
         (s.instance("executor-0", "release"), ReleaseKV),
+        (s.gateway_heartbeat, GatewayHeartbeat),
     ]
     sampling = Sampling(max_new_tokens=12, temperature=0.0)
     prompts = [[5, 6, 7, 8, 9], [11, 12, 13], [21, 22, 23, 24, 25, 26, 27], [31, 32]]
