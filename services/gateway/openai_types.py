@@ -7,11 +7,12 @@ Checks made in code (prompts.py) are stated here too, as schema-only keywords (`
 values that depend on the served model (its name, vocabulary, context) as `per_model` markers that
 the document fills in. A request field we do not know is refused by name, as OpenAI itself does, rather than
 silently ignored: a client that sends one expects an effect we would not give. Fields OpenAI
-defines but we cannot honour (`best_of`, `suffix`, `tools`...) are declared with `unsupported(...)`:
+defines but we cannot honour (`suffix`, `tools`...) are declared with `unsupported(...)`:
 their neutral values, which clients send, pass; anything else is refused by name. Fields that
 only inform (`user`, `metadata`, `prompt_cache_key`...) are accepted and have no effect. vLLM's
-sampling extensions (`top_k`, `min_tokens`, `repetition_penalty`, `stop_token_ids`...) are
-accepted as body fields, as vLLM takes them (the openai client's `extra_body`).
+sampling extensions (`top_k`, `min_p`, `min_tokens`, `repetition_penalty`, `stop_token_ids`,
+`bad_words`, `prompt_logprobs`...) are accepted as body fields, as vLLM takes them (the openai
+client's `extra_body`).
 """
 
 from __future__ import annotations
@@ -38,24 +39,30 @@ MAX_STOP_LENGTH = 256  # characters per stop string; every step searches the tex
 MAX_TOP_K = 2**31 - 1  # above any vocabulary (where top_k keeps every token, as 0 does); an absurd one is a 400
 MAX_CHOICES = 128  # choices per request: n, times the prompts of a batch; each is a request to the cluster
 MAX_STOP_TOKEN_IDS = 256  # every generated token is looked up among them
+MAX_BAD_WORDS = 64  # vLLM's `bad_words`: each makes up to two banned token sequences
+MAX_BAD_WORD_LENGTH = 100  # characters: within MAX_BAD_WORD_TOKENS (sampling_checks) at 4 byte tokens a character
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 """The roles a chat message may have, and the role the chat template sees for each: `developer` is
 OpenAI's newer name for `system`, which templates know. No `tool` role: tool calling is not implemented."""
 
 
-def unsupported(*accepted: Any) -> Meta:
+def unsupported(*accepted: Any, same_as: str | None = None) -> Meta:
     """Marks a field OpenAI defines but this server does not implement.
 
     A request may leave it out, send null, or send one of `accepted` (the field's neutral values,
-    which clients send as a matter of course); `prompts.refuse_unsupported` refuses anything else
-    by name. The same words, and the accepted values as an `enum`, document the field in the schema.
+    which clients send as a matter of course), or with `same_as` the value of that other field
+    (which counts as 1 when null: `n`'s default); `prompts.refuse_unsupported` refuses anything else
+    by name. The same words, and the accepted values as an `enum`, document the field in the schema
+    (a `same_as` rule is one across fields: the words state it).
     """
     values = " or ".join(msgspec.json.encode(v).decode() for v in accepted)
     how = f"leave it out or send {values}" if accepted else "leave it out"
+    if same_as is not None:
+        how = f"leave it out or send the value of `{same_as}`"
     return Meta(
         description=f"Not supported by this server: {how}.",
-        extra={"accepted": (None, *accepted), "how": how},
-        extra_json_schema={"enum": [None, *accepted]},
+        extra={"accepted": (None, *accepted), "how": how, "same_as": same_as},
+        extra_json_schema={} if same_as is not None else {"enum": [None, *accepted]},
     )
 
 
@@ -89,6 +96,15 @@ Seed = Annotated[int, _schema(minimum=0, maximum=2**63 - 1)]  # checked by Sampl
 TokenId = Annotated[int, per_model("token_id", minimum=0)]  # checked against the vocabulary in prompts.py
 Penalty = Annotated[float, Meta(ge=-MAX_PENALTY, le=MAX_PENALTY)]
 Bias = Annotated[float, Meta(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]
+BadWord = Annotated[str, Meta(min_length=1, max_length=MAX_BAD_WORD_LENGTH, pattern=r"\S")]
+BadWords = Annotated[
+    Annotated[list[BadWord], Meta(max_length=MAX_BAD_WORDS)] | None,
+    Meta(
+        description=f"vLLM's: at most {MAX_BAD_WORDS} words (each with a character that is not a space, at most "
+        f"{MAX_BAD_WORD_LENGTH} characters) the output never contains: each word's tokens, with and without a "
+        "leading space, are banned as sequences"
+    ),
+]
 LogitBias = Annotated[
     Annotated[dict[str, Bias], Meta(max_length=MAX_LOGIT_BIAS_TOKENS), per_model("token_key")] | None,
     Meta(description="Token id (as a string) -> bias added to its logit"),
@@ -120,6 +136,7 @@ class SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     temperature: Temperature | None = None  # default 1.0; 0 is greedy
     top_p: TopP | None = None
     top_k: TopK | None = None  # extension: 0 or -1 keeps all tokens
+    min_p: Annotated[float, Meta(ge=0, le=1)] | None = None  # extension: no token under min_p x the likeliest's
     seed: Seed | None = None
     stop: Stop = None  # stop strings, matched in the decoded text
     stream: bool | None = False
@@ -134,22 +151,38 @@ class SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     repetition_penalty: Annotated[float, Meta(gt=0, le=MAX_REPETITION_PENALTY)] | None = None  # prompt and output
     min_tokens: Annotated[int, Meta(ge=0)] | None = None  # no stop before this many (at most max_tokens)
     stop_token_ids: Annotated[list[TokenId], Meta(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    bad_words: BadWords = None
     include_stop_str_in_output: bool | None = False  # keep the stop string (or stop token's text) in the text
     skip_special_tokens: bool | None = True  # leave special tokens out of the text
+
+    def prompt_logprobs_wanted(self) -> int | None:
+        """How many alternatives the prefill instance reports with each prompt token's logprob
+        (`Sampling.prompt_logprobs`); None, the default, costs nothing."""
+        return None
 
 
 class CompletionRequest(SamplingFields, kw_only=True):
     """Rules across fields, checked in code (a 400 naming the field): the prompt's tokens plus `max_tokens`
     fit the model's context (else `context_length_exceeded`); `min_tokens` <= `max_tokens` (16 when not
-    given); `n` times the prompts of a batch <= MAX_CHOICES (128); `echo` not with `logprobs`."""
+    given); `n` times the prompts of a batch <= MAX_CHOICES (128); `best_of`, if given, equals `n`."""
 
     # A string, a list of token ids, or a batch of either (a list of strings, a list of token lists);
     # nothing nested deeper. Not empty, and a batch of one kind (prompts.py checks it).
     prompt: str | list[int | str | list[int]]  # documented as PROMPT_SCHEMA
     logprobs: Logprobs | None = None  # the chosen token's logprob plus this many alternatives
-    echo: bool | None = False  # the prompt's text before each choice's (not with logprobs: no prompt logprobs)
-    best_of: Annotated[int | None, unsupported(1)] = None
+    echo: bool | None = False  # the prompt's text before each choice's; with logprobs, the prompt's logprobs too
+    # vLLM's: each choice's `prompt_logprobs`, every prompt token's logprob with this many alternatives
+    prompt_logprobs: Logprobs | None = None
+    # best_of > n would rank best_of samples by cumulative logprob: not implemented, so only n's value
+    best_of: Annotated[Annotated[int, Meta(ge=1, le=MAX_CHOICES)] | None, unsupported(same_as="n")] = None
     suffix: Annotated[str | None, unsupported("")] = None
+
+    def prompt_logprobs_wanted(self) -> int | None:
+        """vLLM's `prompt_logprobs`, else, with `echo`, `logprobs` (OpenAI's prompt logprobs), as vLLM
+        decides: the echoed prompt's alternatives are at most as many as either asks for."""
+        if self.prompt_logprobs is not None:
+            return self.prompt_logprobs
+        return self.logprobs if self.echo else None
 
 
 class ContentPart(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -213,11 +246,24 @@ class Usage(msgspec.Struct):
     total_tokens: int
 
 
+class PromptLogprob(msgspec.Struct):
+    """vLLM's entry of a choice's `prompt_logprobs`: a token's logprob at a prompt position, its rank
+    there (1 is the likeliest; null for the prompt's own token when it is not among the alternatives
+    asked for: only those are ranked), and its text."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str
+
+
 class CompletionChoice(msgspec.Struct):
     index: int
     text: str
     logprobs: dict[str, Any] | None
     finish_reason: str | None
+    # vLLM's, when asked: per prompt token (the first has none: null), its entry and the alternatives'
+    # by token id; in a stream, in each choice's first chunk
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
 
 
 class CompletionResponse(msgspec.Struct):

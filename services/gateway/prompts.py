@@ -151,6 +151,7 @@ class PromptBuilder:
             )
         stop_token_ids = tuple(req.stop_token_ids or ())
         self._check_token_ids("stop_token_ids", stop_token_ids)
+        bad_words = self._bad_words(req.bad_words or [])
         try:
             params = SamplingParams(
                 max_new_tokens=max_tokens,
@@ -166,6 +167,9 @@ class PromptBuilder:
                 repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
                 frequency_penalty=req.frequency_penalty or 0.0,
                 presence_penalty=req.presence_penalty or 0.0,
+                min_p=req.min_p or 0.0,
+                bad_words=bad_words,
+                prompt_logprobs=req.prompt_logprobs_wanted(),
             )
         except InvalidRequestError as exc:
             param = "max_tokens" if exc.field == "max_new_tokens" else exc.field
@@ -183,6 +187,23 @@ class PromptBuilder:
                 )
             pairs.append((token, float(value)))
         return tuple(pairs)
+
+    def _bad_words(self, words: list[str]) -> tuple[tuple[int, ...], ...]:
+        """vLLM's `bad_words` as the token sequences it bans (`SamplingParams.update_from_tokenizer`):
+        each word without its leading spaces, and with one leading space where that tokenizes to
+        another first token in as many tokens (a word in mid-text, for tokenizers that do not
+        already add the space themselves)."""
+        sequences: list[tuple[int, ...]] = []
+        for word in words:
+            plain = tuple(self.tokenizer.encode(word.lstrip(), add_special_tokens=False))
+            spaced = tuple(self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+            if not plain or not spaced:
+                raise invalid("bad_words", f"bad_words: {word!r} makes no token")
+            sequences.append(plain)
+            if spaced[0] != plain[0] and len(spaced) == len(plain):
+                sequences.append(spaced)
+        self._check_token_ids("bad_words", tuple(t for s in sequences for t in s))
+        return tuple(sequences)
 
     def _check_token_ids(self, param: str, ids: tuple[int, ...]) -> None:
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
@@ -202,8 +223,9 @@ def refuse_unsupported(body: msgspec.Struct, where: str = "") -> None:
     Nested structs (messages, their content parts, stream_options) are searched too, so that no
     request asks for something we would silently leave out.
     """
-    for name, (accepted, how) in _unsupported_fields(type(body)).items():
-        if getattr(body, name) not in accepted:
+    for name, (accepted, how, same_as) in _unsupported_fields(type(body)).items():
+        value = getattr(body, name)
+        if value not in accepted and (same_as is None or value != (getattr(body, same_as) or 1)):
             raise invalid(f"{where}{name}", f"{where}{name}: this server does not support `{name}`: {how}")
     for name in body.__struct_fields__:
         value = getattr(body, name)
@@ -216,12 +238,13 @@ def refuse_unsupported(body: msgspec.Struct, where: str = "") -> None:
 
 
 @functools.cache
-def _unsupported_fields(struct: type[msgspec.Struct]) -> dict[str, tuple[tuple[Any, ...], str]]:
-    """The fields of `struct` that `openai_types.unsupported` marks: name -> (accepted values, how to comply)."""
+def _unsupported_fields(struct: type[msgspec.Struct]) -> dict[str, tuple[tuple[Any, ...], str, str | None]]:
+    """The fields of `struct` that `openai_types.unsupported` marks: name -> (accepted values, how to
+    comply, the field whose value is accepted too)."""
     marked = {}
     for field in msgspec.structs.fields(struct):
         metadata = get_args(field.type)[1:] if get_origin(field.type) is Annotated else ()
         for meta in metadata:
             if isinstance(meta, msgspec.Meta) and meta.extra and "accepted" in meta.extra:
-                marked[field.name] = (meta.extra["accepted"], meta.extra["how"])
+                marked[field.name] = (meta.extra["accepted"], meta.extra["how"], meta.extra["same_as"])
     return marked

@@ -25,6 +25,7 @@ from litestar.response import Stream
 from litestar.response.base import ASGIResponse
 from litestar.types import Receive, Scope, Send
 
+from common.messages import TokenEvent
 from services.gateway import openai_types as oa
 from services.gateway.backend import BackendClient, Generation
 from services.gateway.errors import APIError
@@ -82,18 +83,39 @@ class Run:
         self.timer = timer
         self.metrics = metrics
         self._done = False
+        # the prompt's logprobs, if asked for: they come before the first token (`_take_prompt`)
+        self.prompt = Piece(token_ids=choice.prompt) if choice.sampling.prompt_logprobs is not None else None
         metrics.inflight.inc()
 
     async def next_piece(self) -> Piece:
         """Wait for the next text the client may see (possibly empty when the choice ends)."""
         while True:
             event = await self.generation.next()
+            if self.prompt is not None:
+                self._take_prompt(event)
             self.timer.tokens_arrived(len(event.token_ids))
             piece = self.text.add(event)
             if self.text.stopped_by_string:
                 self.generation.close("stop string")  # the backend knows nothing of stop strings
             if piece.text or self.text.finished:
                 return piece
+
+    def _take_prompt(self, event: TokenEvent) -> None:
+        """Collect the prompt's logprobs, which the prefill instance sends in order, all before its
+        first token (one publisher: NATS keeps its order); by then all of them must be here, else a
+        message was lost (NATS delivers at most once) and the request fails rather than answer
+        with a gap."""
+        assert self.prompt is not None
+        self.prompt.logprobs += event.prompt_logprobs
+        self.prompt.top_logprobs += event.prompt_top_logprobs
+        if event.token_ids and event.first_index == 0 and len(self.prompt.logprobs) != len(self.choice.prompt) - 1:
+            self.generation.close("prompt logprobs lost in transit")
+            raise APIError(
+                502,
+                f"the prompt's logprobs came incomplete ({len(self.prompt.logprobs)} of "
+                f"{len(self.choice.prompt) - 1}): lost in transit; retry the request",
+                code="backend_error",
+            )
 
     async def outcome(self) -> Outcome:
         """Wait for the whole output."""
@@ -106,7 +128,7 @@ class Run:
             [x for p in pieces for x in p.logprobs],
             [x for p in pieces for x in p.top_logprobs],
         )
-        return Outcome(self.choice, merged, self.text.finish_reason, len(self.text.token_ids))
+        return Outcome(self.choice, merged, self.text.finish_reason, len(self.text.token_ids), self.prompt)
 
     def finish(self, reason: str) -> None:
         """End the choice once: stop routing, abort the backend unless it already ended it, record it."""
@@ -210,7 +232,8 @@ class Server:
                 if opening is not None:
                     yield oa.sse(opening)
             async for run, piece, offset, finish_reason in pieces:
-                yield oa.sse(shapes.chunk(run.choice, piece, offset, finish_reason, job.logprobs))
+                prompt = run.prompt if offset == 0 else None  # a choice's first piece (text comes with any after)
+                yield oa.sse(shapes.chunk(run.choice, piece, offset, finish_reason, job.logprobs, prompt))
             if job.include_usage:
                 completion_tokens = sum(len(run.text.token_ids) for run in runs)
                 yield oa.sse(shapes.usage_chunk(usage([run.choice for run in runs], completion_tokens)))

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.messages import TokenEvent
+from services.gateway import openai_types as oa
 
 REPLACEMENT = "\ufffd"
 
@@ -140,18 +141,51 @@ def token_strings(tokenizer: Tokenizer, token_ids: list[int]) -> list[str]:
     return [tokenizer.decode([t], skip_special_tokens=False) for t in token_ids]
 
 
-def completion_logprobs(tokenizer: Tokenizer, piece: Piece, offset: int) -> dict[str, Any]:
-    """The legacy completions `logprobs` object; `offset` is where this piece's text starts in the output."""
+def completion_logprobs(tokenizer: Tokenizer, piece: Piece, offset: int, top_n: int | None = None) -> dict[str, Any]:
+    """The legacy completions `logprobs` object; `offset` is where this piece's text starts in the
+    output (with `echo`, after the prompt's text); `top_n`, if given, the alternatives shown at most."""
     tokens = token_strings(tokenizer, piece.token_ids)
     offsets = []
     for t in tokens:
         offsets.append(offset)
         offset += len(t)
     top = [
-        {tokenizer.decode([tid], skip_special_tokens=False): lp for tid, lp in row} if row else None
+        {tokenizer.decode([tid], skip_special_tokens=False): lp for tid, lp in row[:top_n]} if row[:top_n] else None
         for row in piece.top_logprobs
     ]
     return {"tokens": tokens, "token_logprobs": piece.logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def echo_logprobs(tokenizer: Tokenizer, prompt: Piece, top: int) -> dict[str, Any]:
+    """The echoed prompt's part of the legacy completions `logprobs` object: `prompt` holds every
+    prompt token and the logprobs of all but the first (which has no context: null, as OpenAI), with
+    up to `top` alternatives each. Offsets count from the start of the echoed text."""
+    lead = Piece(token_ids=prompt.token_ids, logprobs=prompt.logprobs, top_logprobs=[[], *prompt.top_logprobs])
+    shaped = completion_logprobs(tokenizer, lead, 0, top)
+    shaped["token_logprobs"] = [None, *prompt.logprobs]
+    shaped["top_logprobs"][0] = None
+    return shaped
+
+
+def vllm_prompt_logprobs(tokenizer: Tokenizer, prompt: Piece) -> list[dict[str, oa.PromptLogprob] | None]:
+    """vLLM's `prompt_logprobs` of a choice: null for the first prompt token, then per token its own
+    entry and its alternatives', by token id (the alternatives ranked 1, 2...: the own token's rank
+    is known only when it is one of them)."""
+    text: dict[int, str] = {}
+
+    def entry(token: int, logprob: float, rank: int | None) -> oa.PromptLogprob:
+        if token not in text:
+            text[token] = tokenizer.decode([token], skip_special_tokens=False)
+        return oa.PromptLogprob(logprob, rank, text[token])
+
+    shaped: list[dict[str, oa.PromptLogprob] | None] = [None]
+    for token, logprob, row in zip(prompt.token_ids[1:], prompt.logprobs, prompt.top_logprobs, strict=True):
+        ranks = {t: i + 1 for i, (t, _) in enumerate(row)}
+        position = {str(token): entry(token, logprob, ranks.get(token))}
+        for t, value in row:
+            position.setdefault(str(t), entry(t, value, ranks[t]))
+        shaped.append(position)
+    return shaped
 
 
 def chat_logprobs(tokenizer: Tokenizer, piece: Piece) -> dict[str, Any]:

@@ -37,9 +37,11 @@ from common.messages import (
 )
 from common.model.tiny import make_tiny
 from common.natsd import NatsServer, free_port
+from common.request import PromptLogprobs
 from common.subjects import Subjects
 from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
+from services.runtime import prompt_logprob_events
 
 PREFIX = "gwtest"
 API_KEY = "sk-test-key"
@@ -53,6 +55,17 @@ def standin_tokens(prompt: list[int], n: int, vocab: int) -> list[int]:
     return [FIRST_MERGE + (start + 17 * i) % (vocab - FIRST_MERGE) for i in range(n)]
 
 
+def standin_prompt_logprobs(prompt: list[int], top: int) -> PromptLogprobs:
+    """The stand-in's prompt logprobs: prompt token j + 1 at -(j + 1) / 8, ranked second behind a merge
+    token (so that it has a rank when `top` >= 2, and none when fewer alternatives are asked for)."""
+    logprobs = [-(j + 1) / 8 for j in range(len(prompt) - 1)]
+    rows = [
+        [(FIRST_MERGE + j % 7, -0.0625), (t, lp), *((FIRST_MERGE + 10 + i, -5.0 - i) for i in range(top))][:top]
+        for j, (t, lp) in enumerate(zip(prompt[1:], logprobs, strict=True))
+    ]
+    return PromptLogprobs(logprobs, rows)
+
+
 def _top_logprobs(token: int, top: int) -> list[tuple[int, float]]:
     """The stand-in's `top` alternatives for a token: the token itself first, at the logprob it reports."""
     return [(token, -0.25), *((FIRST_MERGE + j, -3.0 - j) for j in range(top - 1))][:top]
@@ -64,9 +77,11 @@ class StandInBackend:
     It answers `Subjects(prefix).submit` and publishes `standin_tokens` for the prompt to the
     request's token subject, one TokenBatch per token (`token_delay` apart), the last with
     finish_reason "length"; with `burst`, all of them in one event (a fuzzer's thousands of tokens
-    per request then cost one message). `mode` makes it misbehave on purpose: "refuse" (429; "refuse_choice_1"
-    only a request's choice 1), "error" (an
-    "error" event after two tokens), "silent" (accepts, then sends nothing). It records every
+    per request then cost one message). A request that asks for its prompt's logprobs gets
+    `standin_prompt_logprobs` first, as a prefill instance sends them. `mode` makes it misbehave on
+    purpose: "refuse" (429; "refuse_choice_1" only a request's choice 1), "error" (an
+    "error" event after two tokens), "silent" (accepts, then sends nothing), "lose_prompt" (the
+    prompt's logprobs never arrive). It records every
     submit and every AbortRequest, and stops generating a request once it is aborted.
     """
 
@@ -124,6 +139,10 @@ class StandInBackend:
         assert self.bus is not None
         n = msg.sampling.max_new_tokens
         top = msg.sampling.logprobs
+        if msg.sampling.prompt_logprobs is not None and mode != "lose_prompt":
+            prompt = standin_prompt_logprobs(msg.prompt_token_ids, msg.sampling.prompt_logprobs)
+            for event in prompt_logprob_events(msg.request_id, prompt):
+                await self.bus.publish(msg.token_subject, TokenBatch([event]))
         if self.burst and mode == "normal":
             tokens = standin_tokens(msg.prompt_token_ids, n, self.vocab)
             event = TokenEvent(

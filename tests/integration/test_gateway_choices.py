@@ -8,6 +8,7 @@ submitted, and `n` and batches of prompts must come back indexed as OpenAI numbe
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from typing import Any
 
@@ -15,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.gateway_harness import API_KEY, MODEL, Env
+from tests.integration.gateway_harness import API_KEY, MODEL, Env, standin_prompt_logprobs
 from tests.integration.gateway_harness import _reset_backend as _reset_backend  # autouse: normal mode, no delay
 from tests.integration.gateway_harness import env as env  # the module fixture, a fresh instance for this module
 
@@ -34,6 +35,8 @@ def test_vllm_and_openai_sampling_fields_reach_the_backend(env: Env) -> None:
         "repetition_penalty": 1.3,
         "include_stop_str_in_output": True,
         "skip_special_tokens": False,
+        "min_p": 0.25,
+        "bad_words": ["cache", "  xyz"],
     }
     response = env.client().completions.create(
         model=MODEL,
@@ -49,6 +52,14 @@ def test_vllm_and_openai_sampling_fields_reach_the_backend(env: Env) -> None:
     assert (s.stop_token_ids, s.min_tokens, s.repetition_penalty) == ([5, 9], 3, 1.3)
     assert (s.presence_penalty, s.frequency_penalty) == (0.5, -1.5)
     assert sorted(s.logit_bias) == [(17, 3.0), (300, -100.0)]
+    assert s.min_p == 0.25
+    # vLLM's rule: a word's tokens without its leading spaces, and with one space where that makes
+    # another first token in as many tokens ("cache" mid-text is another token; "xyz" is three bytes,
+    # and " xyz" four tokens: not added)
+    encode = lambda text: env.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    assert encode(" cache")[0] != encode("cache")[0] and len(encode(" xyz")) != len(encode("xyz"))
+    assert s.bad_words == [encode("cache"), encode(" cache"), encode("xyz")]
+    assert s.prompt_logprobs is None  # not asked: the prefill instance computes none
     chat = env.client().chat.completions.create(
         model=MODEL, messages=USER, max_tokens=4, presence_penalty=2, extra_body={"repetition_penalty": 0.5}
     )
@@ -77,6 +88,15 @@ def test_vllm_and_openai_sampling_fields_reach_the_backend(env: Env) -> None:
         ("completions", {"n": 65, "prompt": ["a", "b"]}, "n"),
         ("completions", {"prompt": ["a"] * 129}, "prompt"),
         ("completions", {"echo": True, "logprobs": 0}, "echo"),
+        ("completions", {"min_p": 1.5}, "min_p"),
+        ("chat/completions", {"min_p": -0.1}, "min_p"),
+        ("completions", {"bad_words": [" \t "]}, "bad_words[0]"),
+        ("completions", {"bad_words": ["x"] * 65}, "bad_words"),
+        ("chat/completions", {"bad_words": ["x", "x" * 101]}, "bad_words[1]"),
+        ("completions", {"prompt_logprobs": 21}, "prompt_logprobs"),
+        ("completions", {"best_of": 2}, "best_of"),  # best_of > n: ranking samples is not implemented
+        ("completions", {"best_of": 2, "n": 3}, "best_of"),
+        ("completions", {"suffix": "after"}, "suffix"),
         ("chat/completions", {"continue_final_message": True}, "continue_final_message"),
         (
             "chat/completions",
@@ -213,3 +233,81 @@ def test_a_refused_choice_refuses_the_request_and_aborts_those_accepted(env: Env
     first = env.backend.submits[-2].request_id
     assert first.endswith("-0") and env.backend.submits[-1].request_id.endswith("-1")  # choice 2 never submitted
     assert "refused" in env.backend.wait_abort(first).reason
+
+
+def test_best_of_equal_to_n_is_served(env: Env) -> None:
+    response = env.client().completions.create(model=MODEL, prompt="best", max_tokens=2, n=2, best_of=2)
+    assert [c.index for c in response.choices] == [0, 1]
+    response = env.client().completions.create(model=MODEL, prompt="best", max_tokens=2, best_of=1)
+    assert len(response.choices) == 1
+
+
+def _vllm_prompt_logprobs(env: Env, prompt: list[int], top: int) -> list[Any]:
+    """What the gateway must make of the stand-in's prompt logprobs, in vLLM's shape."""
+    sent = standin_prompt_logprobs(prompt, top)
+    shaped: list[Any] = [None]
+    for token, logprob, row in zip(prompt[1:], sent.logprobs, sent.top, strict=True):
+        ranked = [t for t, _ in row]
+        rank = ranked.index(token) + 1 if token in ranked else None
+        entries = {str(token): (logprob, rank)}
+        for i, (t, value) in enumerate(row):
+            entries.setdefault(str(t), (value, i + 1))
+        shaped.append(
+            {
+                k: {"logprob": v, "rank": r, "decoded_token": env.tokenizer.decode([int(k)])}
+                for k, (v, r) in entries.items()
+            }
+        )
+    return shaped
+
+
+def test_vllm_prompt_logprobs_come_with_each_choice(env: Env) -> None:
+    """vLLM's `prompt_logprobs`: the prefill instance's values reach each choice as vLLM shapes them
+    (null for the first token; the prompt's token with its rank when it is one of the alternatives)."""
+    ids = env.tokenizer("the prompt's logprobs").input_ids
+    for top in (0, 1, 3):
+        body = {"model": MODEL, "prompt": "the prompt's logprobs", "max_tokens": 2, "n": 2, "prompt_logprobs": top}
+        response: Any = env.client().post("/completions", body=body, cast_to=object)
+        [first, _] = _submits(env, response["id"])
+        assert first.sampling.prompt_logprobs == top and first.sampling.logprobs is None
+        expected = _vllm_prompt_logprobs(env, ids, top)
+        assert [c["prompt_logprobs"] for c in response["choices"]] == [expected, expected]
+        assert [c["logprobs"] for c in response["choices"]] == [None, None]
+    plain: Any = env.client().post(
+        "/completions", body={"model": MODEL, "prompt": "x", "max_tokens": 1}, cast_to=object
+    )
+    assert plain["choices"][0]["prompt_logprobs"] is None
+
+
+def test_streamed_prompt_logprobs_come_in_each_choices_first_chunk_with_the_echo(env: Env) -> None:
+    """Echoed, the prompt's text comes with its logprobs in the choice's first chunk rather than in a
+    chunk of its own (they come from the prefill instance with the first token)."""
+    prompt = "stream the prompt"
+    ids = env.tokenizer(prompt).input_ids
+    body = {
+        "model": MODEL,
+        "prompt": prompt,
+        "max_tokens": 3,
+        "n": 2,
+        "echo": True,
+        "prompt_logprobs": 2,
+        "stream": True,
+    }
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.stream("POST", f"{env.url}/v1/completions", json=body, headers=headers, timeout=10) as r:
+        lines = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    chunks = [json.loads(line)["choices"][0] for line in lines[:-1]]
+    assert lines[-1] == "[DONE]"
+    for index in (0, 1):
+        mine = [c for c in chunks if c["index"] == index]
+        assert mine[0]["prompt_logprobs"] == _vllm_prompt_logprobs(env, ids, 2)
+        assert mine[0]["text"].startswith(prompt) and "".join(c["text"] for c in mine) == prompt + env.expected(ids, 3)
+        assert all(c["prompt_logprobs"] is None for c in mine[1:])
+
+
+def test_prompt_logprobs_lost_in_transit_fail_the_request(env: Env) -> None:
+    env.backend.mode = "lose_prompt"
+    with pytest.raises(openai.APIStatusError) as bad:
+        env.client().completions.create(model=MODEL, prompt="lost", max_tokens=2, extra_body={"prompt_logprobs": 1})
+    assert bad.value.status_code == 502 and "prompt's logprobs" in bad.value.message
+    env.backend.wait_abort(env.backend.submits[-1].request_id)

@@ -18,7 +18,15 @@ import httpx
 import openai
 import pytest
 
-from services.gateway.openai_types import MAX_BODY_BYTES, MAX_CHOICES, MAX_STOP_LENGTH, MAX_STOP_STRINGS, MAX_TOP_K
+from services.gateway.openai_types import (
+    MAX_BAD_WORD_LENGTH,
+    MAX_BAD_WORDS,
+    MAX_BODY_BYTES,
+    MAX_CHOICES,
+    MAX_STOP_LENGTH,
+    MAX_STOP_STRINGS,
+    MAX_TOP_K,
+)
 from tests.integration.gateway_harness import API_KEY, MODEL, Env
 from tests.integration.gateway_harness import env as env  # the module fixture, a fresh instance for this module
 
@@ -251,7 +259,7 @@ def test_unimplemented_fields_are_400_naming_the_field(
     ("path", "fields", "param"),
     [
         ("completions", {"length_penalty": 1.2}, "length_penalty"),
-        ("chat/completions", {"min_p": 0.1}, "min_p"),
+        ("chat/completions", {"use_beam_search": True}, "use_beam_search"),
         ("chat/completions", {"messages": [{"role": "user", "content": "x", "weight": 1}]}, "messages[0].weight"),
         (
             "chat/completions",
@@ -395,7 +403,20 @@ def test_the_schema_states_the_limits(env: Env, http: httpx.Client) -> None:
     assert schemas["ChatMessage"]["properties"]["role"]["enum"] == ["system", "developer", "user", "assistant"]
     for name in ("best_of", "suffix"):
         assert completion[name]["description"].startswith("Not supported"), name
-    assert (completion["best_of"]["enum"], completion["suffix"]["enum"]) == ([None, 1], [None, ""])
+    assert completion["suffix"]["enum"] == [None, ""]
+    assert (_value(completion["best_of"])["minimum"], _value(completion["best_of"])["maximum"]) == (1, MAX_CHOICES)
+    assert "the value of `n`" in completion["best_of"]["description"]
+    assert (_value(chat["min_p"])["minimum"], _value(chat["min_p"])["maximum"]) == (0, 1)
+    words = _value(chat["bad_words"])
+    assert (words["maxItems"], words["items"]["maxLength"], words["items"]["pattern"]) == (
+        MAX_BAD_WORDS,
+        MAX_BAD_WORD_LENGTH,
+        r"\S",
+    )
+    assert (_value(completion["prompt_logprobs"])["minimum"], _value(completion["prompt_logprobs"])["maximum"]) == (
+        0,
+        20,
+    )
     for name in ("tools", "tool_choice", "response_format"):
         assert chat[name]["description"].startswith("Not supported"), name
     assert chat["tool_choice"]["enum"] == [None, "none", "auto"]

@@ -7,12 +7,13 @@ from typing import Any
 
 import pytest
 
-from common.messages import TokenEvent
+from common.messages import Sampling, TokenEvent
 from common.model.tiny import make_tokenizer
 from services.gateway.errors import APIError
 from services.gateway.openai_types import ChatMessage, CompletionRequest
 from services.gateway.prompts import PromptBuilder
-from services.gateway.text import TextStream
+from services.gateway.responses import Choice, Outcome, Shapes
+from services.gateway.text import Piece, TextStream
 
 
 class PieceTokenizer:
@@ -157,3 +158,28 @@ def test_special_tokens_are_in_the_text_only_when_asked() -> None:
     text = TextStream(tokenizer, [], skip_special_tokens=False)  # the stop token's text is left out
     text.add(_event(*ids, finish="stop"))
     assert text.text == "hi"
+
+
+def test_echoed_logprobs_put_the_prompts_before_the_outputs() -> None:
+    """OpenAI's legacy `logprobs` with `echo`: the prompt's tokens first (the first with a null
+    logprob and null alternatives: it has no context), then the output's; offsets run on through
+    the echoed text; at most `logprobs` alternatives each, however many the prompt's have."""
+    tokenizer = PieceTokenizer()
+    sampling = Sampling(max_new_tokens=2, logprobs=1, prompt_logprobs=2)
+    choice = Choice(0, 0, 0, [0, 1, 2], sampling, echo="hello wor")
+    prompt = Piece(
+        token_ids=[0, 1, 2], logprobs=[-1.0, -2.0], top_logprobs=[[(1, -1.0), (4, -3.0)], [(3, -0.5), (2, -2.0)]]
+    )
+    output = Piece(text="ld!", token_ids=[3, 4], logprobs=[-0.25, -0.75], top_logprobs=[[(3, -0.25)], [(0, -0.5)]])
+    outcome = Outcome(choice, output, "length", 2, prompt)
+    body = Shapes(tokenizer, False, "cmpl-1", 0, "m").body([outcome], logprobs=True)
+    [shaped] = body.choices
+    assert shaped.text == "hello world!"
+    assert shaped.logprobs == {
+        "tokens": ["hel", "lo ", "wor", "ld", "!"],
+        "token_logprobs": [None, -1.0, -2.0, -0.25, -0.75],
+        "top_logprobs": [None, {"lo ": -1.0}, {"ld": -0.5}, {"ld": -0.25}, {"hel": -0.5}],
+        "text_offset": [0, 3, 6, 9, 11],
+    }
+    assert shaped.prompt_logprobs is not None and shaped.prompt_logprobs[0] is None
+    assert {k: (v.logprob, v.rank) for k, v in shaped.prompt_logprobs[2].items()} == {"2": (-2.0, 2), "3": (-0.5, 1)}
