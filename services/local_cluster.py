@@ -38,6 +38,7 @@ from common.config import parse_offload_ratio
 from common.messages import ClusterStatus, StatusRequest
 from common.natsd import NatsServer, free_port
 from common.subjects import Subjects
+from services import pair
 from services.launcher import ProcessGroup
 from services.supervisor import RestartBudget, Supervisor
 
@@ -53,17 +54,30 @@ class ServiceEntry:
 
 
 def read_compose(path: Path = COMPOSE_FILE) -> dict[str, ServiceEntry]:
-    """Each role's `python -m MODULE ARGS` command and environment, from compose.yaml."""
+    """Each role's `python -m MODULE ARGS` command and environment, from compose.yaml.
+
+    compose's `prefill` service runs a prefill instance and its attention executor together
+    (`python -m services.pair`); here each is a role of its own, with the module and the
+    environment the pair launcher gives it (`services.pair.split_env`), and `LocalCluster`
+    pairs executor-i with prefill-i itself.
+    """
     doc: dict[str, Any] = yaml.safe_load(path.read_text())
     entries = {}
     for role in ROLES:
+        if role == "attention-executor":
+            continue  # in the prefill service's containers, below
         spec = doc["services"][role]
         command = [str(c) for c in spec["command"]]
         if command[:2] != ["python", "-m"]:
             raise ValueError(f"compose.yaml: {role}'s command must be `python -m MODULE ...`, got {command}")
         env = {k: str(v) for k, v in (spec.get("environment") or {}).items()}
+        if role == "prefill" and command[2] == pair.__name__:
+            prefill_env, executor_env = pair.split_env(env)
+            entries["prefill"] = ServiceEntry(pair.PREFILL_MODULE, command[3:], prefill_env)
+            entries["attention-executor"] = ServiceEntry(pair.EXECUTOR_MODULE, [], executor_env)
+            continue
         entries[role] = ServiceEntry(command[2], command[3:], env)
-    return entries
+    return {role: entries[role] for role in ROLES}  # in start order
 
 
 def _replace_flag(args: list[str], flag: str, value: str) -> list[str]:

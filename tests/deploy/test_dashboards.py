@@ -199,22 +199,41 @@ def test_the_autoscalers_metric_comes_from_an_exported_one() -> None:
     assert {"namespace", "pod"} <= set(rule["resources"]["overrides"])
 
 
+# The compose service each role runs in: an attention executor runs in every prefill container
+# (services/pair.py), and reads the variables prefixed EXECUTOR_ there as its own.
+COMPOSE_SERVICE = {role: role for role in SERVICES} | {"attention-executor": "prefill"}
+COMPOSE_PREFIX = {role: "EXECUTOR_" if role == "attention-executor" else "" for role in SERVICES}
+
+
+def _merged_env(spec: dict[str, Any], role: str) -> dict[str, str]:
+    """What a role's process reads from its compose service's `environment` (as services.pair splits it)."""
+    from services.pair import split_env
+
+    env = {k: str(v) for k, v in (spec.get("environment") or {}).items() if k != "<<"}
+    prefill, executor = split_env(env)
+    return executor if COMPOSE_PREFIX[role] else prefill
+
+
 def test_compose_scrape_configuration_covers_every_service() -> None:
     config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
     monitoring = yaml.safe_load((ROOT / "deploy" / "compose.monitoring.yaml").read_text())["services"]
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert set(jobs) == set(SERVICES)
+    ports: dict[tuple[str, int], str] = {}
     for name, job in jobs.items():
-        assert name in compose, f"{name} is no compose.yaml service"
+        service = COMPOSE_SERVICE[name]
+        assert service in compose, f"{service} is no compose.yaml service"
         (sd,) = job["dns_sd_configs"]
-        assert sd["names"] == [name]
+        assert sd["names"] == [service]
         assert {"target_label": "service", "replacement": name} in job["relabel_configs"]
+        assert ports.setdefault((service, sd["port"]), name) == name, f"{name} and {ports[(service, sd['port'])]}"
         if name == "gateway":
             assert sd["port"] == 8000
         else:  # compose.monitoring.yaml turns the endpoint on, on that port, on every address
-            assert monitoring[name]["environment"]["ADRENALINE_METRICS_PORT"] == str(sd["port"])
-            assert monitoring[name]["environment"]["ADRENALINE_METRICS_HOST"] == "0.0.0.0"
+            env = _merged_env(monitoring[service], name)
+            assert env["ADRENALINE_METRICS_PORT"] == str(sd["port"])
+            assert env["ADRENALINE_METRICS_HOST"] == "0.0.0.0"
 
 
 @pytest.mark.parametrize("overlay", ["cpu", "gpu"])
@@ -264,6 +283,8 @@ def test_the_monitoring_compose_file_merges_into_compose_yaml() -> None:
     alone = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
     assert {"prometheus", "grafana"} <= set(merged)
     for name in SERVICES[1:]:
-        env = merged[name]["environment"]
-        assert env["ADRENALINE_METRICS_PORT"] == "9100" and env["ADRENALINE_METRICS_HOST"] == "0.0.0.0"
-        assert set(alone[name].get("environment", {})) - {"<<"} <= set(env), name
+        service = COMPOSE_SERVICE[name]
+        env = _merged_env(merged[service], name)
+        assert env["ADRENALINE_METRICS_PORT"] == ("9101" if COMPOSE_PREFIX[name] else "9100"), name
+        assert env["ADRENALINE_METRICS_HOST"] == "0.0.0.0"
+        assert set(alone[service].get("environment", {})) - {"<<"} <= set(merged[service]["environment"]), name

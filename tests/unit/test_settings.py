@@ -14,6 +14,7 @@ from common import nats_auth
 from common.settings import SettingsError, declared, load, markdown, size
 from common.subjects import Subjects
 from services.gateway.settings import GatewaySettings
+from services.pair import EXECUTOR_PREFIX
 from services.runtime import InstanceSettings
 from services.scheduler.service import SchedulerSettings
 
@@ -115,7 +116,9 @@ def _deploy_names() -> set[str]:
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     names = set()
     for spec in compose["services"].values():
-        names |= {k for k in (spec.get("environment") or {}) if k.startswith("ADRENALINE_")}
+        # EXECUTOR_<NAME> is <NAME> for a prefill container's attention executor (services/pair.py)
+        keys = {k.removeprefix(EXECUTOR_PREFIX) for k in (spec.get("environment") or {})}
+        names |= {k for k in keys if k.startswith("ADRENALINE_")}
     for manifest in (ROOT / "deploy").rglob("*.yaml"):
         if "nats" in manifest.relative_to(ROOT / "deploy").parts:
             continue
