@@ -16,6 +16,7 @@ import socket
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -71,12 +72,13 @@ class InstanceSettings(catalog.ControlPlaneSettings):
             torch.set_num_threads(self.threads)
 
 
-async def step(engine: Engine) -> list[StepOutput]:
-    """One engine step in a worker thread (so NATS and UCX keep being served), timed."""
+async def step(engine: Engine, thread: Executor | None = None) -> list[StepOutput]:
+    """One engine step in a worker thread (so NATS and UCX keep being served), timed; in `thread`
+    when the step must always run on the same one (its own UCX worker: services.decode.step_channel)."""
     batch = len(engine.running) or len(engine.waiting)
     preemptions = engine.num_preemptions
     start = time.perf_counter()
-    outputs = await asyncio.to_thread(engine.step)
+    outputs = await asyncio.get_running_loop().run_in_executor(thread, engine.step)
     metrics.STEP_SECONDS.observe(time.perf_counter() - start)
     metrics.BATCH_SIZE.observe(batch)
     metrics.PREEMPTIONS.inc(engine.num_preemptions - preemptions)

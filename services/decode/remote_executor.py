@@ -1,21 +1,20 @@
 """A decode instance's `ExecutorClient` for an attention executor in another process.
 
-The model step runs in a worker thread while the event loop keeps NATS and UCX going, so each
-call hands its I/O to the loop. Each hand-over wakes the loop's thread and, on a loaded CPU,
-costs tens of microseconds, so a step makes as few as it can: the step's announcement is queued
-without waiting for it (NATS keeps one connection's messages in order, and a dead executor
-shows in the first layer's transfer), and each layer's receive and send go over in one
-coroutine, the receive posted before q/k/v are sent so that the executor's answer always lands
-in a posted buffer; `finish` then waits for it, after the local attention has run.
+Every call comes from the decode step thread, which does the per-layer I/O itself on its own UCX
+worker (`StepChannel`): per layer the receive for the answer is posted before q/k/v are sent, so
+the executor's answer always lands in a posted buffer; `finish` then waits for it, after the
+local attention has run, sleeping on the worker's descriptor. The event loop takes no part in a
+step: the step's announcement goes to NATS through it, queued without waiting (NATS keeps one
+connection's messages in order, and an executor that never hears of the step fails the first
+layer's transfer), and it calls `fail` when the executor's heartbeats stop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Coroutine, Sequence
-from concurrent.futures import CancelledError, Future
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import structlog
 import torch
@@ -28,7 +27,8 @@ from common.model.spec import ModelSpec
 from common.offload import ExecutorClient
 from common.subjects import Subjects
 from common.tags import MAX_LAYERS, step_tag_base
-from common.tensor_channel import Peer, TensorChannel
+from common.tensor_channel import TransferError
+from services.decode.step_channel import StepChannel, Transfer
 
 log = structlog.get_logger("decode")
 
@@ -41,23 +41,31 @@ class ExecutorFailed(AdrenalineError):
         self.executor_id = executor_id
 
 
+@dataclass
+class _Layer:
+    recv: Transfer
+    send: Transfer
+    out: torch.Tensor
+    started: float
+
+
 class RemoteExecutor(ExecutorClient):
     def __init__(
         self,
         executor_id: str,
-        peer: Peer,
+        address: bytes,  # the executor's UCX worker address
         *,
         slot: int,  # this executor's number on this decode instance, to keep its tags apart
         decode_id: str,
         spec: ModelSpec,
         bus: Bus,
-        channel: TensorChannel,
+        channel: StepChannel,  # the step thread's, shared by every executor of this decode instance
         subjects: Subjects,
         loop: asyncio.AbstractEventLoop,
         timeout: float,
     ) -> None:
         self.executor_id = executor_id
-        self.peer = peer
+        self.address = address
         self.decode_id = decode_id
         self.spec = spec
         self.bus = bus
@@ -71,10 +79,9 @@ class RemoteExecutor(ExecutorClient):
         self._step = 0
         self._rows = 0
         self._tag_base = 0
-        self._inflight: dict[int, tuple[Future[float], torch.Tensor, float]] = {}
+        self._inflight: dict[int, _Layer] = {}
         self._status = torch.zeros(0, dtype=torch.int8)  # the step's rows not served (1), with layer 0's answer
         self._failed = ""  # set (from the event loop) when the executor is known dead
-        self._io: set[asyncio.Task[int]] = set()  # this executor's transfers running on the loop
 
     @property
     def failed(self) -> bool:
@@ -86,39 +93,14 @@ class RemoteExecutor(ExecutorClient):
         return self._failed
 
     def fail(self, reason: str) -> None:
-        """The executor is gone (its heartbeats stopped); call on the event loop. Cancels the
-        transfers in flight, so that a step waiting on it fails now instead of at the transfer
-        timeout, and refuses new ones. Cancelling is safe: `TensorChannel.recv_into` receives
-        into staging memory, never into the caller's buffer after it gave up."""
+        """The executor is gone (its heartbeats stopped); call from any thread. A step waiting on it
+        fails within the step channel's slice instead of at the transfer timeout, and no new one starts."""
         self._failed = reason
-        for task in list(self._io):
-            task.cancel()
 
-    async def _round_trip(self, send: Coroutine[Any, Any, int], recv: Coroutine[Any, Any, int]) -> float:
-        """Post the answer's receive, then send q/k/v; when the answer arrived, read on the event
-        loop as the progress pass resolves it. The receive is posted first: started before the
-        send, its task posts as soon as the loop runs it."""
-        answer = asyncio.ensure_future(self._tracked(recv))
-        try:
-            await self._tracked(send)
-        except BaseException:
-            answer.cancel()
-            answer.add_done_callback(lambda t: t.cancelled() or t.exception())  # the send's error is the one told
-            raise
-        await answer
-        return time.perf_counter()
-
-    async def _tracked(self, transfer: Coroutine[Any, Any, int]) -> int:
-        """Run one transfer on the loop where `fail` can cancel it."""
+    def _check(self) -> None:
         if self._failed:
-            transfer.close()
+            self._inflight.clear()
             raise ExecutorFailed(self.executor_id, AdrenalineError(self._failed))
-        task = asyncio.ensure_future(transfer)
-        self._io.add(task)
-        try:
-            return await task
-        finally:
-            self._io.discard(task)
 
     def admit(self, request_id: str, kv: torch.Tensor, max_tokens: int) -> None:
         raise AdrenalineError(
@@ -127,48 +109,49 @@ class RemoteExecutor(ExecutorClient):
         )
 
     def begin_step(self, request_ids: Sequence[str], context_lens: Sequence[int]) -> None:
-        if self._failed:
-            raise ExecutorFailed(self.executor_id, AdrenalineError(self._failed))
+        self._check()
+        self._inflight.clear()  # a previous step that failed elsewhere left its layers here
         self._step += 1
         self._rows = len(request_ids)
         self._tag_base = step_tag_base(self.decode_id, self.slot, self._step)
-        begin = StepBegin(self.decode_id, self.channel.address, list(request_ids), list(context_lens), self._tag_base)
-        subject = self.subjects.instance(self.executor_id, "step")
-        # queued, not awaited: a publish fails only with the NATS connection, and then the
-        # executor never answers layer 0, which fails the step at its transfer timeout
-        self._publish_soon(subject, begin)
+        try:
+            answers_to = self.channel.address
+            self.channel.connect(self.address)  # wire-up starts now, ahead of the first layer
+        except TransferError as exc:
+            raise ExecutorFailed(self.executor_id, exc) from exc
+        begin = StepBegin(self.decode_id, answers_to, list(request_ids), list(context_lens), self._tag_base)
+        self._publish_soon(self.subjects.instance(self.executor_id, "step"), begin)
 
     def start(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self._check()
         n = self._rows
         packed = torch.cat([q.reshape(n, -1), k.reshape(n, -1), v.reshape(n, -1)], dim=1).contiguous()
-        with torch.inference_mode(False):  # the event loop's thread writes into it, outside inference mode
-            out = torch.empty(n, self.spec.q_size, dtype=q.dtype, device=q.device)  # on the engine's device
-            buffers = [out]
-            if layer == 0:  # the first answer also says which rows the executor served (host memory: read here)
-                self._status = torch.zeros(n, dtype=torch.int8)
-                buffers.append(self._status)
+        out = torch.empty(n, self.spec.q_size, dtype=q.dtype, device=q.device)  # on the engine's device
+        buffers = [out]
+        if layer == 0:  # the first answer also says which rows the executor served (host memory: read here)
+            self._status = torch.zeros(n, dtype=torch.int8)
+            buffers.append(self._status)
         tag = self._tag_base + layer
         started = time.perf_counter()
-        recv_io = self.channel.recv_into(tag, buffers, self.timeout)
-        send_io = self.channel.send(self.peer, tag, [packed], self.timeout)
-        trip = asyncio.run_coroutine_threadsafe(self._round_trip(send_io, recv_io), self.loop)
-        self._inflight[layer] = (trip, out, started)
-
-    def finish(self, layer: int) -> torch.Tensor:
-        trip, out, started = self._inflight.pop(layer)
         try:
-            arrived = trip.result(self.timeout + 1)
-        except ExecutorFailed:
-            self._inflight.clear()
-            raise
-        except CancelledError as exc:  # fail(): the executor is gone
-            self._inflight.clear()
-            raise ExecutorFailed(self.executor_id, AdrenalineError(self._failed or "cancelled")) from exc
-        except Exception as exc:  # TransferError, or the loop's future timing out
+            recv = self.channel.post_recv(tag, buffers)
+            send = self.channel.post_send(self.channel.connect(self.address), tag, [packed])
+        except TransferError as exc:
             self._inflight.clear()
             raise ExecutorFailed(self.executor_id, exc) from exc
-        metrics.LAYER_ROUND_TRIP_SECONDS.observe(arrived - started)
-        return out.view(self._rows, self.spec.num_heads, self.spec.head_dim)
+        self._inflight[layer] = _Layer(recv, send, out, started)
+
+    def finish(self, layer: int) -> torch.Tensor:
+        pending = self._inflight.pop(layer)
+        try:
+            self.channel.wait([pending.recv, pending.send], self.timeout, lambda: self._failed)
+        except TransferError as exc:
+            self._inflight.clear()
+            raise ExecutorFailed(self.executor_id, exc) from exc
+        # seen by this thread, which looks only after its local attention: an answer that came
+        # during it reads as that long (the stall metric is the part not hidden)
+        metrics.LAYER_ROUND_TRIP_SECONDS.observe(time.perf_counter() - pending.started)
+        return pending.out.view(self._rows, self.spec.num_heads, self.spec.head_dim)
 
     def refused(self) -> list[int]:
         return self._status.nonzero().flatten().tolist()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import structlog
@@ -38,6 +39,7 @@ from common.step_model import StepModel
 from common.tags import MAX_EXECUTORS
 from common.tensor_channel import TensorChannel, TransferError
 from services.decode.remote_executor import ExecutorFailed, RemoteExecutor
+from services.decode.step_channel import StepChannel
 from services.runtime import (
     InstanceSettings,
     Tombstones,
@@ -96,6 +98,9 @@ class DecodeService:
         self.attention_model: StepModel | None = None
         self.offload_stall_s: float | None = None  # moving mean over steps with offloaded rows
         self.stall_measured_at = 0.0  # when a step last had offloaded rows
+        # Steps run on one thread, which owns the UCX worker of the per-layer round trips to executors.
+        self.step_thread = ThreadPoolExecutor(1, thread_name_prefix="decode-step")
+        self.step_channel = StepChannel(settings.ucx_net_devices)
 
     def load(self) -> InstanceLoad:
         """The heartbeat. Blocks allocated to hand-offs still in flight count as free here: the
@@ -269,19 +274,19 @@ class DecodeService:
         request = h.request
         rid = request.request_id
         known = self.engine.executors.get(h.executor_id)
-        if isinstance(known, RemoteExecutor) and (known.failed or known.peer.address != h.executor_address):
+        if isinstance(known, RemoteExecutor) and (known.failed or known.address != h.executor_address):
             # It failed, or restarted under the same id (a new UCX worker): what it held is gone.
             await self._drop_executor(h.executor_id, "the executor restarted" if not known.failed else known.reason)
         if h.executor_id not in self.engine.executors:
             self.executor_slots += 1
             self.engine.executors[h.executor_id] = RemoteExecutor(
                 h.executor_id,
-                await self.channel.connect(h.executor_address),
+                h.executor_address,
                 slot=self.executor_slots % MAX_EXECUTORS,
                 decode_id=self.settings.instance_id,
                 spec=self.engine.spec,
                 bus=self.bus,
-                channel=self.channel,
+                channel=self.step_channel,
                 subjects=self.subjects,
                 loop=asyncio.get_running_loop(),
                 timeout=self.settings.transfer_timeout_s,
@@ -299,7 +304,7 @@ class DecodeService:
             offloaded = sum(r.executor is not None for r in running)
             metrics.OFFLOADED_SHARE.set(offloaded / len(running))
         try:
-            outputs = await step(self.engine)
+            outputs = await step(self.engine, self.step_thread)
         except ExecutorFailed as exc:
             await self._drop_executor(exc.executor_id, str(exc))
             return []
@@ -377,3 +382,4 @@ class DecodeService:
                 await sub.unsubscribe()
             for receive in self.receives:
                 receive.cancel()
+            self.step_thread.shutdown(wait=False, cancel_futures=True)
