@@ -28,6 +28,15 @@ BATCH_SIZE = Histogram(
     "adrenaline_batch_size", "Requests in one engine step", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
 )
 TRANSFER_BYTES = Counter("adrenaline_kv_transfer_bytes_total", "KV bytes moved over UCX", ["direction"])
+UCX_ORPHANS = Gauge(
+    "adrenaline_ucx_orphaned_transfers",
+    "Timed-out UCX transfers still posted, with the memory they may write (common/tensor_channel.py)",
+)
+UCX_ORPHANS_EXPIRED = Counter(
+    "adrenaline_ucx_orphaned_transfers_expired_total",
+    "Timed-out UCX transfers given up on and cancelled: unfinished after the TTL, or the oldest past the cap",
+    ["reason"],
+)
 TRANSFER_SECONDS = Histogram(
     "adrenaline_kv_transfer_seconds",
     "Time to move one request's KV (from the hand-off message to the last byte)",

@@ -9,6 +9,14 @@ unique among everything in flight towards one process (e.g. derived from request
 Each tensor travels as its own tagged message, in order, with the same tag: packing them would
 cost a copy on the sender, and UCX matches one sender's messages with one tag in the order sent.
 
+A transfer that times out stays posted (UCX cannot take back a receive it has begun to fill), an
+"orphan" holding the memory UCX may still write, until it finishes. A peer that died never
+finishes it, so orphans are bounded: one unfinished `orphan_ttl_s` (120 s, twelve times the
+default transfer timeout) after its timeout is taken as its peer's death and given up on, and
+past `max_orphans` the oldest go first; giving up drops its requests, which ucxx cancels, so a
+receive nobody will match stops waiting. Each is logged and counted
+(`adrenaline_ucx_orphaned_transfers_expired_total`).
+
 Progress is driven here, not by ucxx's asyncio helpers: ucxx 0.52's "blocking" mode arms the
 worker once, after which its epoll descriptor stays readable and the event loop wakes without
 pause (an idle process spun a whole core). The rule UCX documents for `ucp_worker_arm` is kept
@@ -28,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
 import torch
 
 # ucxx reads UCX_* variables when it is imported; without this, every variable UCX does not know
@@ -38,11 +47,18 @@ from ucxx._lib.arr import Array
 from ucxx._lib.libucxx import UCXAddress, UCXContext, UCXEndpoint, UCXWorker
 from ucxx.types import Tag
 
+from common import metrics
 from common.errors import AdrenalineError
+
+log = structlog.get_logger(__name__)
 
 # How long closing one endpoint may wait for its peer; a dead peer must not stall shutdown.
 _CLOSE_PERIOD_NS = 100_000_000
 MAX_PEERS = 256  # endpoints kept at once; far more than the instances one process talks to
+# Timed-out transfers kept posted (see the module's doc): given up on this long after their
+# timeout, and past this many the oldest first. A live peer finishes a transfer within seconds.
+ORPHAN_TTL_S = 120.0
+MAX_ORPHANS = 1024
 
 
 class TransferError(AdrenalineError):
@@ -73,6 +89,9 @@ class _Waiter:
     requests: list[Any]
     future: asyncio.Future[None]
     memory: list[Any] = field(default_factory=list)  # what UCX reads or writes: alive until completion
+    tag: int = 0
+    what: str = ""  # "send", "receive from peer ...": for the log line when it is given up on
+    orphaned_at: float = 0.0  # when its caller stopped waiting (monotonic)
 
 
 # dtypes numpy and `__cuda_array_interface__` both describe; others (bfloat16, float8) travel as same-width ints.
@@ -101,7 +120,15 @@ def sync_cuda(tensors: Sequence[torch.Tensor]) -> None:
 class TensorChannel:
     """The process's UCX worker, progressed on one event loop, plus cached endpoints to peers."""
 
-    def __init__(self, context: Any, worker: Any, loop: asyncio.AbstractEventLoop, spin_us: float = 0.0) -> None:
+    def __init__(
+        self,
+        context: Any,
+        worker: Any,
+        loop: asyncio.AbstractEventLoop,
+        spin_us: float = 0.0,
+        orphan_ttl_s: float = ORPHAN_TTL_S,
+        max_orphans: int = MAX_ORPHANS,
+    ) -> None:
         self._context: Any = context
         self._worker_obj: Any = worker
         self._loop = loop
@@ -109,8 +136,12 @@ class TensorChannel:
         self._waiters: list[_Waiter] = []
         self.spin_s = spin_us * 1e-6  # see `_spin`
         # Requests unfinished at their timeout, with the memory they read or write: UCX holds raw pointers,
-        # so that memory must live until they complete (then they are dropped) or the channel closes.
+        # so that memory must live until they complete (then they are dropped), they expire
+        # (`expire_orphans`) or the channel closes. Oldest first.
         self._orphans: list[_Waiter] = []
+        self.orphan_ttl_s = orphan_ttl_s
+        self.max_orphans = max_orphans
+        self._expiry: asyncio.TimerHandle | None = None  # the next `expire_orphans`, while orphans exist
         worker.init_blocking_progress_mode()
         self._fd: int = worker.epoll_file_descriptor
         loop.add_reader(self._fd, self._progress)
@@ -274,8 +305,9 @@ class TensorChannel:
                 async with asyncio.timeout(timeout):
                     await waiter.future
             except BaseException as exc:  # a timeout, or our caller cancelled us
-                self._orphans = [o for o in self._orphans if not all(r.completed for r in o.requests)]
+                waiter.tag, waiter.what, waiter.orphaned_at = tag, what, time.monotonic()
                 self._orphans.append(waiter)
+                self.expire_orphans()
                 if isinstance(exc, TimeoutError):
                     done = sum(r.completed for r in requests)
                     raise TransferTimeout(
@@ -287,6 +319,56 @@ class TensorChannel:
                 r.check_error()
         except Exception as e:  # truncated (message larger than the buffer), cancelled, transport error
             raise TransferError(f"tag {tag:#x}: {what} failed: {e}") from e
+
+    @property
+    def num_orphans(self) -> int:
+        """Timed-out transfers still posted, finished ones not yet forgotten included."""
+        return len(self._orphans)
+
+    def expire_orphans(self, now: float | None = None) -> int:
+        """Forget orphans that finished, give up on those unfinished `orphan_ttl_s` after their
+        timeout and on the oldest past `max_orphans`; how many were given up on.
+
+        Giving up drops an orphan's requests, which ucxx cancels when their objects go: a receive
+        not yet matched then no longer takes a later message with its tag, and its staging
+        memory is freed. UCX cannot cancel a receive it has begun to fill (a rendezvous under
+        way); after the TTL its peer is taken as gone, and a dead peer writes nothing more.
+        Runs when a transfer is orphaned and, while orphans remain, on a timer, so an idle
+        process lets go of them too.
+        """
+        now = time.monotonic() if now is None else now
+        pending = [o for o in self._orphans if not all(r.completed for r in o.requests)]
+        expired = [o for o in pending if now - o.orphaned_at >= self.orphan_ttl_s]
+        kept = [o for o in pending if now - o.orphaned_at < self.orphan_ttl_s]
+        over = max(0, len(kept) - self.max_orphans)
+        crowded, kept = kept[:over], kept[over:]
+        self._orphans = kept
+        for reason, given_up in (("ttl", expired), ("cap", crowded)):
+            for orphan in given_up:
+                log.warning(
+                    "gave up on a timed-out transfer",
+                    tag=f"{orphan.tag:#x}",
+                    transfer=orphan.what,
+                    unfinished_s=round(now - orphan.orphaned_at, 1),
+                    reason=reason,
+                )
+            if given_up:
+                metrics.UCX_ORPHANS_EXPIRED.labels(reason).inc(len(given_up))
+        for orphan in (*expired, *crowded):  # ucxx cancels each request as its last reference goes
+            orphan.requests.clear()
+            orphan.memory.clear()
+        metrics.UCX_ORPHANS.set(len(self._orphans))
+        self._schedule_expiry(now)
+        return len(expired) + len(crowded)
+
+    def _schedule_expiry(self, now: float) -> None:
+        """A timer for the oldest orphan's expiry (none while there is none)."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        if self._orphans and self._worker_obj is not None:
+            delay = max(0.0, self._orphans[0].orphaned_at + self.orphan_ttl_s - now)
+            self._expiry = self._loop.call_later(delay, self.expire_orphans)
 
     async def close(self) -> None:
         """Close endpoints (bounded wait, a dead peer must not stall shutdown), drop orphaned requests
@@ -302,5 +384,8 @@ class TensorChannel:
                 waiter.future.set_exception(TransferError("tensor channel closed"))
         self._waiters.clear()
         self._orphans.clear()
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         self._worker_obj = None
         self._context = None

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from prometheus_client import REGISTRY
 
 from common import settings_catalog as catalog
 from common import tensor_channel
@@ -211,6 +212,11 @@ async def test_killed_peer_times_out_instead_of_hanging() -> None:
             await channel.recv_into(0x40, [buf, torch.zeros(8)], timeout=0.5, peer=peer)
         assert time.monotonic() - start < 2.0
         assert torch.equal(buf, torch.full((3, 4), 5, dtype=torch.int64))
+        # The receive stays posted for its dead peer until the TTL gives up on it (a clock set
+        # forward, not waited for), rather than until the channel closes.
+        assert channel.num_orphans == 1
+        assert channel.expire_orphans(now=time.monotonic() + channel.orphan_ttl_s) == 1
+        assert channel.num_orphans == 0
         start = time.monotonic()
     closing = time.monotonic() - start
     print(f"\nclosing a channel to a SIGKILLed peer took {closing * 1e3:.0f} ms")
@@ -242,4 +248,38 @@ async def test_the_endpoint_cache_is_bounded_least_recently_used_first(monkeypat
         assert torch.equal(got, torch.arange(4.0))
     finally:
         for channel in (hub, *others):
+            await channel.close()
+
+
+def _expired(reason: str) -> float:
+    return REGISTRY.get_sample_value("adrenaline_ucx_orphaned_transfers_expired_total", {"reason": reason}) or 0.0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.asyncio
+async def test_orphaned_receives_are_given_up_on_past_the_cap_or_the_ttl() -> None:
+    """Receives whose sender never came are held past their timeout (UCX may still fill them), but
+    not for ever: the oldest past the cap, and every one past the TTL, are cancelled, counted, and
+    their tag is free again: a message sent with it later reaches a new receive, not the old one."""
+    hub, other = await TensorChannel.create(), await TensorChannel.create()
+    try:
+        peer = await other.connect(hub.address)
+        for tag in (0x51, 0x52, 0x53):
+            with pytest.raises(TransferTimeout):
+                await hub.recv_into(tag, [torch.zeros(4096)], timeout=0.05)
+        assert hub.num_orphans == 3
+        cap, ttl = _expired("cap"), _expired("ttl")
+        hub.max_orphans = 2
+        assert hub.expire_orphans() == 1  # over the cap: the oldest (0x51) goes at once
+        assert hub.num_orphans == 2 and _expired("cap") == cap + 1
+        assert hub.expire_orphans(now=time.monotonic() + hub.orphan_ttl_s) == 2
+        assert hub.num_orphans == 0 and _expired("ttl") == ttl + 2
+        for tag in (0x51, 0x53):
+            got = torch.zeros(4096)
+            sent = asyncio.ensure_future(other.send(peer, tag, [torch.full((4096,), float(tag))], timeout=10))
+            await hub.recv_into(tag, [got], timeout=10)
+            await sent
+            assert torch.equal(got, torch.full((4096,), float(tag)))
+    finally:
+        for channel in (hub, other):
             await channel.close()
