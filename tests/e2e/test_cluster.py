@@ -257,6 +257,49 @@ def test_sampling_extensions_n_and_batches_through_the_cluster(cluster: LocalClu
 
 
 @pytest.mark.timeout(120)
+def test_prompt_logprobs_and_bad_words_through_the_cluster(cluster: LocalCluster, llama_dir: Path) -> None:
+    """vLLM's `prompt_logprobs` as the prefill instance computed them and the gateway shaped them: each
+    prompt token's logprob and its 5 likeliest alternatives equal log_softmax of transformers' logits
+    on the prompt. Greedy output with `bad_words` equals `generate` banning the words' token sequences
+    as vLLM makes them (the word, and with a leading space where that is another first token)."""
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    hf = AutoModelForCausalLM.from_pretrained(llama_dir)
+    model, prompt = cluster.model.name, "block cache decode block cache"
+    ids = tokenizer(prompt).input_ids
+    body = {"model": model, "prompt": prompt, "max_tokens": 2, "temperature": 0, "prompt_logprobs": 5}
+    response = httpx.post(f"{cluster.url}/v1/completions", json=body, timeout=30).json()
+    shaped = response["choices"][0]["prompt_logprobs"]
+    with torch.no_grad():
+        expected = torch.log_softmax(hf(torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+    values, indices = expected.topk(5, dim=-1)
+    assert shaped[0] is None and len(shaped) == len(ids)
+    for j, token in enumerate(ids[1:]):
+        position = shaped[j + 1]
+        assert position[str(token)]["logprob"] == pytest.approx(float(expected[j, token]), abs=1e-4)
+        assert [position[str(t)]["rank"] for t in indices[j].tolist()] == [1, 2, 3, 4, 5]
+        got = [position[str(t)]["logprob"] for t in indices[j].tolist()]
+        assert got == pytest.approx(values[j].tolist(), abs=1e-4)
+
+    free = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids) :].tolist()
+    token = next(t for t in free[2:] if tokenizer.decode([t]).isalpha())  # a whole word, no leading space
+    word = tokenizer.decode([token])
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    banned = [encode(word)]
+    if encode(" " + word)[0] != banned[0][0] and len(encode(" " + word)) == len(banned[0]):
+        banned.append(encode(" " + word))
+    assert [token] in banned  # the output must change for this to mean anything
+    assert all(ids[-(len(b) - 1) :] != b[:-1] for b in banned if len(b) > 1)  # no word straddles the prompt's end
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=10)
+    got = client.completions.create(
+        model=model, prompt=prompt, max_tokens=12, temperature=0, extra_body={"bad_words": [word]}
+    )
+    reference = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, bad_words_ids=banned)
+    assert got.choices[0].text == tokenizer.decode(reference[0, len(ids) :], skip_special_tokens=True)
+    assert got.choices[0].text != tokenizer.decode(free, skip_special_tokens=True)
+    _wait_kv_free(cluster)
+
+
+@pytest.mark.timeout(120)
 def test_the_prometheus_configuration_of_a_run_scrapes_every_service(cluster: LocalCluster) -> None:
     import yaml
 
