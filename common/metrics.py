@@ -47,8 +47,9 @@ TRANSFER_SECONDS = Histogram(
 _PER_LAYER_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 LAYER_ROUND_TRIP_SECONDS = Histogram(
     "adrenaline_offload_layer_round_trip_seconds",
-    "Decode side, per layer and executor: from posting q/k/v to the executor's answer arriving "
-    "(the remote round trip itself; local attention overlaps it, the exposed part is the stall)",
+    "Decode side, per layer and executor: from posting q/k/v to the step thread seeing the "
+    "executor's answer, which it looks for after its local attention (an answer that came during "
+    "it reads as that long; the exposed part is the stall)",
     buckets=_PER_LAYER_BUCKETS,
 )
 LOCAL_ATTENTION_SECONDS = Histogram(
