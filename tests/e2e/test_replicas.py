@@ -138,7 +138,11 @@ def replicas(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         _until(ready, "both pairs and the gateway are up", READY_S)
         yield replicas
     finally:
+        launchers = [c.process.pid for c in cluster.group.children if c.name in HOSTS]
+        pair_processes = [pid for launcher in launchers for pid in _children_of(launcher)]
         cluster.stop()
+    # stopped as `docker compose stop` stops a container (SIGTERM to the launcher): no process left
+    assert len(pair_processes) == 2 * len(HOSTS) and not any(map(_running, pair_processes)), pair_processes
     violations = [  # each process logs in as its role (compose's users): a subject it lacks shows here
         f"{log.name}: {line}"
         for log in sorted(cluster.log_dir.glob("*.log"))  # type: ignore[union-attr]
@@ -146,6 +150,25 @@ def replicas(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         if "Violation" in line
     ]
     assert not violations, "\n".join(violations)
+
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (state, parent, ...), or None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()
+
+
+def _children_of(parent: int) -> list[int]:
+    pids = [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+    return [pid for pid in pids if (stat := _stat(pid)) is not None and int(stat[1]) == parent]
+
+
+def _running(pid: int) -> bool:
+    stat = _stat(pid)
+    return stat is not None and stat[0] != "Z"  # a zombie has ended
 
 
 def _scheduler_log(cluster: LocalCluster) -> list[dict[str, object]]:
