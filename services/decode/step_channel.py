@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
 import torch
 
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")  # as in common.tensor_channel, before ucxx reads it
@@ -33,7 +34,18 @@ from ucxx._lib.arr import Array
 from ucxx._lib.libucxx import UCXAddress, UCXContext, UCXEndpoint, UCXWorker
 from ucxx.types import Tag
 
-from common.tensor_channel import MAX_PEERS, TransferError, TransferTimeout, as_buffer, sync_cuda
+from common import metrics
+from common.tensor_channel import (
+    MAX_ORPHANS,
+    MAX_PEERS,
+    ORPHAN_TTL_S,
+    TransferError,
+    TransferTimeout,
+    as_buffer,
+    sync_cuda,
+)
+
+log = structlog.get_logger("decode")
 
 _SLICE_S = 0.05  # the longest sleep between looks at `cancelled`
 _CLOSE_PERIOD_NS = 100_000_000
@@ -47,6 +59,7 @@ class Transfer:
     what: str
     requests: list[Any]
     memory: list[Any] = field(default_factory=list)
+    orphaned_at: float = 0.0  # when its waiter gave up on it (monotonic)
 
     @property
     def done(self) -> bool:
@@ -63,7 +76,9 @@ class StepChannel:
         self._fd = -1
         self._owner = 0
         self._peers: dict[bytes, Any] = {}
-        self._orphans: list[Transfer] = []  # timed out or abandoned: kept (with their memory) until done
+        # Timed out or abandoned: kept with their memory until done, as common.tensor_channel keeps
+        # its own, and given up on (ucxx cancels them) after ORPHAN_TTL_S or past MAX_ORPHANS.
+        self._orphans: list[Transfer] = []
 
     def _ready(self) -> Any:
         if self._worker is None:
@@ -140,7 +155,7 @@ class StepChannel:
                 t = next(t for t in transfers if not t.done)
                 raise TransferTimeout(t.tag, timeout, f"{t.what} not done")
             select.select([self._fd], [], [], min(left, _SLICE_S))
-        self._orphans = [o for o in self._orphans if not o.done]
+        self._expire(time.monotonic())
         for t in transfers:
             try:
                 for r in t.requests:
@@ -149,8 +164,29 @@ class StepChannel:
                 raise TransferError(f"tag {t.tag:#x}: {t.what} failed: {e}") from e
 
     def _abandon(self, transfers: Sequence[Transfer]) -> None:
-        self._orphans = [o for o in self._orphans if not o.done]
-        self._orphans.extend(t for t in transfers if not t.done)
+        now = time.monotonic()
+        for t in transfers:
+            if not t.done:
+                t.orphaned_at = now
+                self._orphans.append(t)
+        self._expire(now)
+
+    def _expire(self, now: float) -> None:
+        """Forget finished orphans; give up on those unfinished ORPHAN_TTL_S after their wait ended
+        (their peer is taken for dead) and on the oldest past MAX_ORPHANS."""
+        if not self._orphans:
+            return
+        pending = [o for o in self._orphans if not o.done]
+        expired = [o for o in pending if now - o.orphaned_at >= ORPHAN_TTL_S]
+        kept = [o for o in pending if now - o.orphaned_at < ORPHAN_TTL_S]
+        crowded, self._orphans = kept[: max(0, len(kept) - MAX_ORPHANS)], kept[max(0, len(kept) - MAX_ORPHANS) :]
+        for reason, given_up in (("ttl", expired), ("cap", crowded)):
+            if given_up:
+                metrics.UCX_ORPHANS_EXPIRED.labels(reason).inc(len(given_up))
+                log.warning("gave up on unfinished step transfers", reason=reason, count=len(given_up))
+            for orphan in given_up:  # ucxx cancels each request as its last reference goes
+                orphan.requests.clear()
+                orphan.memory.clear()
 
     @property
     def orphans(self) -> int:

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from common.tensor_channel import TensorChannel, TransferError, TransferTimeout
+from services.decode import step_channel
 from services.decode.step_channel import StepChannel
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,6 +112,21 @@ def test_a_dead_executor_ends_the_wait_at_once_and_only_one_thread_may_use_it() 
     other.start()
     other.join()
     assert len(refused) == 1 and "thread" in str(refused[0])
+
+
+def test_abandoned_receives_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dead executor's receives stay posted (UCX may still fill them) but not for ever: past the
+    cap the oldest are given up on, and any after the TTL."""
+    monkeypatch.setattr(step_channel, "MAX_ORPHANS", 2)
+    step = StepChannel()
+    for tag in (1, 2, 3):
+        with pytest.raises(TransferTimeout):
+            step.wait([step.post_recv(tag, [torch.empty(4)])], timeout=0.01, cancelled=lambda: "")
+    assert step.orphans == 2
+    monkeypatch.setattr(step_channel, "ORPHAN_TTL_S", 0.0)
+    with pytest.raises(TransferTimeout):
+        step.wait([step.post_recv(4, [torch.empty(4)])], timeout=0.01, cancelled=lambda: "")
+    assert step.orphans == 0
 
 
 if __name__ == "__main__":
