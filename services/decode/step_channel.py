@@ -149,11 +149,11 @@ class StepChannel:
             reason = cancelled()
             left = deadline - time.monotonic()
             if reason or left <= 0:
+                late = next(t for t in transfers if not t.done)
                 self._abandon(transfers)
                 if reason:
                     raise TransferError(reason)
-                t = next(t for t in transfers if not t.done)
-                raise TransferTimeout(t.tag, timeout, f"{t.what} not done")
+                raise TransferTimeout(late.tag, timeout, f"{late.what} not done")
             select.select([self._fd], [], [], min(left, _SLICE_S))
         self._expire(time.monotonic())
         for t in transfers:
