@@ -39,7 +39,7 @@ from common.messages import ClusterStatus, StatusRequest
 from common.natsd import NatsServer, free_port
 from common.subjects import Subjects
 from services import pair
-from services.launcher import ProcessGroup
+from services.launcher import PREFILL_NICE, ProcessGroup
 from services.supervisor import RestartBudget, Supervisor
 
 ROLES = ("scheduler", "prefill", "attention-executor", "decode", "gateway")  # start order
@@ -137,7 +137,7 @@ class LocalCluster:
     # A prefill instance that shares its CPUs with an attention executor runs this much nicer, so
     # that the executor's per-layer work, which a decode step waits on, is not queued behind a
     # prefill: the CPU stand-in for the GPU's MPS share (docs/services.md has its cost to TTFT).
-    prefill_nice: int = 10
+    prefill_nice: int = PREFILL_NICE
 
     def replicas(self, role: str) -> int:
         """How many `role` processes this host runs."""
