@@ -2,7 +2,8 @@
 
 On the wire a message is a msgpack map `{"v": VERSION, "t": <type name>, "b": {field: value}}`.
 `decode` checks the version, the type (and that it is the one the subscriber expects), that
-every field is present and of its declared type, and that there are no unknown fields; anything
+every field without a default is present (`encode` leaves out fields at their default), that each
+is of its declared type, and that there are no unknown fields; anything
 else is a `MessageError` naming what was wrong, never a half-built object. No pickle: a peer can
 only ever make us build one of the dataclasses below.
 
@@ -422,11 +423,32 @@ def decode(data: bytes, expected: type[M]) -> M:
 
 
 def _to_wire(value: Any) -> Any:
+    """A message as msgpack takes it. A field at its default is left out (`decode` fills it in): a
+    field that most messages leave empty (`TokenEvent`'s logprobs, which a request asks for or not)
+    then costs those messages nothing."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        defaults = _defaults(type(value))
+        wire = {}
+        for f in dataclasses.fields(value):
+            field_value = getattr(value, f.name)
+            if f.name not in defaults or field_value != defaults[f.name]:
+                wire[f.name] = _to_wire(field_value)
+        return wire
     if isinstance(value, list | tuple):
         return [_to_wire(v) for v in value]
     return value
+
+
+@functools.cache
+def _defaults(cls: type) -> dict[str, Any]:
+    """A message class's default field values, worked out once (only compared, never handed out)."""
+    defaults = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+    return defaults
 
 
 @functools.cache

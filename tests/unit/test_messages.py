@@ -109,3 +109,17 @@ def test_every_message_dataclass_is_registered() -> None:
 
     declared = {n for n, v in vars(messages).items() if isinstance(v, type) and dataclasses.is_dataclass(v)}
     assert declared == set(messages._REGISTRY)
+
+
+def test_fields_at_their_default_stay_off_the_wire() -> None:
+    """A request that asks for no logprobs pays nothing for them: its token events carry only what is set."""
+    assert msgpack.unpackb(encode(TokenEvent("r-1", [5])))["b"] == {"request_id": "r-1", "token_ids": [5]}
+    asked = TokenEvent("r-1", [], prompt_logprobs=[-1.0], prompt_top_logprobs=[[(3, -1.0)]])
+    assert set(msgpack.unpackb(encode(asked))["b"]) == {
+        "request_id",
+        "token_ids",
+        "prompt_logprobs",
+        "prompt_top_logprobs",
+    }
+    assert decode(encode(asked), TokenEvent) == asked
+    assert decode(encode(SUBMIT), SubmitRequest) == SUBMIT
