@@ -96,7 +96,10 @@ Seed = Annotated[int, _schema(minimum=0, maximum=2**63 - 1)]  # checked by Sampl
 TokenId = Annotated[int, per_model("token_id", minimum=0)]  # checked against the vocabulary in prompts.py
 Penalty = Annotated[float, Meta(ge=-MAX_PENALTY, le=MAX_PENALTY)]
 Bias = Annotated[float, Meta(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]
-BadWord = Annotated[str, Meta(min_length=1, max_length=MAX_BAD_WORD_LENGTH, pattern=r"\S")]
+NOT_SPACE = r"[^\t-\r\x1c- \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+"""A character that Python's `str.isspace` (so `str.lstrip`, and `\\s` of its regexes) does not take for a
+space: spelled out, because JSON Schema's (ECMA-262) `\\s` is another set."""
+BadWord = Annotated[str, Meta(min_length=1, max_length=MAX_BAD_WORD_LENGTH, pattern=NOT_SPACE)]
 BadWords = Annotated[
     Annotated[list[BadWord], Meta(max_length=MAX_BAD_WORDS)] | None,
     Meta(

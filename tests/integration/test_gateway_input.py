@@ -26,6 +26,7 @@ from services.gateway.openai_types import (
     MAX_STOP_LENGTH,
     MAX_STOP_STRINGS,
     MAX_TOP_K,
+    NOT_SPACE,
 )
 from tests.integration.gateway_harness import API_KEY, MODEL, Env
 from tests.integration.gateway_harness import env as env  # the module fixture, a fresh instance for this module
@@ -411,7 +412,7 @@ def test_the_schema_states_the_limits(env: Env, http: httpx.Client) -> None:
     assert (words["maxItems"], words["items"]["maxLength"], words["items"]["pattern"]) == (
         MAX_BAD_WORDS,
         MAX_BAD_WORD_LENGTH,
-        r"\S",
+        NOT_SPACE,
     )
     assert (_value(completion["prompt_logprobs"])["minimum"], _value(completion["prompt_logprobs"])["maximum"]) == (
         0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from typing import Any
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from common.messages import Sampling, TokenEvent
 from common.model.tiny import make_tokenizer
 from services.gateway.errors import APIError
-from services.gateway.openai_types import ChatMessage, CompletionRequest
+from services.gateway.openai_types import NOT_SPACE, ChatMessage, CompletionRequest
 from services.gateway.prompts import PromptBuilder
 from services.gateway.responses import Choice, Outcome, Shapes
 from services.gateway.text import Piece, TextStream
@@ -183,3 +184,10 @@ def test_echoed_logprobs_put_the_prompts_before_the_outputs() -> None:
     }
     assert shaped.prompt_logprobs is not None and shaped.prompt_logprobs[0] is None
     assert {k: (v.logprob, v.rank) for k, v in shaped.prompt_logprobs[2].items()} == {"2": (-2.0, 2), "3": (-0.5, 1)}
+
+
+def test_the_bad_words_pattern_is_pythons_not_a_space_spelled_out() -> None:
+    """`bad_words` entries must keep a character after `str.lstrip`; the document states it as a class
+    that ECMA-262 and Python read alike (every space character is in the Basic Multilingual Plane)."""
+    pattern = re.compile(NOT_SPACE)
+    assert all((pattern.fullmatch(c) is None) == c.isspace() for c in map(chr, range(0x10000)))
