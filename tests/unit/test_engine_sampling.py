@@ -195,6 +195,7 @@ def test_token_ids_outside_the_vocabulary_are_refused_naming_the_field(engine: E
     for field, params in (
         ("stop_token_ids", SamplingParams(stop_token_ids=(vocab,))),
         ("logit_bias", SamplingParams(logit_bias=((vocab + 3, 1.0),))),
+        ("bad_words", SamplingParams(bad_words=((5, vocab),))),
     ):
         with pytest.raises(InvalidRequestError) as err:
             engine.add_request("bad", [5, 6], params)
