@@ -59,11 +59,6 @@ async def completions(request: Request[Any, Any, Any], data: oa.CompletionReques
     server, prompts = _server(request), PromptBuilder.of(request)
     prompts.check_model(data.model)
     refuse_unsupported(data)
-    if data.echo and data.logprobs is not None:
-        raise invalid(
-            "echo",
-            "echo: not with logprobs: this server does not compute the prompt's logprobs (send one or the other)",
-        )
     n = data.n or 1
     batch = prompts.completion_prompts(data)
     _check_choices(n, len(batch))

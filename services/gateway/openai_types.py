@@ -167,8 +167,7 @@ class SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class CompletionRequest(SamplingFields, kw_only=True):
     """Rules across fields, checked in code (a 400 naming the field): the prompt's tokens plus `max_tokens`
     fit the model's context (else `context_length_exceeded`); `min_tokens` <= `max_tokens` (16 when not
-    given); `n` times the prompts of a batch <= MAX_CHOICES (128); `best_of`, if given, equals `n`; `echo`
-    not with `logprobs`."""
+    given); `n` times the prompts of a batch <= MAX_CHOICES (128); `best_of`, if given, equals `n`."""
 
     # A string, a list of token ids, or a batch of either (a list of strings, a list of token lists);
     # nothing nested deeper. Not empty, and a batch of one kind (prompts.py checks it).

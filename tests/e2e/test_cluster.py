@@ -260,8 +260,9 @@ def test_sampling_extensions_n_and_batches_through_the_cluster(cluster: LocalClu
 def test_prompt_logprobs_and_bad_words_through_the_cluster(cluster: LocalCluster, llama_dir: Path) -> None:
     """vLLM's `prompt_logprobs` as the prefill instance computed them and the gateway shaped them: each
     prompt token's logprob and its 5 likeliest alternatives equal log_softmax of transformers' logits
-    on the prompt. Greedy output with `bad_words` equals `generate` banning the words' token sequences
-    as vLLM makes them (the word, and with a leading space where that is another first token)."""
+    on the prompt; so do `echo`'s with `logprobs` (OpenAI's legacy shape, the first token's null).
+    Greedy output with `bad_words` equals `generate` banning the words' token sequences as vLLM
+    makes them (the word, and with a leading space where that is another first token)."""
     tokenizer = AutoTokenizer.from_pretrained(llama_dir)
     hf = AutoModelForCausalLM.from_pretrained(llama_dir)
     model, prompt = cluster.model.name, "block cache decode block cache"
@@ -279,6 +280,15 @@ def test_prompt_logprobs_and_bad_words_through_the_cluster(cluster: LocalCluster
         assert [position[str(t)]["rank"] for t in indices[j].tolist()] == [1, 2, 3, 4, 5]
         got = [position[str(t)]["logprob"] for t in indices[j].tolist()]
         assert got == pytest.approx(values[j].tolist(), abs=1e-4)
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=10)
+    echoed = client.completions.create(model=model, prompt=prompt, max_tokens=2, temperature=0, echo=True, logprobs=0)
+    legacy = echoed.choices[0].logprobs
+    assert legacy is not None and legacy.token_logprobs is not None and legacy.tokens is not None
+    assert legacy.tokens[: len(ids)] == [tokenizer.decode([t]) for t in ids]
+    assert legacy.token_logprobs[0] is None
+    gathered = expected.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+    assert legacy.token_logprobs[1 : len(ids)] == pytest.approx(gathered, abs=1e-4)
+    assert echoed.choices[0].text.startswith(prompt) and len(legacy.token_logprobs) == len(ids) + 2
 
     free = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids) :].tolist()
     token = next(t for t in free[2:] if tokenizer.decode([t]).isalpha())  # a whole word, no leading space
@@ -289,7 +299,6 @@ def test_prompt_logprobs_and_bad_words_through_the_cluster(cluster: LocalCluster
         banned.append(encode(" " + word))
     assert [token] in banned  # the output must change for this to mean anything
     assert all(ids[-(len(b) - 1) :] != b[:-1] for b in banned if len(b) > 1)  # no word straddles the prompt's end
-    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=10)
     got = client.completions.create(
         model=model, prompt=prompt, max_tokens=12, temperature=0, extra_body={"bad_words": [word]}
     )

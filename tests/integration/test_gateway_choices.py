@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.gateway_harness import API_KEY, MODEL, Env, standin_prompt_logprobs
+from tests.integration.gateway_harness import API_KEY, MODEL, Env, standin_prompt_logprobs, standin_tokens
 from tests.integration.gateway_harness import _reset_backend as _reset_backend  # autouse: normal mode, no delay
 from tests.integration.gateway_harness import env as env  # the module fixture, a fresh instance for this module
 
@@ -87,7 +87,6 @@ def test_vllm_and_openai_sampling_fields_reach_the_backend(env: Env) -> None:
         ("completions", {"n": 0}, "n"),
         ("completions", {"n": 65, "prompt": ["a", "b"]}, "n"),
         ("completions", {"prompt": ["a"] * 129}, "prompt"),
-        ("completions", {"echo": True, "logprobs": 0}, "echo"),
         ("completions", {"min_p": 1.5}, "min_p"),
         ("chat/completions", {"min_p": -0.1}, "min_p"),
         ("completions", {"bad_words": [" \t "]}, "bad_words[0]"),
@@ -311,3 +310,44 @@ def test_prompt_logprobs_lost_in_transit_fail_the_request(env: Env) -> None:
         env.client().completions.create(model=MODEL, prompt="lost", max_tokens=2, extra_body={"prompt_logprobs": 1})
     assert bad.value.status_code == 502 and "prompt's logprobs" in bad.value.message
     env.backend.wait_abort(env.backend.submits[-1].request_id)
+
+
+def test_echo_with_logprobs_covers_the_prompt_then_the_output(env: Env) -> None:
+    """OpenAI's legacy shape: the prompt's tokens lead `logprobs`, the first with null (no context),
+    the others with the prefill instance's values; offsets run through the echoed text. A stream
+    sends the echoed prompt with its logprobs in each choice's first chunk."""
+    prompt = "echo these logprobs"
+    ids = env.tokenizer(prompt).input_ids
+    out = standin_tokens(ids, 3, env.vocab)
+    decode = lambda t: env.tokenizer.decode([t])  # noqa: E731
+    sent = standin_prompt_logprobs(ids, 1)
+    tokens = [decode(t) for t in ids + out]
+    offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(ids))]
+    offsets += [len(prompt) + sum(len(t) for t in tokens[len(ids) : i]) for i in range(len(ids), len(tokens))]
+    expected = {
+        "tokens": tokens,
+        "token_logprobs": [None, *sent.logprobs, -0.25, -0.25, -0.25],
+        "top_logprobs": [
+            None,
+            *({decode(t): v for t, v in row} for row in sent.top),
+            *({decode(t): -0.25} for t in out),
+        ],
+        "text_offset": offsets,
+    }
+    response = env.client().completions.create(model=MODEL, prompt=prompt, max_tokens=3, echo=True, logprobs=1)
+    [submit] = _submits(env, response.id)
+    assert submit.sampling.prompt_logprobs == 1 and submit.sampling.logprobs == 1
+    [choice] = response.choices
+    assert choice.text == prompt + env.expected(ids, 3)
+    assert choice.logprobs is not None and choice.logprobs.model_dump() == expected
+    stream = env.client().completions.create(
+        model=MODEL, prompt=prompt, max_tokens=3, echo=True, logprobs=1, stream=True
+    )
+    chunks = [c.choices[0] for c in stream]
+    assert chunks[0].text.startswith(prompt) and "".join(c.text for c in chunks) == choice.text
+    merged: dict[str, list[Any]] = defaultdict(list)
+    for c in chunks:
+        if c.logprobs is not None:
+            for key, values in c.logprobs.model_dump().items():
+                merged[key] += values
+    assert dict(merged) == expected

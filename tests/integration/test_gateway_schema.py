@@ -15,7 +15,7 @@ no example database, and a bounded number of examples per operation.
 What the checks cannot see, and is excluded narrowly, each for its stated reason:
 - Rules across fields that JSON Schema cannot state (a prompt's tokens plus `max_tokens` must fit
   the context: only the tokenizer knows a text prompt's length; `min_tokens` <= `max_tokens`; `n`
-  times the prompts of a batch; `best_of` other than `n`; `echo` with `logprobs`; `top_logprobs` without `logprobs`;
+  times the prompts of a batch; `best_of` other than `n`; `top_logprobs` without `logprobs`;
   `continue_final_message`'s conditions). The document states them in the bodies' descriptions.
   A schema-valid body that breaks one may be answered with a 400, but only with the error this
   test predicts from the body itself (`_rule_broken`): the same field, and for the context the
@@ -84,8 +84,6 @@ def _rule_broken(case: Case) -> tuple[str | None, str | None] | None:
         n = body.get("n") or 1
         if body.get("best_of") is not None and body["best_of"] != n:
             return "best_of", None
-        if body.get("echo") and body.get("logprobs") is not None:
-            return "echo", None
         if n * batch > MAX_CHOICES:
             return ("n" if n > 1 else "prompt"), None
     if path == "/v1/chat/completions" and body.get("top_logprobs") is not None and not body.get("logprobs"):
