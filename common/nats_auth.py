@@ -72,7 +72,6 @@ def permissions(user: str, subjects: Subjects) -> Permissions:
                 tokens,
                 s.admitted,
                 s.abort,
-                s.instance("*", "step"),
                 s.instance("*", "release"),
                 liveness,
             ),
@@ -85,7 +84,6 @@ def permissions(user: str, subjects: Subjects) -> Permissions:
             (s.load_of("executor"), s.abort, s.admitted, s.instance("*", "handoff")),
             (
                 s.instance("*", "handoff"),
-                s.instance("*", "step"),
                 s.instance("*", "release"),
                 s.abort,
                 s.load_of("prefill"),

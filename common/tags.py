@@ -4,6 +4,9 @@ transfer in flight towards one process must carry a tag that no other transfer c
     bit 63 = 0   KV hand-off:  [0][hash(sender id): 23 bits][sequence: 40 bits]
     bit 63 = 1   decode step:  [1][hash(decode id): 16 bits][executor slot: 8 bits][step: 31 bits][layer: 8 bits]
 
+Layer 255 of a step is its announcement (`StepBegin`, `common.announce`), which an executor
+receives with a tag mask (`ANNOUNCE_TAG`, `ANNOUNCE_MASK`): whatever the decode instance and step.
+
 A hand-off receiver (decode instance or executor) tells senders apart by the hash of the
 prefill instance's id; a decode instance tells its executors' answers apart by the slot it gave
 each executor; an executor tells decode instances apart by the hash of their ids. Hashes can
@@ -16,9 +19,13 @@ import hashlib
 import itertools
 from collections.abc import Iterator
 
-MAX_LAYERS = 1 << 8
+_LAYER_BITS = 8
+ANNOUNCE_LAYER = (1 << _LAYER_BITS) - 1  # the layer field of a step's announcement
+MAX_LAYERS = ANNOUNCE_LAYER  # layers 0..254 carry q/k/v and answers
 MAX_EXECUTORS = 1 << 8
 _STEP_BIT = 1 << 63
+ANNOUNCE_TAG = _STEP_BIT | ANNOUNCE_LAYER
+ANNOUNCE_MASK = _STEP_BIT | ANNOUNCE_LAYER  # bits that must match: a step tag, layer 255
 
 
 def _hash(name: str, bits: int) -> int:
@@ -36,3 +43,8 @@ def step_tag_base(decode_id: str, executor_slot: int, step: int) -> int:
     if not 0 <= executor_slot < MAX_EXECUTORS:
         raise ValueError(f"executor slot {executor_slot} out of range")
     return _STEP_BIT | (_hash(decode_id, 16) << 47) | (executor_slot << 39) | ((step % (1 << 31)) << 8)
+
+
+def announce_tag(tag_base: int) -> int:
+    """The tag of the announcement of the step whose layer 0 is `tag_base`."""
+    return tag_base | ANNOUNCE_LAYER

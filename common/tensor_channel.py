@@ -45,7 +45,7 @@ os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
 
 from ucxx._lib.arr import Array
 from ucxx._lib.libucxx import UCXAddress, UCXContext, UCXEndpoint, UCXWorker
-from ucxx.types import Tag
+from ucxx.types import Tag, TagMask
 
 from common import metrics
 from common.errors import AdrenalineError
@@ -246,6 +246,10 @@ class TensorChannel:
         return peer
 
     @property
+    def closed(self) -> bool:
+        return self._worker_obj is None
+
+    @property
     def num_peers(self) -> int:
         return len(self._peers)
 
@@ -263,6 +267,20 @@ class TensorChannel:
         requests = [peer.endpoint.tag_send(a, ucx_tag) for a in arrays]
         await self._complete(requests, [*tensors, *arrays], tag, timeout, "send")
         return sum(t.nbytes for t in tensors)
+
+    async def recv_matching(self, tag: int, mask: int, buffer: torch.Tensor) -> None:
+        """Receive one message whose tag equals `tag` on the bits set in `mask`, straight into `buffer`.
+
+        For a listener that takes whatever comes (an executor's step announcements): it waits
+        without a timeout, so nothing can arrive after its caller gave up except on cancellation,
+        and then the request and `buffer` are kept as an orphan, as `recv_into`'s staging is.
+        A message larger than `buffer` raises TransferError.
+        """
+        worker = self._worker()
+        sync_cuda([buffer])
+        array = Array(as_buffer(buffer))
+        request = worker.tag_recv(array, Tag(tag), TagMask(mask))
+        await self._complete([request], [buffer, array], tag, None, "receive")
 
     async def recv_into(
         self, tag: int, buffers: Sequence[torch.Tensor], timeout: float, peer: Peer | None = None

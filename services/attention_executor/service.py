@@ -3,10 +3,10 @@
 It runs no model layers, only paged decode attention over its own pool (`common.offload.
 ExecutorCore`). Prompt KV arrives from the colocated prefill instance exactly as a decode
 instance receives it (`KVHandoff`, then one UCX tensor). Per decode step, a decode instance
-announces its requests here (`StepBegin`) and then, per layer, sends one packed q/k/v tensor and
-receives the attention output under the same tag. Steps from one decode instance are served in
-order (each appends a token's slot to its requests); steps from different decode instances
-interleave freely.
+announces its requests here (`StepBegin`, over UCX: `common.announce`) and then, per layer, sends
+one packed q/k/v tensor and receives the attention output under the same tag. Steps from one
+decode instance are served in order (each appends a token's slot to its requests); steps from
+different decode instances interleave freely.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import structlog
 import torch
 
-from common import metrics
+from common import announce, metrics
 from common.bus import Bus, Reply, ServiceUnavailable
 from common.errors import NoFreeBlocksError
 from common.kv_transfer import kv_shape
@@ -29,6 +29,7 @@ from common.messages import (
     Admitted,
     InstanceLoad,
     KVHandoff,
+    MessageError,
     ReleaseKV,
     StepBegin,
 )
@@ -36,6 +37,7 @@ from common.model.spec import ModelSpec
 from common.offload import ExecutorCore
 from common.profiling import profile_executor
 from common.step_model import Slowdown, StepModel
+from common.tags import ANNOUNCE_MASK, ANNOUNCE_TAG
 from common.tensor_channel import TensorChannel, TransferError
 from kernels.backend import DecodeMetadata
 from services.runtime import InstanceSettings, Tombstones, heartbeat
@@ -175,6 +177,20 @@ class ExecutorService:
         self.core.release(abort.request_id)
 
     # ---- decode steps ----------------------------------------------------------------------
+    async def listen_for_steps(self) -> None:
+        """Take every decode step's announcement from UCX, whichever decode instance sends it; a
+        frame that is not a valid `StepBegin` is logged and dropped (its sender's step then fails
+        at its transfer timeout, as a lost announcement would)."""
+        frame = announce.buffer()
+        while not self.channel.closed:
+            try:
+                await self.channel.recv_matching(ANNOUNCE_TAG, ANNOUNCE_MASK, frame)
+                begin = announce.unpack(frame)
+            except (TransferError, MessageError) as exc:
+                log.warning("bad step announcement", error=str(exc))
+                continue
+            await self.on_step(begin, None)
+
     async def on_step(self, begin: StepBegin, reply: Reply | None) -> None:
         """A decode instance announces its next step only after it has every output of the previous
         one, so a previous step still waiting here was abandoned (its forward pass failed on another
@@ -289,10 +305,10 @@ class ExecutorService:
         await self.profile(stop)  # before the first heartbeat: a live executor is a profiled one
         subs = [
             await self.bus.subscribe(self.subjects.instance(me, "handoff"), KVHandoff, self.on_handoff),
-            await self.bus.subscribe(self.subjects.instance(me, "step"), StepBegin, self.on_step),
             await self.bus.subscribe(self.subjects.instance(me, "release"), ReleaseKV, self.on_release),
             await self.bus.subscribe(self.subjects.abort, AbortRequest, self.on_abort),
         ]
+        self._spawn(self.listen_for_steps())
         beat = asyncio.create_task(heartbeat(self.bus, self.subjects, self.load, self.settings.heartbeat_s))
         log.info("attention executor ready", instance_id=me, colocated_with=self.settings.colocated_with)
         try:

@@ -3,10 +3,9 @@
 Every call comes from the decode step thread, which does the per-layer I/O itself on its own UCX
 worker (`StepChannel`): per layer the receive for the answer is posted before q/k/v are sent, so
 the executor's answer always lands in a posted buffer; `finish` then waits for it, after the
-local attention has run, sleeping on the worker's descriptor. The event loop takes no part in a
-step: the step's announcement goes to NATS through it, queued without waiting (NATS keeps one
-connection's messages in order, and an executor that never hears of the step fails the first
-layer's transfer), and it calls `fail` when the executor's heartbeats stop.
+local attention has run, sleeping on the worker's descriptor. The step's announcement
+(`StepBegin`) goes the same way, ahead of the first layer's q/k/v (`common.announce`). The event
+loop takes no part in a step; it calls `fail` when the executor's heartbeats stop.
 """
 
 from __future__ import annotations
@@ -19,14 +18,14 @@ from dataclasses import dataclass
 import structlog
 import torch
 
-from common import metrics
+from common import announce, metrics
 from common.bus import Bus
 from common.errors import AdrenalineError
 from common.messages import ReleaseKV, StepBegin
 from common.model.spec import ModelSpec
 from common.offload import ExecutorClient
 from common.subjects import Subjects
-from common.tags import MAX_LAYERS, step_tag_base
+from common.tags import MAX_LAYERS, announce_tag, step_tag_base
 from common.tensor_channel import TransferError
 from services.decode.step_channel import StepChannel, Transfer
 
@@ -43,8 +42,7 @@ class ExecutorFailed(AdrenalineError):
 
 @dataclass
 class _Layer:
-    recv: Transfer
-    send: Transfer
+    transfers: list[Transfer]  # the answer's receive first
     out: torch.Tensor
     started: float
 
@@ -80,6 +78,7 @@ class RemoteExecutor(ExecutorClient):
         self._rows = 0
         self._tag_base = 0
         self._inflight: dict[int, _Layer] = {}
+        self._announcing: list[Transfer] = []  # the step's announcement, waited for with layer 0
         self._status = torch.zeros(0, dtype=torch.int8)  # the step's rows not served (1), with layer 0's answer
         self._failed = ""  # set (from the event loop) when the executor is known dead
 
@@ -114,13 +113,13 @@ class RemoteExecutor(ExecutorClient):
         self._step += 1
         self._rows = len(request_ids)
         self._tag_base = step_tag_base(self.decode_id, self.slot, self._step)
+        begin = StepBegin(self.decode_id, self.channel.address, list(request_ids), list(context_lens), self._tag_base)
         try:
-            answers_to = self.channel.address
-            self.channel.connect(self.address)  # wire-up starts now, ahead of the first layer
-        except TransferError as exc:
+            endpoint = self.channel.connect(self.address)
+            frame = announce.pack(begin)
+            self._announcing = [self.channel.post_send(endpoint, announce_tag(self._tag_base), [frame])]
+        except (TransferError, ValueError) as exc:
             raise ExecutorFailed(self.executor_id, exc) from exc
-        begin = StepBegin(self.decode_id, answers_to, list(request_ids), list(context_lens), self._tag_base)
-        self._publish_soon(self.subjects.instance(self.executor_id, "step"), begin)
 
     def start(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         self._check()
@@ -139,12 +138,13 @@ class RemoteExecutor(ExecutorClient):
         except TransferError as exc:
             self._inflight.clear()
             raise ExecutorFailed(self.executor_id, exc) from exc
-        self._inflight[layer] = _Layer(recv, send, out, started)
+        announcing, self._announcing = self._announcing, []
+        self._inflight[layer] = _Layer([recv, send, *announcing], out, started)
 
     def finish(self, layer: int) -> torch.Tensor:
         pending = self._inflight.pop(layer)
         try:
-            self.channel.wait([pending.recv, pending.send], self.timeout, lambda: self._failed)
+            self.channel.wait(pending.transfers, self.timeout, lambda: self._failed)
         except TransferError as exc:
             self._inflight.clear()
             raise ExecutorFailed(self.executor_id, exc) from exc
@@ -161,7 +161,7 @@ class RemoteExecutor(ExecutorClient):
         the executor's abort handling when the decode instance dies."""
         self._publish_soon(self.subjects.instance(self.executor_id, "release"), ReleaseKV(request_id))
 
-    def _publish_soon(self, subject: str, message: StepBegin | ReleaseKV) -> None:
+    def _publish_soon(self, subject: str, message: ReleaseKV) -> None:
         """Queue a publish on the loop from any thread, without waiting; a failure is logged."""
 
         def publish() -> None:

@@ -1,8 +1,9 @@
 """No service dies or wedges on any control message a peer could send.
 
 A live cluster (scheduler, prefill with its attention executor, decode) gets a few hundred
-hypothesis-made messages on every subject each service listens to: well typed with values
-chosen to break things, plus broken shapes (`tests/message_strategies.py`). Generation is
+hypothesis-made messages on every subject each service listens to, and as many step
+announcements sent to the executor over UCX: well typed with values chosen to break things,
+plus broken shapes (`tests/message_strategies.py`) and frames whose length lies. Generation is
 derandomized. One thing is held back: UCX worker addresses are drawn from the cluster's own,
 since UCX aborts the process on some malformed ones (an assertion inside UCX, which no check of
 ours can foresee); until the control plane is authenticated, any NATS client can do that.
@@ -13,13 +14,16 @@ KV once the fake requests are aborted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from hypothesis import HealthCheck, Phase, given, settings
 
+from common import announce
 from common.messages import (
     AbortRequest,
     Admitted,
@@ -37,6 +41,8 @@ from common.messages import (
     decode,
 )
 from common.subjects import Subjects
+from common.tags import announce_tag, step_tag_base
+from common.tensor_channel import TensorChannel, TransferError
 from tests.integration.cluster import PREFIX, BackendCluster, Client
 from tests.message_strategies import packed, wire_bodies
 
@@ -77,6 +83,33 @@ def request_ids(message: Any) -> set[str]:
     return set()
 
 
+async def announce_hostile_steps(client: Client, addresses: tuple[bytes, ...]) -> set[str]:
+    """Step announcements go over UCX to the executor (common.announce): the same hostile bodies
+    framed, plus frames whose length field lies and one larger than the executor's buffer."""
+    executor = next(load for load in client.loads.values() if load.role == "executor")
+    channel = await TensorChannel.create()
+    named: set[str] = set()
+    frames, valid = [], 0
+    for data in hostile(StepBegin, MESSAGES_PER_SUBJECT, addresses):
+        try:
+            named |= request_ids(decode(data, StepBegin))
+            valid += 1
+        except MessageError:
+            pass
+        frames.append(len(data).to_bytes(4, "big") + data)
+    assert valid >= VALID_AT_LEAST, f"only {valid} StepBegin messages decode: the test would test little"
+    frames += [b"\xff\xff\xff\xff", b"\x00\x00\x00\x00", b"\x00\x00\x00\x09abc", bytes(announce.MAX_BYTES + 8)]
+    try:
+        peer = await channel.connect(executor.ucx_address)
+        for i, frame in enumerate(frames):
+            tensor = torch.frombuffer(bytearray(frame), dtype=torch.uint8)
+            with contextlib.suppress(TransferError):  # the oversized one may fail on this side too
+                await channel.send(peer, announce_tag(step_tag_base("fuzz", 0, i)), [tensor], timeout=10)
+    finally:
+        await channel.close()
+    return named
+
+
 @pytest.fixture(scope="module")
 def cluster(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackendCluster]:
     c = BackendCluster(llama_dir, tmp_path_factory.mktemp("logs"), executors=True, offload_ratio=0.5)
@@ -100,7 +133,6 @@ def test_no_service_dies_or_wedges_on_any_message(cluster: BackendCluster) -> No
         (s.instance("prefill-0", "prefill"), PrefillTask),
         (s.instance("decode-0", "handoff"), KVHandoff),
         (s.instance("executor-0", "handoff"), KVHandoff),
-        (s.instance("executor-0", "step"), StepBegin),
         (s.instance("executor-0", "release"), ReleaseKV),
         (s.gateway_heartbeat, GatewayHeartbeat),
     ]
@@ -137,6 +169,7 @@ def test_no_service_dies_or_wedges_on_any_message(cluster: BackendCluster) -> No
                 await client.bus.client.publish(subject, data)
             await client.bus.flush()
             assert valid >= VALID_AT_LEAST, f"only {valid} {cls.__name__} messages decode: the test would test little"
+        named |= await announce_hostile_steps(client, addresses)
         for request_id in named - {""}:
             if len(request_id) <= 256:
                 await client.bus.publish(s.abort, AbortRequest(request_id, "hostile test over"))
