@@ -563,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument(
-        "--prefill-nice", type=int, default=10, help="niceness of prefill beside an executor (0: equal priority)"
+        "--prefill-nice", type=int, default=0, help="niceness of a prefill beside an executor (adrenaline up's)"
     )
     p.add_argument("--tpot-slo-ms", type=float, default=200.0, help="goodput's SLO, and the auto policy's")
     p.add_argument("--decode-kv-bytes", type=int, default=None, help="default: room for ~16 average requests")

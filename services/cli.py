@@ -58,6 +58,7 @@ def _up(args: argparse.Namespace) -> int:
         name=args.name,
         metrics_host=args.metrics_host,
         ucx_net_devices=args.ucx_net_devices,
+        prefill_nice=args.prefill_nice,
     )
     return run_until_signalled(cluster)
 
@@ -128,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--scale", action="append", default=[], metavar="ROLE=N", help="prefill=N or decode=N")
     up.add_argument("--pin", action="append", default=[], metavar="ROLE=CPUS", help="e.g. decode=0 prefill=1")
+    up.add_argument(
+        "--prefill-nice",
+        type=int,
+        default=0,
+        choices=range(20),
+        metavar="N",
+        help="run a prefill instance that has an executor beside it N nicer (0-19; docs/services.md)",
+    )
 
     up.add_argument(
         "--kv-cache-bytes",

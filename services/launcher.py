@@ -22,10 +22,6 @@ from typing import IO
 
 from common.lifetime import die_with_parent
 
-# How much nicer a prefill instance runs than the attention executor beside it on a CPU: a decode
-# step waits on the executor every layer, and must not wait behind a prefill (docs/services.md).
-PREFILL_NICE = 10
-
 
 @dataclass(frozen=True)
 class Command:

@@ -39,7 +39,7 @@ from common.messages import ClusterStatus, StatusRequest
 from common.natsd import NatsServer, free_port
 from common.subjects import Subjects
 from services import pair
-from services.launcher import PREFILL_NICE, ProcessGroup
+from services.launcher import ProcessGroup
 from services.supervisor import RestartBudget, Supervisor
 
 ROLES = ("scheduler", "prefill", "attention-executor", "decode", "gateway")  # start order
@@ -134,10 +134,12 @@ class LocalCluster:
     # KV budget of each prefill, decode and executor process. compose.yaml's budgets are sized for
     # GPUs; on one machine every process's pool lives in the same RAM, so this overrides them.
     kv_cache_bytes: int = 256 * 2**20
-    # A prefill instance that shares its CPUs with an attention executor runs this much nicer, so
-    # that the executor's per-layer work, which a decode step waits on, is not queued behind a
-    # prefill: the CPU stand-in for the GPU's MPS share (docs/services.md has its cost to TTFT).
-    prefill_nice: int = PREFILL_NICE
+    # A prefill instance that shares its CPUs with an attention executor can run this much nicer,
+    # so that the executor's per-layer work is not queued behind a prefill (the CPU stand-in for a
+    # GPU's MPS share). Off by default: measured on the 2-core VM it did not shorten the round trip
+    # (what delays the executor there is the gateway, NATS and the clients) and it cost TTFT
+    # (docs/benchmarks.md).
+    prefill_nice: int = 0
 
     def replicas(self, role: str) -> int:
         """How many `role` processes this host runs."""

@@ -37,7 +37,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from services.launcher import PREFILL_NICE, ProcessGroup
+from services.launcher import ProcessGroup
 from services.supervisor import RestartPolicy, Supervisor
 
 PREFILL_MODULE = "services.prefill"
@@ -55,7 +55,6 @@ class Process:
     module: str
     env: dict[str, str]
     args: tuple[str, ...] = ()
-    nice: int = 0
 
 
 def split_env(env: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -87,10 +86,8 @@ def processes(env: Mapping[str, str]) -> list[Process]:
     """The pair's two processes, with their ids and the executor's pairing set."""
     prefill_env, executor_env = split_env(env)
     prefill_id, executor_id = pair_ids(prefill_env)
-    # on a CPU the prefill yields the cores it shares to its executor; a GPU splits its SMs (MPS)
-    nice = PREFILL_NICE if prefill_env.get("ADRENALINE_DEVICE", "cpu") == "cpu" else 0
     return [
-        Process("prefill", PREFILL_MODULE, {**prefill_env, "ADRENALINE_INSTANCE_ID": prefill_id}, nice=nice),
+        Process("prefill", PREFILL_MODULE, {**prefill_env, "ADRENALINE_INSTANCE_ID": prefill_id}),
         Process(
             "attention-executor",
             EXECUTOR_MODULE,
@@ -126,7 +123,7 @@ def run(
     code = 0
     try:
         for process in pair:
-            group.spawn(process.name, process.module, process.args, process.env, nice=process.nice)
+            group.spawn(process.name, process.module, process.args, process.env)
         _say(", ".join(f"{p.name} {p.env.get('ADRENALINE_INSTANCE_ID', '')}" for p in pair))
         supervisor = Supervisor(group, policy, say=_say)
         while not signals:
