@@ -41,7 +41,6 @@ from common.messages import (
     TokenEvent,
 )
 from common.settings import field, load_or_exit
-from common.subjects import Subjects
 from services.scheduler import policy
 
 log = structlog.get_logger("scheduler")
@@ -125,7 +124,7 @@ class _InFlight:
 class Scheduler:
     def __init__(self, settings: SchedulerSettings, bus: Bus) -> None:
         self.settings = settings
-        self.subjects = Subjects(settings.subjects_prefix)
+        self.subjects = settings.subjects
         self.bus = bus
         self.instances: dict[str, _Instance] = {}
         self.inflight: dict[str, _InFlight] = {}

@@ -274,6 +274,11 @@ def test_a_gateway_that_dies_for_good_has_its_requests_aborted(replicas: Replica
         while len(chunks) < STREAMS or min(chunks.values()) < 2:  # every stream decoding
             assert time.monotonic() < deadline, chunks
             await asyncio.sleep(0.02)
+        # and its KV shown where it lives (gauges follow heartbeats): else "KV back to zero" below
+        # could read a gauge from before the requests came, and pass before anything was aborted
+        while not sum(v or 0 for v in _kv_in_use(replicas).values()):
+            assert time.monotonic() < deadline, _kv_in_use(replicas)
+            await asyncio.sleep(0.05)
         cluster.group.kill("gateway-doomed")  # SIGKILL, and nobody restarts it
         killed = time.monotonic()
         await asyncio.gather(*tasks)
@@ -281,18 +286,21 @@ def test_a_gateway_that_dies_for_good_has_its_requests_aborted(replicas: Replica
         return killed
 
     killed = asyncio.run(load())
+
+    def aborted() -> set[str]:
+        return {
+            str(e["request_id"])
+            for e in _scheduler_log(cluster)
+            if e.get("event") == "aborted" and "gateway" in str(e.get("reason"))
+        }
+
+    # The scheduler aborts every one of its requests for the gateway's silence, not one more.
+    _until(lambda: len(aborted()) >= len(request_ids), "the scheduler aborted the gateway's requests", KV_FREE_S)
+    assert aborted() == request_ids, (aborted(), request_ids)
     freed = _until(lambda: not any(_kv_in_use(replicas).values()), "KV back to zero everywhere", KV_FREE_S)
     since = time.monotonic() - killed
     rows = _rows(replicas) - rows_before
     print(f"\ngateway killed: KV free {since:.1f} s later (bound {GATEWAY_DEAD_AFTER_S} s); {rows:.0f} rows decoded")
-
-    # The scheduler aborted every one of its requests for the gateway's silence, not one more.
-    aborted = {
-        str(e["request_id"])
-        for e in _scheduler_log(cluster)
-        if e.get("event") == "aborted" and "gateway" in str(e.get("reason"))
-    }
-    assert aborted == request_ids, (aborted, request_ids)
     lost = [e for e in _scheduler_log(cluster) if e.get("event") == "gateways lost"]
     assert [e["token_subjects"] for e in lost] == [[Subjects(cluster.prefix).tokens("gateway-doomed")]], lost
     # aborted while still running (the scheduler forgets a request once it ends), and decoding stopped
