@@ -209,7 +209,19 @@ class ExecutorService:
         overtook the step: the decode instance drops them when it hears the same abort) and
         requests evicted for want of blocks (`ExecutorCore.begin_step`: the decode instance
         recomputes them). Every other row is served, where refusing the step would stall the
-        decode instance until its transfer timeout and fail all of them."""
+        decode instance until its transfer timeout and fail all of them.
+
+        The first two layers' receives are posted before anything else is done here (the previous
+        step's end, block tables): the decode instance sends layer 0's q/k/v right behind the
+        announcement, and it lands while this step is being set up. Then layer L + 2's receive is
+        posted as soon as layer L's attention is done with its buffer (`_Receives`)."""
+        receives = _Receives(self.channel, begin, self.spec, self.core.device, self.settings.transfer_timeout_s)
+        try:
+            await self._serve_posted(begin, previous, receives)
+        finally:
+            receives.cancel()  # what a failed or refused step leaves (the channel keeps their memory)
+
+    async def _serve_posted(self, begin: StepBegin, previous: asyncio.Task[None] | None, receives: _Receives) -> None:
         if previous is not None:  # steps append slots in order: let the previous one unwind first
             await asyncio.gather(previous, return_exceptions=True)
         n = len(begin.request_ids)
@@ -233,18 +245,23 @@ class ExecutorService:
         status[rows] = 0
         with self.core.stepping(served):
             index = torch.tensor(rows, dtype=torch.int64, device=self.core.device)
-            busy = await self._run_layers(begin, meta, index, n, status)
+            busy = await self._run_layers(begin, meta, index, status, receives)
         if busy is not None and meta is not None and self.attention_model is not None:
             predicted = self.attention_model.time(len(rows), sum(begin.context_lens[i] for i in rows))
             self.slowdown.observe(busy, predicted, time.monotonic())
 
     async def _run_layers(
-        self, begin: StepBegin, meta: DecodeMetadata | None, rows: torch.Tensor, n: int, status: torch.Tensor
+        self,
+        begin: StepBegin,
+        meta: DecodeMetadata | None,
+        rows: torch.Tensor,
+        status: torch.Tensor,
+        receives: _Receives,
     ) -> float | None:
         """Serve the step's layers; the busy seconds (attention, not the waits), None if it failed."""
         spec = self.spec
+        n = len(begin.request_ids)
         device = self.core.device  # every buffer of the step where its attention runs
-        qkv = torch.empty(n, spec.q_size + 2 * spec.kv_size, dtype=spec.dtype, device=device)
         answer = torch.zeros(n, spec.num_heads * spec.head_dim, dtype=spec.dtype, device=device)
         every_row = len(rows) == n
         layer_bytes = sum(begin.context_lens) * self.core.layout.bytes_per_token // spec.num_layers
@@ -253,7 +270,7 @@ class ExecutorService:
             peer = await self.channel.connect(begin.decode_address)
             for layer in range(spec.num_layers):
                 tag = begin.tag_base + layer
-                await self.channel.recv_into(tag, [qkv], timeout=self.settings.transfer_timeout_s)
+                qkv = await receives.take(layer)
                 started = time.perf_counter()
                 if meta is not None:
                     mine = qkv if every_row else qkv[rows]
@@ -270,6 +287,7 @@ class ExecutorService:
                     else:
                         answer[rows] = out.reshape(len(rows), -1)
                 busy += time.perf_counter() - started
+                receives.done_with(layer)
                 await self.channel.send(peer, tag, [answer, status] if layer == 0 else [answer])
                 metrics.EXECUTOR_ATTENTION_BYTES.inc(layer_bytes)
             metrics.EXECUTOR_STEP_SECONDS.observe(busy)
@@ -319,3 +337,39 @@ class ExecutorService:
                 await sub.unsubscribe()
             for task in self.tasks:
                 task.cancel()
+
+
+class _Receives:
+    """One step's q/k/v receives, two layers ahead in two buffers: enough that a layer's data
+    always finds its receive posted, without a buffer per layer (80 of them for a large model)."""
+
+    AHEAD = 2
+
+    def __init__(self, channel: TensorChannel, begin: StepBegin, spec: ModelSpec, device: torch.device, timeout: float):
+        self.channel, self.begin, self.num_layers, self.timeout = channel, begin, spec.num_layers, timeout
+        width = spec.q_size + 2 * spec.kv_size
+        n = len(begin.request_ids)
+        self.buffers = [torch.empty(n, width, dtype=spec.dtype, device=device) for _ in range(self.AHEAD)]
+        self.tasks: dict[int, asyncio.Task[int]] = {}
+        for layer in range(min(self.AHEAD, self.num_layers)):
+            self._post(layer)
+
+    def _post(self, layer: int) -> None:
+        buffer = self.buffers[layer % self.AHEAD]
+        receive = self.channel.recv_into(self.begin.tag_base + layer, [buffer], timeout=self.timeout)
+        self.tasks[layer] = asyncio.ensure_future(receive)
+
+    async def take(self, layer: int) -> torch.Tensor:
+        """Layer `layer`'s q/k/v, once landed (TransferError if it did not)."""
+        await self.tasks.pop(layer)
+        return self.buffers[layer % self.AHEAD]
+
+    def done_with(self, layer: int) -> None:
+        """Layer `layer`'s buffer is free: post the receive of the layer that will use it."""
+        if layer + self.AHEAD < self.num_layers:
+            self._post(layer + self.AHEAD)
+
+    def cancel(self) -> None:
+        for task in self.tasks.values():
+            task.cancel()
+        self.tasks.clear()
