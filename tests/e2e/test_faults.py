@@ -54,14 +54,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.metrics import scrape_metrics
 from common.natsd import free_port
 from services.launcher import Child
 from services.local_cluster import LocalCluster, _NatsKeeper, healthy
 from services.supervisor import RestartBudget, Supervisor
+from tests.e2e.helpers import greedy_completions, transformers_texts
 
 PAUSE_S = 3.0  # three times dead_after_s: long enough to be judged dead, unless judged with hysteresis
 WAVE = 6  # streams per wave; two waves
@@ -245,14 +244,7 @@ def _prompts(count: int, offset: int) -> list[str]:
 def reference(llama_dir: Path) -> dict[str, str]:
     """transformers' greedy text for the checks' prompts (the load's are held to each other: a
     thousand tokens each would cost transformers minutes here)."""
-    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
-    hf = AutoModelForCausalLM.from_pretrained(llama_dir)
-    out: dict[str, str] = {}
-    for prompt in CHECK_PROMPTS:
-        ids = tokenizer(prompt).input_ids
-        generated = hf.generate(torch.tensor([ids]), max_new_tokens=CHECK_TOKENS, do_sample=False)
-        out[prompt] = str(tokenizer.decode(generated[0, len(ids) :], skip_special_tokens=True))
-    return out
+    return dict(zip(CHECK_PROMPTS, transformers_texts(llama_dir, CHECK_PROMPTS, CHECK_TOKENS), strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -371,21 +363,9 @@ def _serves(supervision: Supervision, reference: dict[str, str], restarted: str)
     """Greedy requests equal transformers; with an instance restarted, until it has served one too."""
     cluster = supervision.cluster
 
-    async def round_() -> list[str]:
-        client = openai.AsyncOpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0, timeout=30.0)
-
-        async def one(prompt: str) -> str:
-            reply = await client.completions.create(
-                model=cluster.model.name, prompt=prompt, max_tokens=CHECK_TOKENS, temperature=0.0
-            )
-            return reply.choices[0].text
-
-        async with client:
-            return await asyncio.gather(*(one(p) for p in CHECK_PROMPTS))
-
     instance = restarted.startswith(("prefill", "decode", "executor"))
     for _ in range(8):  # three requests a round, spread by the scheduler: the restarted one gets some
-        texts = asyncio.run(round_())
+        texts = greedy_completions(cluster.url, cluster.model.name, CHECK_PROMPTS, CHECK_TOKENS, timeout=30.0)
         assert texts == [reference[p] for p in CHECK_PROMPTS]
         if not instance or _counter(cluster, restarted) > 0:
             return

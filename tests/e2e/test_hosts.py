@@ -31,8 +31,6 @@ from pathlib import Path
 
 import openai
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common import nats_auth
 from common.bus import Bus, NatsAuth
@@ -40,6 +38,7 @@ from common.messages import ClusterStatus, StatusRequest
 from common.natsd import nats_server_binary
 from common.subjects import Subjects
 from services.status import snapshot
+from tests.e2e.helpers import transformers_texts
 
 ROOT = Path(__file__).resolve().parents[2]
 TAG = f"a{os.getpid() % 100000}"  # names unique to this run: bridge, namespaces, veths
@@ -261,21 +260,10 @@ PROMPTS = [
 ]
 
 
-def _reference(llama_dir: Path, max_tokens: int) -> list[str]:
-    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
-    hf = AutoModelForCausalLM.from_pretrained(llama_dir)
-    texts = []
-    for prompt in PROMPTS:
-        ids = tokenizer(prompt).input_ids
-        out = hf.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False)[0, len(ids) :]
-        texts.append(tokenizer.decode(out, skip_special_tokens=True))
-    return texts
-
-
 @pytest.mark.timeout(600)
 def test_three_hosts_serve_transformers_greedy_output_and_survive_a_nats_node(hosts: Cluster, llama_dir: Path) -> None:
     max_tokens = 16
-    expected = _reference(llama_dir, max_tokens)
+    expected = transformers_texts(llama_dir, PROMPTS, max_tokens)
     model = llama_dir.name
     client = openai.OpenAI(base_url=hosts.api, api_key="unused", max_retries=0, timeout=90)
 

@@ -31,9 +31,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
 import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common import nats_auth
 from common.bus import Bus
@@ -42,6 +40,7 @@ from common.metrics import scrape_metrics
 from common.natsd import free_port
 from common.subjects import Subjects
 from services.local_cluster import COMPOSE_FILE, LocalCluster, healthy
+from tests.e2e.helpers import greedy_completions, proc_stat, transformers_texts
 
 HOSTS = ("replica-a", "replica-b")  # the two prefill containers' hostnames
 PREFILLS = {f"prefill-{h}" for h in HOSTS}
@@ -152,22 +151,13 @@ def replicas(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     assert not violations, "\n".join(violations)
 
 
-def _stat(pid: int) -> list[str] | None:
-    """/proc/PID/stat's fields after the command name (state, parent, ...), or None if it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2 :].split()
-
-
 def _children_of(parent: int) -> list[int]:
     pids = [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
-    return [pid for pid in pids if (stat := _stat(pid)) is not None and int(stat[1]) == parent]
+    return [pid for pid in pids if (stat := proc_stat(pid)) is not None and int(stat[1]) == parent]
 
 
 def _running(pid: int) -> bool:
-    stat = _stat(pid)
+    stat = proc_stat(pid)
     return stat is not None and stat[0] != "Z"  # a zombie has ended
 
 
@@ -195,30 +185,12 @@ def _kv_in_use(replicas: Replicas) -> dict[str, float | None]:
 @pytest.mark.timeout(300)
 def test_each_prefill_replica_serves_with_its_own_executor(replicas: Replicas, llama_dir: Path) -> None:
     cluster = replicas.cluster
-    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
-    hf = AutoModelForCausalLM.from_pretrained(llama_dir)
-    expected = []
-    for prompt in PROMPTS:
-        ids = tokenizer(prompt).input_ids
-        out = hf.generate(torch.tensor([ids]), max_new_tokens=CHECK_TOKENS, do_sample=False)[0, len(ids) :]
-        expected.append(tokenizer.decode(out, skip_special_tokens=True))
-
-    async def round_() -> list[str]:
-        client = openai.AsyncOpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0, timeout=60)
-
-        async def one(prompt: str) -> str:
-            reply = await client.completions.create(
-                model=cluster.model.name, prompt=prompt, max_tokens=CHECK_TOKENS, temperature=0.0
-            )
-            return reply.choices[0].text
-
-        async with client:
-            return await asyncio.gather(*(one(p) for p in PROMPTS))
+    expected = transformers_texts(llama_dir, PROMPTS, CHECK_TOKENS)
 
     # Concurrent requests spread over the prefill instances (the least queued takes each); a few
     # rounds until both executors have taken offloaded requests.
     for _ in range(6):
-        assert asyncio.run(round_()) == expected
+        assert greedy_completions(cluster.url, cluster.model.name, PROMPTS, CHECK_TOKENS, timeout=60) == expected
         if all(_received(replicas, e) > 0 for e in EXECUTORS):
             break
     assert all(_received(replicas, e) > 0 for e in EXECUTORS), {e: _received(replicas, e) for e in EXECUTORS}

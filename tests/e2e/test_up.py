@@ -25,6 +25,7 @@ import openai
 import pytest
 
 from common.natsd import free_port
+from tests.e2e.helpers import proc_stat
 
 STOP_BOUND_S = 10.0
 REPO = Path(__file__).resolve().parents[2]
@@ -42,30 +43,21 @@ class Proc:
     @property
     def left_behind(self) -> bool:
         """Still running (a zombie has ended: it only waits for a parent that may never reap it)."""
-        stat = _stat(self.pid)
+        stat = proc_stat(self.pid)
         return stat is not None and stat[19] == self.start and stat[0] != "Z"
-
-
-def _stat(pid: int) -> list[str] | None:
-    """/proc/PID/stat's fields after the command name (state first), or None if the process is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2 :].split()
 
 
 def _descendants(root: int) -> list[Proc]:
     parents: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
-        stat = _stat(int(entry.name)) if entry.name.isdigit() else None
+        stat = proc_stat(int(entry.name)) if entry.name.isdigit() else None
         if stat is not None:
             parents.setdefault(int(stat[1]), []).append(int(entry.name))
     found, todo = [], list(parents.get(root, []))
     while todo:
         pid = todo.pop()
         todo += parents.get(pid, [])
-        stat = _stat(pid)
+        stat = proc_stat(pid)
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:

@@ -83,21 +83,29 @@ def request_ids(message: Any) -> set[str]:
     return set()
 
 
+def sift(cls: type[Any], messages: list[bytes]) -> set[str]:
+    """The request ids that the messages which decode name, to abort them afterwards; fails unless
+    at least VALID_AT_LEAST of them decode (else the test would test little)."""
+    named: set[str] = set()
+    valid = 0
+    for data in messages:
+        try:
+            named |= request_ids(decode(data, cls))
+            valid += 1
+        except MessageError:
+            pass
+    assert valid >= VALID_AT_LEAST, f"only {valid} {cls.__name__} messages decode: the test would test little"
+    return named
+
+
 async def announce_hostile_steps(client: Client, addresses: tuple[bytes, ...]) -> set[str]:
     """Step announcements go over UCX to the executor (common.announce): the same hostile bodies
     framed, plus frames whose length field lies and one larger than the executor's buffer."""
     executor = next(load for load in client.loads.values() if load.role == "executor")
     channel = await TensorChannel.create()
-    named: set[str] = set()
-    frames, valid = [], 0
-    for data in hostile(StepBegin, MESSAGES_PER_SUBJECT, addresses):
-        try:
-            named |= request_ids(decode(data, StepBegin))
-            valid += 1
-        except MessageError:
-            pass
-        frames.append(len(data).to_bytes(4, "big") + data)
-    assert valid >= VALID_AT_LEAST, f"only {valid} StepBegin messages decode: the test would test little"
+    messages = hostile(StepBegin, MESSAGES_PER_SUBJECT, addresses)
+    named = sift(StepBegin, messages)
+    frames = [len(data).to_bytes(4, "big") + data for data in messages]
     frames += [b"\xff\xff\xff\xff", b"\x00\x00\x00\x00", b"\x00\x00\x00\x09abc", bytes(announce.MAX_BYTES + 8)]
     try:
         peer = await channel.connect(executor.ucx_address)
@@ -159,16 +167,11 @@ def test_no_service_dies_or_wedges_on_any_message(cluster: BackendCluster) -> No
         addresses = (b"", *sorted({load.ucx_address for load in client.loads.values()}))
         named: set[str] = set()
         for subject, cls in targets:
-            valid = 0
-            for data in hostile(cls, MESSAGES_PER_SUBJECT, addresses):
-                try:
-                    named |= request_ids(decode(data, cls))
-                    valid += 1
-                except MessageError:
-                    pass
+            messages = hostile(cls, MESSAGES_PER_SUBJECT, addresses)
+            named |= sift(cls, messages)
+            for data in messages:
                 await client.bus.client.publish(subject, data)
             await client.bus.flush()
-            assert valid >= VALID_AT_LEAST, f"only {valid} {cls.__name__} messages decode: the test would test little"
         named |= await announce_hostile_steps(client, addresses)
         for request_id in named - {""}:
             if len(request_id) <= 256:
