@@ -9,6 +9,11 @@ came back each time. A pause of ours, or of NATS, restarts that clock; the heart
 meanwhile arrive, and an instance that is really gone is found one `dead_after_s` later than it
 would have been.
 
+A peer not heard since we recovered gets longer: `RECOVERY_GRACE` times `dead_after_s` from the
+recovery. After a NATS pause each peer's own connection drains what it queued meanwhile (token
+batches, then its heartbeats), and on a loaded machine that can outlast our own first round trips;
+a peer heard once since is judged by the plain rule again.
+
 The round trip is a request to an echo subscription of our own rather than a PING/PONG flush:
 nats-py 2.x leaves a timed-out flush's future in its queue, and the late PONG then kills the
 connection's read loop.
@@ -23,6 +28,8 @@ from nats.aio.subscription import Subscription
 
 from common.bus import Bus, Reply, ServiceUnavailable
 from common.messages import Ack, MessageError
+
+RECOVERY_GRACE = 4.0  # in dead_after_s, from our recovery: how long a peer not heard since has
 
 
 class Hearing:
@@ -68,3 +75,10 @@ class Hearing:
     def judging(self) -> bool:
         """True once we have heard well for `dead_after_s`: only then does silence mean death."""
         return time.monotonic() - self._hearing_since >= self.dead_after_s
+
+    def silent(self, seen: float, now: float | None = None) -> bool:
+        """True when a peer last heard at `seen` (monotonic) is to be judged gone."""
+        now = time.monotonic() if now is None else now
+        if not self.judging or seen >= now - self.dead_after_s:
+            return False
+        return seen >= self._hearing_since or now - self._hearing_since >= RECOVERY_GRACE * self.dead_after_s

@@ -142,15 +142,14 @@ class DecodeService:
                 await asyncio.sleep(s.heartbeat_s)
                 await hearing.tick()
                 if hearing.judging:
-                    self._fail_silent_executors()
+                    self._fail_silent_executors(hearing)
         finally:
             await hearing.stop()
 
-    def _fail_silent_executors(self) -> None:
-        horizon = time.monotonic() - self.settings.dead_after_s
+    def _fail_silent_executors(self, hearing: Hearing) -> None:
         for name, client in list(self.engine.executors.items()):
             seen = self.executor_seen.setdefault(name, time.monotonic())
-            if seen < horizon and isinstance(client, RemoteExecutor) and not client.failed:
+            if hearing.silent(seen) and isinstance(client, RemoteExecutor) and not client.failed:
                 log.warning("executor silent", executor_id=name, silent_s=round(time.monotonic() - seen, 2))
                 client.fail(f"no heartbeat for {self.settings.dead_after_s:g} s")
 

@@ -186,8 +186,8 @@ class Scheduler:
     def live(self, role: str) -> list[InstanceLoad]:
         """Instances of `role` heard within `dead_after_s`; while we cannot judge silence (we or NATS
         were paused: `common.liveness`), every instance not yet found dead."""
-        horizon = time.monotonic() - self.settings.dead_after_s if self.hearing.judging else -math.inf
-        return [i.load for i in self.instances.values() if i.load.role == role and i.seen >= horizon]
+        now = time.monotonic()
+        return [i.load for i in self.instances.values() if i.load.role == role and not self.hearing.silent(i.seen, now)]
 
     async def reap(self) -> None:
         """Forget instances that stopped heartbeating and fail the requests they held."""
@@ -196,8 +196,8 @@ class Scheduler:
             HEALTH.not_ok("NATS round trips are failing or only just recovered")
             return
         HEALTH.ok()
-        horizon = time.monotonic() - self.settings.dead_after_s
-        dead = {iid for iid, inst in self.instances.items() if inst.seen < horizon}
+        now = time.monotonic()
+        dead = {iid for iid, inst in self.instances.items() if self.hearing.silent(inst.seen, now)}
         for iid in dead:
             log.warning("instance lost", instance_id=iid, role=self.instances[iid].load.role)
             del self.instances[iid]
