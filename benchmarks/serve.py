@@ -14,9 +14,12 @@ JSON file, and plots of them (benchmarks/plots.py) to PNG files beside it.
 
 Everything runs on one CPU machine, so absolute numbers mean little: what matters is the
 ratio between modes measured with the same workload, machine and pinning. The decode KV
-budget defaults to room for ~16 average requests so that the decode batch is memory-bound,
-which is the regime Adrenaline targets (offloaded requests keep their KV on the executors,
-so the decode instance can batch more).
+budget defaults to room for ~16 average requests (`--decode-kv-requests`) so that the decode
+batch is bounded by memory capacity, which is the regime Adrenaline targets (offloaded requests
+keep their KV on the executors, so the decode instance can batch more). Offloading pays where a
+bigger batch costs little more per step: where the step reads weights rather than computes.
+The embedded default model computes (its GEMMs at batch 9 already take longer than reading its
+15 MB of weights); `--preset memory-bound` makes a model in the paper's regime.
 
 Workloads (approximations, not the datasets):
 - "sharegpt": lognormal lengths; prompt median 160 (sigma 0.9, capped 1024), output median
@@ -406,7 +409,13 @@ def kv_left(ports: dict[str, int], wait_s: float = 5.0) -> int:
 
 
 def run_mode(
-    args: argparse.Namespace, model: Path, ratio: str, workload: list[Request], kv: int, rep: int
+    args: argparse.Namespace,
+    model: Path,
+    ratio: str,
+    workload: list[Request],
+    kv: int,
+    rep: int,
+    executor_kv: int | None = None,
 ) -> dict[str, Any]:
     from common.natsd import free_port
     from services.local_cluster import LocalCluster
@@ -416,11 +425,14 @@ def run_mode(
         model=model,
         port=free_port(),
         pin=pin,
-        env={"ADRENALINE_THREADS": "1"},
+        # A request preempted on a full decode instance waits, silent, for a running one to end:
+        # with the memory-bound preset's long steps that outlasts the gateway's default token timeout.
+        env={"ADRENALINE_THREADS": "1", "ADRENALINE_TOKEN_TIMEOUT_S": "600"},
         log_dir=Path(args.out).parent / f"logs-{ratio}-{rep}",
         offload_ratio=ratio,
         tpot_slo_ms=args.tpot_slo_ms,
         kv_cache_bytes=kv,
+        executor_kv_cache_bytes=executor_kv,
         prefill_nice=args.prefill_nice,
     )
     cluster.start()
@@ -550,7 +562,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="adrenaline bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    p.add_argument("--model", default=None, help="HF folder; default: the default tiny llama in a temp dir")
+    p.add_argument("--model", default=None, help="HF folder; default: a made model of --preset in a temp dir")
+    p.add_argument(
+        "--preset",
+        choices=("default", "memory-bound"),
+        default="default",
+        help="the made model's shape: the embedded default, or one whose decode step reads its weights\n"
+        "at the batch sizes a small KV cache allows, as an LLM's does on a GPU (docs/benchmarks.md)",
+    )
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--dist", choices=("sharegpt", "long-output", "tiny"), default="sharegpt")
     p.add_argument("--rate", type=float, default=math.inf, help="Poisson arrivals per second (inf: all at once)")
@@ -566,7 +585,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefill-nice", type=int, default=0, help="niceness of a prefill beside an executor (adrenaline up's)"
     )
     p.add_argument("--tpot-slo-ms", type=float, default=200.0, help="goodput's SLO, and the auto policy's")
-    p.add_argument("--decode-kv-bytes", type=int, default=None, help="default: room for ~16 average requests")
+    p.add_argument("--decode-kv-bytes", type=int, default=None, help="default: room for --decode-kv-requests")
+    p.add_argument(
+        "--decode-kv-requests", type=float, default=16.0, help="decode KV budget in average requests of the workload"
+    )
+    p.add_argument(
+        "--executor-kv-requests",
+        type=float,
+        default=None,
+        help="each executor's KV budget in average requests (default: the decode's); a prefill\n"
+        "instance's memory is mostly idle, so on a GPU its executor holds more than a decode instance",
+    )
     p.add_argument("--out", default=None, help="results JSON; default bench-results/serve-<timestamp>.json")
     p.add_argument(
         "--plots-dir",
@@ -594,17 +623,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.model is None:
         from common.model.tiny import make_tiny
 
-        model = make_tiny(Path(tempfile.mkdtemp(prefix="adrenaline-bench-")) / "tiny-llama", "llama", preset="default")
+        folder = Path(tempfile.mkdtemp(prefix="adrenaline-bench-")) / f"{args.preset}-llama"
+        model = make_tiny(folder, "llama", preset=args.preset)
     else:
         model = Path(args.model)
     config = json.loads((model / "config.json").read_text())
     workload = make_workload(args.dist, args.num_requests, args.rate, config["vocab_size"], args.seed)
     avg_len = statistics.mean(len(r.prompt) + r.max_tokens for r in workload)
-    kv = args.decode_kv_bytes or int(16 * avg_len * kv_bytes_per_token(config))
+    kv = args.decode_kv_bytes or int(args.decode_kv_requests * avg_len * kv_bytes_per_token(config))
+    executor_kv = (
+        None
+        if args.executor_kv_requests is None
+        else int(args.executor_kv_requests * avg_len * kv_bytes_per_token(config))
+    )
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     for rep in range(args.repeats):
         for ratio in modes:
-            runs[ratio].append(run_mode(args, model, ratio, workload, kv, rep))
+            runs[ratio].append(run_mode(args, model, ratio, workload, kv, rep, executor_kv))
     results: dict[str, Any] = {
         "date": time.strftime("%Y%m%d-%H%M%S"),
         "num_prompts": args.num_requests,  # vLLM's names for the workload's size and arrival rate
@@ -612,6 +647,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "args": {k: v for k, v in vars(args).items()},
         "model": str(model),
         "decode_kv_bytes": kv,
+        "executor_kv_bytes": executor_kv if executor_kv is not None else kv,
         "modes": {
             str(m): {"summary": median_summary(r, "summary"), "decode": median_summary(r, "decode"), "runs": r}
             for m, r in runs.items()

@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = model.add_parser("make-tiny", help="write the embedded default model (random weights, BPE tokenizer)")
     tiny.add_argument("dir")
     tiny.add_argument("--arch", choices=("llama", "mistral", "qwen2"), default="llama")
-    tiny.add_argument("--preset", choices=("default", "test"), default="default")
+    tiny.add_argument("--preset", choices=("default", "memory-bound", "test"), default="default")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_make_tiny)
 

@@ -134,6 +134,9 @@ class LocalCluster:
     # KV budget of each prefill, decode and executor process. compose.yaml's budgets are sized for
     # GPUs; on one machine every process's pool lives in the same RAM, so this overrides them.
     kv_cache_bytes: int = 256 * 2**20
+    # The executors' own budget where it differs (None: kv_cache_bytes): a prefill instance's
+    # memory is mostly idle, so its executor can hold more than a decode instance (the paper's case).
+    executor_kv_cache_bytes: int | None = None
     # A prefill instance that shares its CPUs with an attention executor can run this much nicer,
     # so that the executor's per-layer work is not queued behind a prefill (the CPU stand-in for a
     # GPU's MPS share). Off by default: measured on the 2-core VM it did not shorten the round trip
@@ -243,6 +246,8 @@ class LocalCluster:
                     env["ADRENALINE_NATS_PASSWORD"] = self.passwords[user]
                 if role == "attention-executor":
                     env["ADRENALINE_COLOCATED_WITH"] = self.instance_id("prefill", i)
+                    if self.executor_kv_cache_bytes is not None:
+                        env["ADRENALINE_KV_CACHE_BYTES"] = str(self.executor_kv_cache_bytes)
                 if role == "scheduler":
                     env["ADRENALINE_OFFLOAD_RATIO"] = str(self.offload_ratio)
                     env["ADRENALINE_TPOT_SLO_MS"] = str(self.tpot_slo_ms)

@@ -12,7 +12,8 @@ attention work) as in the paper (arXiv 2503.20552; docs/services.md), from what 
   attention (`attention_model`: tokens of KV per second, measured alike on both sides);
 * compute: OB_comp = (B_max - B_tpot) / B_tpot, where B_tpot is the largest decode batch that
   meets the TPOT SLO and fits the decode instance's KV without offloading (at the mean context
-  length its batch has now, this request included), and B_max the
+  length its batch will have over its coming steps, each request halfway from its length now to
+  its maximum, this request included: `Books.coming_tokens`), and B_max the
   largest whose non-attention work meets the SLO (attention entirely offloaded and hidden);
 * OB = min(OB_mem, OB_comp).
 
@@ -32,14 +33,16 @@ and only if it is worth it, in one of two ways:
   (hidden) the decode instance has room for the request, and its measured executor wait shows
        the round trip hides under local attention: offloading then costs nothing;
   (memory pressure) the decode instance cannot hold the request's maximum length without risking
-       preemption, so kept local it would wait for room; offloaded, it joins the batch now but
+       preemption (its free KV now, or its local requests' and this one's maximum lengths over
+       its capacity), so kept local it would wait for room; offloaded, it joins the batch now but
        every step pays the exposed wait. It is offloaded only when the predicted output rate
        rises: (batch + 1) / (step(batch + 1) + wait) against local / step(local), the rate of
        the local requests alone, which is what the instance would run without offloading.
 On a GPU the round trip hides under local attention and requests are offloaded up to the bound;
 on a CPU, where it may not, offloading happens only where the batch it buys pays for the wait.
 Until a decode instance has measured its wait, one request at a time is offloaded as a probe,
-so the first offloaded steps tell which case holds; the measurement expires when no step has
+so the first offloaded steps tell which case holds (under memory pressure, every request whose
+batch would pay for a hidden wait: a burst is placed before the first step); the measurement expires when no step has
 offloaded rows for a while (`services.decode.service.STALL_TTL_S`), so a bad one is probed again.
 """
 
@@ -63,6 +66,11 @@ class Books:
     offloaded_batch: int = 0
     offloaded_tokens: int = 0
     offloaded_max_tokens: int = 0  # the offloaded requests at their maximum lengths
+    # Each request's mean context over the steps it has left, (now + maximum) / 2, summed: what
+    # B_tpot's mean length is. The lengths now would say, at a burst's start, that a decode
+    # instance holds its capacity over the prompts alone, ten times what it holds once they grow.
+    coming_tokens: float = 0.0
+    local_max_tokens: int = 0  # the local requests at their maximum lengths
 
 
 @dataclass(frozen=True)
@@ -138,7 +146,8 @@ def decide(
     if books.offloaded_max_tokens + max_tokens > ob * capacity_tokens(decode):
         return Decision(False, "c1")
     # Under memory pressure C2 does not apply: kept local, the request would wait for room (module docstring).
-    pressure = decode_free_tokens < max_tokens
+    # Free space now is not enough: requests admitted with short prompts take it as they grow.
+    pressure = decode_free_tokens < max_tokens or books.local_max_tokens + max_tokens > capacity_tokens(decode)
     if not pressure and (
         books.offloaded_tokens + prompt_tokens > ob * books.local_tokens
         or books.offloaded_batch + 1 > ob * books.local_batch
@@ -148,8 +157,13 @@ def decide(
     stall = decode.offload_stall_s
     if model.time(batch + 1, books.local_tokens) + (stall or 0.0) > slo_s:
         return Decision(False, "slo")
-    if stall is None:  # never measured: offload one request, whose steps will tell
-        return Decision(books.offloaded_batch == 0, "memory_pressure_probe" if pressure else "probe")
+    if stall is None and pressure:
+        # Never measured, and kept local it would wait for room: offload while the batch it buys pays
+        # for a hidden wait. A burst is placed before any step has measured the wait, and a
+        # request is placed once: one probe at a time would leave the executor idle all along.
+        return Decision(output_rate_rises(model, books, 0.0), "memory_pressure_probe")
+    if stall is None:  # never measured, and room locally: offload one request, whose steps will tell
+        return Decision(books.offloaded_batch == 0, "probe")
     if pressure:
         if output_rate_rises(model, books, stall):
             return Decision(True, "memory_pressure")

@@ -368,9 +368,9 @@ class Scheduler:
             return executor, "fixed_ratio"
         slo_s = self.settings.tpot_slo_ms / 1e3
         books = self._books(decode.instance_id)
-        # B_tpot at the lengths the batch has now (with this request), not at maximum lengths
+        # B_tpot at the lengths the batch will have over its coming steps (with this request)
         batch = books.local_batch + books.offloaded_batch
-        mean_len = (books.local_tokens + books.offloaded_tokens + prompt) / (batch + 1)
+        mean_len = (books.coming_tokens + (prompt + max_tokens) / 2) / (batch + 1)
         bound = policy.bounds(decode, decodes, self.live("executor"), mean_len, slo_s)
         if bound is not None:
             for name, value in dataclasses.asdict(bound).items():
@@ -394,6 +394,7 @@ class Scheduler:
         for f in self.inflight.values():
             if f.decode_id != decode_id:
                 continue
+            books.coming_tokens += (f.prompt_tokens + f.generated + f.max_tokens) / 2
             if f.executor_id:
                 books.offloaded_batch += 1
                 books.offloaded_tokens += f.prompt_tokens + f.generated
@@ -401,6 +402,7 @@ class Scheduler:
             else:
                 books.local_batch += 1
                 books.local_tokens += f.prompt_tokens + f.generated
+                books.local_max_tokens += f.max_tokens
         return books
 
     async def _refuse(self, reply: Reply, request_id: str, status: int, error: str) -> None:

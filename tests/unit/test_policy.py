@@ -157,9 +157,20 @@ def test_under_memory_pressure_offloading_needs_a_higher_output_rate() -> None:
     assert _decide(books=first, decode=_decode(offload_stall_s=0.0025)) == (False, "no_gain")
     # nothing local: anything offloaded is a gain
     assert _decide(books=Books(0, 0, 3, 300), decode=_decode(offload_stall_s=0.05)) == (True, "memory_pressure")
-    # not measured yet: one probe at a time, whose steps measure the wait
+    # not measured yet: every request whose batch pays for a hidden wait (a burst is placed before
+    # the first step measures it), not one probe at a time as with room locally
     assert _decide(books=first, decode=_decode()) == (True, "memory_pressure_probe")
-    assert _decide(books=books, decode=_decode()) == (False, "memory_pressure_probe")
+    assert _decide(books=books, decode=_decode()) == (True, "memory_pressure_probe")
+
+
+def test_room_now_is_not_room_for_what_local_requests_grow_to() -> None:
+    """A burst of short prompts leaves the decode instance's KV mostly free at admission, yet its
+    local requests at their maximum lengths fill it: that is memory pressure too."""
+    books = Books(local_batch=8, local_tokens=800, local_max_tokens=1550)  # capacity 1600
+    room = {"decode_free_tokens": 800, "decode": _decode(offload_stall_s=0.002)}
+    assert _decide(**room, books=books) == (True, "memory_pressure")  # 1550 + 100 > 1600
+    # room at their maximum lengths too: offloaded only if the round trip hides (2 ms of a 26 ms step does not)
+    assert _decide(**room, books=Books(local_batch=8, local_tokens=800, local_max_tokens=1400)) == (False, "not_hidden")
 
 
 def test_with_room_locally_offloading_needs_a_hidden_round_trip() -> None:
