@@ -425,9 +425,7 @@ def run_mode(
         model=model,
         port=free_port(),
         pin=pin,
-        # A request preempted on a full decode instance waits, silent, for a running one to end:
-        # with the memory-bound preset's long steps that outlasts the gateway's default token timeout.
-        env={"ADRENALINE_THREADS": "1", "ADRENALINE_TOKEN_TIMEOUT_S": "600"},
+        env={"ADRENALINE_THREADS": "1"},
         log_dir=Path(args.out).parent / f"logs-{ratio}-{rep}",
         offload_ratio=ratio,
         tpot_slo_ms=args.tpot_slo_ms,

@@ -168,6 +168,12 @@ class InstanceLoad:
         _check_seconds("offload_stall_s", self.offload_stall_s)
 
 
+# A request that waits on an instance (preempted, or queued to recompute for room) gets an event
+# with no token and no ending this often, so that the gateway's token timeout tells a dead backend
+# from a busy one (`TokenEvent.keeps_alive`).
+KEEPALIVE_S = 5.0
+
+
 @dataclass(frozen=True)
 class TokenEvent:
     """One request's progress in one step: the tokens since the last event, and how it ended."""
@@ -188,6 +194,11 @@ class TokenEvent:
     # message nears NATS's payload limit (`services.runtime.prompt_logprob_events`).
     prompt_logprobs: list[float] = field(default_factory=list)
     prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+
+    @property
+    def keeps_alive(self) -> bool:
+        """An event that only says the request is still held (`KEEPALIVE_S`)."""
+        return not self.token_ids and self.finish_reason is None and not self.prompt_logprobs
 
     def __post_init__(self) -> None:
         _check_id("request_id", self.request_id)

@@ -14,7 +14,8 @@ cannot abort its requests itself: it publishes a `GatewayHeartbeat` every `heart
 scheduler aborts the requests of a gateway it no longer hears (`ADRENALINE_GATEWAY_DEAD_AFTER_S`).
 
 A request never hangs: the scheduler must answer the submit within `submit_timeout`, and each
-token event must follow the previous one within `token_timeout`; either failure ends the request
+token event must follow the previous one within `token_timeout` (a request waiting for room on
+an instance gets an empty event every `KEEPALIVE_S`, so waiting is not dying); either failure ends the request
 with an error and, once the request is accepted, an `AbortRequest` so the backend frees its KV.
 """
 
@@ -106,6 +107,8 @@ class Generation:
                 self.close("")
                 message = event.error or "the request was aborted by the backend"
                 raise APIError(502, f"the backend failed this request: {message}", code="backend_error")
+            if event.keeps_alive:  # the request waits on an instance that holds it: wait again
+                continue
             if event.token_ids and event.first_index > self.received:  # ahead of one still on its way
                 self._early[event.first_index] = event
                 continue

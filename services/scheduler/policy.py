@@ -40,9 +40,9 @@ and only if it is worth it, in one of two ways:
        the local requests alone, which is what the instance would run without offloading.
 On a GPU the round trip hides under local attention and requests are offloaded up to the bound;
 on a CPU, where it may not, offloading happens only where the batch it buys pays for the wait.
-Until a decode instance has measured its wait, one request at a time is offloaded as a probe,
-so the first offloaded steps tell which case holds (under memory pressure, every request whose
-batch would pay for a hidden wait: a burst is placed before the first step); the measurement expires when no step has
+Until a decode instance has measured its wait, the wait is taken to be as long as the local
+attention it should hide under (a burst is placed before the first step measures anything, and
+a request is placed once), so the first offloaded steps tell which case holds; the measurement expires when no step has
 offloaded rows for a while (`services.decode.service.STALL_TTL_S`), so a bad one is probed again.
 """
 
@@ -157,13 +157,16 @@ def decide(
     stall = decode.offload_stall_s
     if model.time(batch + 1, books.local_tokens) + (stall or 0.0) > slo_s:
         return Decision(False, "slo")
-    if stall is None and pressure:
-        # Never measured, and kept local it would wait for room: offload while the batch it buys pays
-        # for a hidden wait. A burst is placed before any step has measured the wait, and a
-        # request is placed once: one probe at a time would leave the executor idle all along.
-        return Decision(output_rate_rises(model, books, 0.0), "memory_pressure_probe")
-    if stall is None:  # never measured, and room locally: offload one request, whose steps will tell
-        return Decision(books.offloaded_batch == 0, "probe")
+    if stall is None:
+        # Never measured. A burst is placed before any step has measured the wait, and a request
+        # is placed once, so probing one request at a time would leave the executor idle under a
+        # burst, and the probe slows every step of the batch while it runs. Assume instead a wait
+        # as long as the local attention it should hide under (a round trip twice that, as a CPU
+        # shows; a GPU hides it, and its first offloaded steps then say so).
+        prior = model.per_token_s * books.local_tokens
+        if pressure:
+            return Decision(output_rate_rises(model, books, prior), "memory_pressure_unmeasured")
+        return Decision(prior <= HIDDEN_FRACTION * model.time(batch, books.local_tokens), "unmeasured")
     if pressure:
         if output_rate_rises(model, books, stall):
             return Decision(True, "memory_pressure")

@@ -47,6 +47,9 @@ PREFIX = "gwtest"
 API_KEY = "sk-test-key"
 MODEL = "m"  # the served name: the model folder's name
 FIRST_MERGE = 259  # ids below are special tokens and single bytes; merges decode to whole ASCII words
+TOKEN_TIMEOUT_S = 1.5  # the gateways' ADRENALINE_TOKEN_TIMEOUT_S here
+HELD_S = 2 * TOKEN_TIMEOUT_S  # how long the "held" stand-in keeps a request waiting
+HELD_EVERY_S = 0.25  # its keep-alive interval (the decode's is common.messages.KEEPALIVE_S)
 
 
 def standin_tokens(prompt: list[int], n: int, vocab: int) -> list[int]:
@@ -81,7 +84,9 @@ class StandInBackend:
     `standin_prompt_logprobs` first, as a prefill instance sends them. `mode` makes it misbehave on
     purpose: "refuse" (429; "refuse_choice_1" only a request's choice 1), "error" (an
     "error" event after two tokens), "silent" (accepts, then sends nothing), "lose_prompt" (the
-    prompt's logprobs never arrive). It records every
+    prompt's logprobs never arrive), "held" (keep-alive events only, `HELD_S` of them, twice the
+    gateway's token timeout, as a decode instance sends for a request waiting for room, then
+    the tokens). It records every
     submit and every AbortRequest, and stops generating a request once it is aborted.
     """
 
@@ -154,6 +159,10 @@ class StandInBackend:
             )
             await self.bus.publish(msg.token_subject, TokenBatch([event]))
             return
+        if mode == "held":
+            for _ in range(int(HELD_S / HELD_EVERY_S)):
+                await self.bus.publish(msg.token_subject, TokenBatch([TokenEvent(msg.request_id, [])]))
+                await asyncio.sleep(HELD_EVERY_S)
         events = []
         for i, token in enumerate(standin_tokens(msg.prompt_token_ids, n, self.vocab)):
             events.append(
@@ -259,7 +268,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                 port=free_port(),
                 api_keys=(API_KEY,),
                 submit_timeout=2.0,
-                token_timeout=1.5,
+                token_timeout=TOKEN_TIMEOUT_S,
                 subjects_prefix=PREFIX,
             )
         )

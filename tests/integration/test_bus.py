@@ -59,7 +59,7 @@ async def test_nobody_listening_is_an_immediate_error(nats_url: str) -> None:
     start = time.monotonic()
     with pytest.raises(ServiceUnavailable, match="no instance is listening"):
         await client.request(SUBJECTS.instance("ghost", "prefill"), _submit(0), SubmitReply, timeout=5.0)
-    assert time.monotonic() - start < 1.0  # NATS says "no responders" at once; we did not wait 5 s
+    assert time.monotonic() - start < 4.0  # NATS says "no responders" at once; we did not wait the 5 s
     await client.close()
 
 

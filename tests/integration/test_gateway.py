@@ -344,6 +344,23 @@ def test_a_token_lost_in_transit_fails_the_request_instead_of_leaving_a_gap(env:
 
 
 @pytest.mark.timeout(60)
+def test_a_request_held_for_room_outlives_the_token_timeout(env: Env) -> None:
+    """Keep-alive events (a decode instance's, for a request waiting for room) are no tokens, and
+    they keep the token timeout from failing a request that is only waiting."""
+    env.backend.mode = "normal"
+    expected = env.client().completions.create(model=MODEL, prompt="x", max_tokens=6).choices[0].text
+    env.backend.mode = "held"
+    try:
+        held = env.client().completions.create(model=MODEL, prompt="x", max_tokens=6)
+        assert held.choices[0].text == expected and held.usage is not None and held.usage.completion_tokens == 6
+        stream = env.client().completions.create(model=MODEL, prompt="x", max_tokens=6, stream=True)
+        assert "".join(c.choices[0].text for c in stream if c.choices) == expected
+    finally:
+        env.backend.mode = "normal"
+    assert not [a for a in env.backend.aborts if a.request_id in {s.request_id for s in env.backend.submits[-2:]}]
+
+
+@pytest.mark.timeout(60)
 def test_a_silent_backend_times_out_and_is_aborted(env: Env) -> None:
     env.backend.mode = "silent"
     start = time.monotonic()

@@ -185,7 +185,7 @@ async def test_silent_peer_times_out_and_buffer_stays_untouched() -> None:
         start = time.monotonic()
         with pytest.raises(TransferTimeout, match=r"tag 0x30.*0\.5 s") as info:
             await channel.recv_into(TAG_LATE, [buf], timeout=0.5, peer=peer)
-        assert 0.5 <= time.monotonic() - start < 2.0
+        assert 0.5 <= time.monotonic() - start < 10.0  # it ends: the bound is no speed claim
         assert info.value.tag == TAG_LATE and info.value.timeout == 0.5
         assert torch.equal(buf, torch.full((64,), -1.0))
         # The message that arrives after the timeout is drained into the channel's staging buffer,
@@ -210,7 +210,7 @@ async def test_killed_peer_times_out_instead_of_hanging() -> None:
         start = time.monotonic()
         with pytest.raises(TransferTimeout, match="tag 0x40"):
             await channel.recv_into(0x40, [buf, torch.zeros(8)], timeout=0.5, peer=peer)
-        assert time.monotonic() - start < 2.0
+        assert time.monotonic() - start < 10.0  # it ends: the bound is no speed claim
         assert torch.equal(buf, torch.full((3, 4), 5, dtype=torch.int64))
         # The receive stays posted for its dead peer until the TTL gives up on it (a clock set
         # forward, not waited for), rather than until the channel closes.

@@ -127,9 +127,9 @@ def test_memory_pressure_offloads_whatever_the_local_batch() -> None:
     never_measured = _decode()  # no executor wait measured yet: offload_stall_s is None
     # one local request of 310 tokens; 64 tokens free, the new request may grow to 100
     one_long = {"decode": never_measured, "books": Books(1, 310, 0, 0), "decode_free_tokens": 64}
-    assert _decide(**one_long) == (True, "memory_pressure_probe")
+    assert _decide(**one_long) == (True, "memory_pressure_unmeasured")
     # C2 by batch (0 + 1 > 0.5 * 1) had refused it, as it still does with room locally
-    assert _decide(**one_long, bound=Bounds(1.0, 1.0, 0.5)) == (True, "memory_pressure_probe")
+    assert _decide(**one_long, bound=Bounds(1.0, 1.0, 0.5)) == (True, "memory_pressure_unmeasured")
     assert _decide(**{**one_long, "decode_free_tokens": 1000}, bound=Bounds(1.0, 1.0, 0.5)) == (False, "c2")
     # nothing local at all (by tokens and by batch), still no room for its 100 tokens
     assert _decide(books=Books(0, 0, 0, 0)) == (True, "memory_pressure")
@@ -157,10 +157,18 @@ def test_under_memory_pressure_offloading_needs_a_higher_output_rate() -> None:
     assert _decide(books=first, decode=_decode(offload_stall_s=0.0025)) == (False, "no_gain")
     # nothing local: anything offloaded is a gain
     assert _decide(books=Books(0, 0, 3, 300), decode=_decode(offload_stall_s=0.05)) == (True, "memory_pressure")
-    # not measured yet: every request whose batch pays for a hidden wait (a burst is placed before
-    # the first step measures it), not one probe at a time as with room locally
-    assert _decide(books=first, decode=_decode()) == (True, "memory_pressure_probe")
-    assert _decide(books=books, decode=_decode()) == (True, "memory_pressure_probe")
+    # not measured yet (a burst is placed before the first step measures it): not one probe at a
+    # time, as with room locally, but every request whose batch pays for a wait as long as the local
+    # attention, 10 us x the local tokens. 800 tokens: 9 / (10 + 9 + 8 + 8 ms) < 8 / 26 ms
+    assert _decide(books=first, decode=_decode()) == (False, "memory_pressure_unmeasured")
+    assert _decide(books=books, decode=_decode()) == (False, "memory_pressure_unmeasured")
+    # 100 tokens: 9 / (10 + 9 + 1 + 1 ms) = 428.6 tok/s > 8 / 19 ms = 421.1; and with two offloaded
+    short = Books(local_batch=8, local_tokens=100)
+    assert _decide(books=short, decode=_decode()) == (True, "memory_pressure_unmeasured")
+    assert _decide(books=dataclasses.replace(short, offloaded_batch=2), decode=_decode()) == (
+        True,
+        "memory_pressure_unmeasured",
+    )
 
 
 def test_room_now_is_not_room_for_what_local_requests_grow_to() -> None:
@@ -177,9 +185,10 @@ def test_with_room_locally_offloading_needs_a_hidden_round_trip() -> None:
     room = {"decode_free_tokens": 1000}
     assert _decide(**room) == (False, "not_hidden")  # 2 ms of wait on a 28 ms step: over 5%
     assert _decide(**room, decode=_decode(offload_stall_s=0.0005)) == (True, "hidden")
-    # never measured: one probe at a time
-    assert _decide(**room, decode=_decode(), books=Books(8, 800, 0, 0)) == (True, "probe")
-    assert _decide(**room, decode=_decode()) == (False, "probe")
+    # never measured: a wait as long as local attention, 10 us x 800 tokens = 8 ms, is not hidden
+    # in a 26 ms step; 10 us x 90 tokens = 0.9 ms is, within 5% of a 18.9 ms one
+    assert _decide(**room, decode=_decode(), books=Books(8, 800, 0, 0)) == (False, "unmeasured")
+    assert _decide(**room, decode=_decode(), books=Books(8, 90, 0, 0)) == (True, "unmeasured")
 
 
 def test_offload_ratio_setting() -> None:
