@@ -18,9 +18,13 @@ attention work) as in the paper (arXiv 2503.20552; docs/services.md), from what 
 * OB = min(OB_mem, OB_comp).
 
 A request is offloaded only if
-  (C1) the offloaded requests at their maximum lengths, plus this one, stay within OB times the
-       decode instance's KV capacity, and the executor has room for this one's prompt and a block
-       to grow by (it grows requests block by block and hands them back to decode when full);
+  (C1) the offloaded requests at their mean lengths over the steps they have left (each halfway
+       from its length now to its maximum), plus this one, stay within OB times the decode
+       instance's KV capacity, and the executor has room for this one's prompt and a block to
+       grow by (it grows requests block by block and hands them back to decode when full). At
+       maximum lengths C1 offloaded half as much under a burst, and the executor, whose first
+       requests had all started together, idled once they ended (1.13x of plain PD against 1.36x
+       on the memory-bound benchmark);
   (C2) unless the decode instance is under memory pressure (below): the offloaded-to-local
        ratios of the current total context and of the batch size, with this request, stay
        within OB, so that remote attention hides under local attention (with nothing local to
@@ -65,7 +69,9 @@ class Books:
     local_tokens: int = 0  # current context tokens of its local requests
     offloaded_batch: int = 0
     offloaded_tokens: int = 0
-    offloaded_max_tokens: int = 0  # the offloaded requests at their maximum lengths
+    # The offloaded requests' mean context over the steps each has left, (now + maximum) / 2: the
+    # attention work they bring the executor, as `coming_tokens` is for B_tpot.
+    offloaded_coming_tokens: float = 0.0
     # Each request's mean context over the steps it has left, (now + maximum) / 2, summed: what
     # B_tpot's mean length is. The lengths now would say, at a burst's start, that a decode
     # instance holds its capacity over the prompts alone, ten times what it holds once they grow.
@@ -143,7 +149,7 @@ def decide(
     # time and hands it back to decode when full (`ExecutorCore.begin_step`), so no maximum length.
     if executor_free_tokens < executor_need_tokens:
         return Decision(False, "executor_full")
-    if books.offloaded_max_tokens + max_tokens > ob * capacity_tokens(decode):
+    if books.offloaded_coming_tokens + (prompt_tokens + max_tokens) / 2 > ob * capacity_tokens(decode):
         return Decision(False, "c1")
     # Under memory pressure C2 does not apply: kept local, the request would wait for room (module docstring).
     # Free space now is not enough: requests admitted with short prompts take it as they grow.

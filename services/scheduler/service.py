@@ -398,7 +398,7 @@ class Scheduler:
             if f.executor_id:
                 books.offloaded_batch += 1
                 books.offloaded_tokens += f.prompt_tokens + f.generated
-                books.offloaded_max_tokens += f.max_tokens
+                books.offloaded_coming_tokens += (f.prompt_tokens + f.generated + f.max_tokens) / 2
             else:
                 books.local_batch += 1
                 books.local_tokens += f.prompt_tokens + f.generated

@@ -107,8 +107,9 @@ def test_each_condition_refuses_on_its_own() -> None:
     assert _decide(bound=None) == (False, "not_profiled")
     assert _decide(executor_free_tokens=79) == (False, "executor_full")
     assert _decide(executor_free_tokens=80) == (True, "memory_pressure")  # less than max_tokens (100) is enough
-    # C1: offloaded at max length (1550) + 100 > 1.0 * 1600
+    # C1: the offloaded at their coming mean lengths (1550) + this one's, (50 + 100) / 2, > 1.0 * 1600
     assert _decide(books=Books(8, 800, 2, 200, 1550)) == (False, "c1")
+    assert _decide(books=Books(8, 800, 2, 200, 1525)) == (True, "memory_pressure")  # 1525 + 75 = 1600
     # C2, with room locally (it does not apply under memory pressure, below): by tokens
     # (offloaded 760 + 50 > 800) and by batch (8 + 1 > 8)
     room = {"decode_free_tokens": 1000}
@@ -134,7 +135,7 @@ def test_memory_pressure_offloads_whatever_the_local_batch() -> None:
     # nothing local at all (by tokens and by batch), still no room for its 100 tokens
     assert _decide(books=Books(0, 0, 0, 0)) == (True, "memory_pressure")
     assert _decide(books=Books(0, 0, 3, 300)) == (True, "memory_pressure")
-    # C1: 0.5 * 1600 = 800 tokens for the offloaded requests at their maximum lengths; 750 + 100 is over
+    # C1: 0.5 * 1600 = 800 tokens for the offloaded requests at their coming mean lengths; 750 + 75 is over
     full = {**one_long, "books": Books(1, 310, 5, 300, 750)}
     assert _decide(**full, bound=Bounds(1.0, 1.0, 0.5)) == (False, "c1")
     # SLO, from the injected step model: 10 ms + 2 * 1 ms + 310 * 10 us = 15.1 ms, + 90 ms of wait > 100 ms
