@@ -46,8 +46,9 @@ On a GPU the round trip hides under local attention and requests are offloaded u
 on a CPU, where it may not, offloading happens only where the batch it buys pays for the wait.
 Until a decode instance has measured its wait, the wait is taken to be as long as the local
 attention it should hide under (a burst is placed before the first step measures anything, and
-a request is placed once), so the first offloaded steps tell which case holds; the measurement expires when no step has
-offloaded rows for a while (`services.decode.service.STALL_TTL_S`), so a bad one is probed again.
+a request is placed once), and the first offloaded steps tell which case holds; a measurement
+expires when no step has had offloaded rows for a while (`services.decode.service.STALL_TTL_S`),
+so that a wait measured under a load that has passed does not rule for ever.
 """
 
 from __future__ import annotations

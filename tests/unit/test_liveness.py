@@ -18,7 +18,7 @@ def _hearing(recovered_ago: float, dead_after_s: float = 1.0) -> tuple[Hearing, 
 
 
 def test_no_one_is_judged_before_we_have_heard_well_for_dead_after() -> None:
-    hearing, now = _hearing(recovered_ago=0.5)
+    hearing, now = _hearing(recovered_ago=0.5, dead_after_s=60.0)
     assert not hearing.judging
     assert not hearing.silent(now - 100.0, now)
 
