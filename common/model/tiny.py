@@ -32,9 +32,9 @@ CHAT_TEMPLATE = (
 )
 
 # Shapes: "test" keeps the suite fast, "default" is what `make run` serves, "memory-bound" is a
-# model whose decode step, like an LLM's on a GPU, reads its weights at the batch sizes a small
-# KV cache allows (95 M parameters, 380 MB float32: ~27 ms a step at copy bandwidth here, where
-# the GEMMs of a batch under ~14 take less), the regime where offloading attention pays.
+# model whose decode step, like an LLM's on a GPU, is dominated by reading its weights at the batch
+# sizes a small KV cache allows (95 M parameters, 380 MB float32: 26 ms a step at batch 1, 69 ms at
+# batch 12 on one core here), the regime where offloading attention pays (docs/benchmarks.md).
 PRESETS: dict[str, dict[str, Any]] = {
     "test": {
         "vocab": 384,
