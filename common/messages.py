@@ -168,9 +168,9 @@ class InstanceLoad:
         _check_seconds("offload_stall_s", self.offload_stall_s)
 
 
-# A request that waits on an instance (preempted, or queued to recompute for room) gets an event
-# with no token and no ending this often, so that the gateway's token timeout tells a dead backend
-# from a busy one (`TokenEvent.keeps_alive`).
+# A request that waits on an instance (queued for a prefill step, preempted, or queued to recompute
+# for room) gets an event with no token and no ending this often, so that the gateway's token
+# timeout tells a dead backend from a busy one (`TokenEvent.keeps_alive`, `services.runtime.KeepAlive`).
 KEEPALIVE_S = 5.0
 
 

@@ -32,7 +32,7 @@ from common.engine import Engine, StepOutput
 from common.errors import InvalidRequestError, NoFreeBlocksError
 from common.kv_transfer import kv_shape, scatter_kv
 from common.liveness import Hearing
-from common.messages import KEEPALIVE_S, AbortRequest, Ack, Admitted, InstanceLoad, KVHandoff, TokenBatch, TokenEvent
+from common.messages import AbortRequest, Ack, Admitted, InstanceLoad, KVHandoff, TokenBatch, TokenEvent
 from common.profiling import profile_decode_attention, profile_engine
 from common.sampling import from_wire
 from common.step_model import StepModel
@@ -42,6 +42,7 @@ from services.decode.remote_executor import ExecutorFailed, RemoteExecutor
 from services.decode.step_channel import StepChannel
 from services.runtime import (
     InstanceSettings,
+    KeepAlive,
     Tombstones,
     engine_load,
     heartbeat,
@@ -95,7 +96,7 @@ class DecodeService:
         self.executor_slots = 0  # executors met so far; each gets its own slot in the step tags
         self.held: dict[str, float] = {}  # hand-offs waiting for room, and until when they may
         self.executor_seen: dict[str, float] = {}  # executors' last heartbeats
-        self.next_keepalive = 0.0  # when waiting requests are next told they are held (monotonic)
+        self.keepalive = KeepAlive(bus)  # requests waiting here for room, told they are held
         self.step_model: StepModel | None = None  # profiled when serving starts
         self.attention_model: StepModel | None = None
         self.offload_stall_s: float | None = None  # moving mean over steps with offloaded rows
@@ -351,23 +352,6 @@ class DecodeService:
         for subject, batch in events.items():
             await self.bus.publish(subject, TokenBatch(batch))
 
-    async def _keep_waiting_alive(self) -> None:
-        """Tell the gateways of requests waiting here for room (preempted, or queued to recompute)
-        that they are held, every `KEEPALIVE_S`: with long outputs a wait can outlast the
-        gateway's token timeout, which would fail a request nothing is wrong with."""
-        now = time.monotonic()
-        if now < self.next_keepalive:
-            return
-        self.next_keepalive = now + KEEPALIVE_S
-        events: dict[str, list[TokenEvent]] = {}
-        for request in self.engine.waiting:
-            subject = self.token_subjects.get(request.request_id)
-            if subject is not None:
-                event = TokenEvent(request.request_id, [], first_index=len(request.output_token_ids))
-                events.setdefault(subject, []).append(event)
-        for subject, batch in events.items():
-            await self.bus.publish(subject, TokenBatch(batch))
-
     async def serve(self, stop: asyncio.Event) -> None:
         subs = [
             await self.bus.subscribe(
@@ -393,7 +377,7 @@ class DecodeService:
                     continue
                 outputs = await self._step()
                 await self._publish(outputs)
-                await self._keep_waiting_alive()
+                await self.keepalive.tick(self.engine.waiting, self.token_subjects.get)
         finally:
             beat.cancel()
             watch.cancel()

@@ -36,6 +36,7 @@ from common.tags import handoff_tags
 from common.tensor_channel import TensorChannel
 from services.runtime import (
     InstanceSettings,
+    KeepAlive,
     Tombstones,
     engine_load,
     heartbeat,
@@ -73,6 +74,12 @@ class PrefillService:
         self.handoffs: set[asyncio.Task[None]] = set()
         self.aborted = Tombstones()
         self._tags = handoff_tags(settings.instance_id)
+        # A queue of long prompts (or requests preempted for room) can outlast the gateway's token timeout.
+        self.keepalive = KeepAlive(bus)
+
+    def _token_subject(self, request_id: str) -> str | None:
+        entry = self.tasks.get(request_id)
+        return entry.task.request.token_subject if entry is not None else None
 
     def load(self) -> InstanceLoad:
         return engine_load(self.settings, "prefill", self.engine, self.channel.address, len(self.inbox))
@@ -130,6 +137,7 @@ class PrefillService:
                     continue
                 outputs = await step(self.engine)
                 await self._after_step(outputs)
+                await self.keepalive.tick(self.engine.waiting, self._token_subject)
         finally:
             beat.cancel()
             for sub in subs:

@@ -1,14 +1,19 @@
 """What a decode instance tells others between steps: the executor wait it reports decays to
-"unknown", and the requests waiting for room are kept alive at their gateways."""
+"unknown", and the requests waiting for a step are kept alive at their gateways (prefill
+instances do the same with `services.runtime.KeepAlive`)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from types import SimpleNamespace
+from typing import cast
 
+from common.bus import Bus
 from common.messages import KEEPALIVE_S, TokenBatch
-from services.decode.service import STALL_TTL_S, DecodeService, stall_estimate
+from common.request import Request
+from services.decode.service import STALL_TTL_S, stall_estimate
+from services.runtime import KeepAlive
 
 
 def test_a_measured_wait_is_reported_until_it_is_stale_then_unknown() -> None:
@@ -17,10 +22,10 @@ def test_a_measured_wait_is_reported_until_it_is_stale_then_unknown() -> None:
     assert stall_estimate(0.02, 100.0, 100.0 + STALL_TTL_S + 0.1) is None  # a load that has passed
 
 
-def test_requests_waiting_for_room_are_kept_alive_every_keepalive_s() -> None:
-    """The decode instance tells the gateway of each request waiting for room that it is held (an
-    event with no token at its next output index), at most every KEEPALIVE_S; running and
-    finished requests get none."""
+def test_requests_waiting_for_a_step_are_kept_alive_every_keepalive_s() -> None:
+    """An instance tells the gateway of each request waiting on it that it is held (an event with
+    no token at its next output index), at most every KEEPALIVE_S; requests it does not hold (no
+    token subject) and running ones get none."""
     published: list[tuple[str, TokenBatch]] = []
 
     async def publish(subject: str, message: TokenBatch) -> None:
@@ -29,21 +34,21 @@ def test_requests_waiting_for_room_are_kept_alive_every_keepalive_s() -> None:
     waiting = [
         SimpleNamespace(request_id="w1", output_token_ids=[5, 6]),
         SimpleNamespace(request_id="w2", output_token_ids=[]),
+        SimpleNamespace(request_id="gone", output_token_ids=[]),
     ]
-    service = SimpleNamespace(
-        next_keepalive=0.0,
-        engine=SimpleNamespace(waiting=waiting),
-        token_subjects={"w1": "tokens.a", "w2": "tokens.b", "running": "tokens.a"},
-        bus=SimpleNamespace(publish=publish),
-    )
-    keep = DecodeService._keep_waiting_alive
-    asyncio.run(keep(service))  # type: ignore[arg-type]
+    subjects = {"w1": "tokens.a", "w2": "tokens.b", "running": "tokens.a"}
+    keepalive = KeepAlive(cast(Bus, SimpleNamespace(publish=publish)))
+
+    def tick() -> None:
+        asyncio.run(keepalive.tick(cast(list[Request], waiting), subjects.get))
+
+    tick()
     sent = {
         subject: [(e.request_id, e.first_index, e.keeps_alive) for e in batch.events] for subject, batch in published
     }
     assert sent == {"tokens.a": [("w1", 2, True)], "tokens.b": [("w2", 0, True)]}
-    asyncio.run(keep(service))  # type: ignore[arg-type]  # within KEEPALIVE_S: nothing more
+    tick()  # within KEEPALIVE_S: nothing more
     assert len(published) == 2
-    service.next_keepalive = time.monotonic() - 0.1
-    asyncio.run(keep(service))  # type: ignore[arg-type]
-    assert len(published) == 4 and service.next_keepalive > time.monotonic() + KEEPALIVE_S - 1
+    keepalive.next_at = time.monotonic() - 0.1
+    tick()
+    assert len(published) == 4 and keepalive.next_at > time.monotonic() + KEEPALIVE_S - 1
