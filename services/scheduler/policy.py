@@ -13,7 +13,7 @@ attention work) as in the paper (arXiv 2503.20552; docs/services.md), from what 
 * compute: OB_comp = (B_max - B_tpot) / B_tpot, where B_tpot is the largest decode batch that
   meets the TPOT SLO and fits the decode instance's KV without offloading (at the mean context
   length its batch will have over its coming steps, each request halfway from its length now to
-  its maximum, this request included: `Books.coming_tokens`), and B_max the
+  its maximum, this request included: `coming_length`), and B_max the
   largest whose non-attention work meets the SLO (attention entirely offloaded and hidden);
 * OB = min(OB_mem, OB_comp).
 
@@ -70,14 +70,23 @@ class Books:
     local_tokens: int = 0  # current context tokens of its local requests
     offloaded_batch: int = 0
     offloaded_tokens: int = 0
-    # The offloaded requests' mean context over the steps each has left, (now + maximum) / 2: the
-    # attention work they bring the executor, as `coming_tokens` is for B_tpot.
+    # The offloaded requests' `coming_length`s, summed: the attention work they bring the executor.
     offloaded_coming_tokens: float = 0.0
-    # Each request's mean context over the steps it has left, (now + maximum) / 2, summed: what
-    # B_tpot's mean length is. The lengths now would say, at a burst's start, that a decode
-    # instance holds its capacity over the prompts alone, ten times what it holds once they grow.
-    coming_tokens: float = 0.0
+    local_coming_tokens: float = 0.0  # the local requests' `coming_length`s, summed
     local_max_tokens: int = 0  # the local requests at their maximum lengths
+
+    @property
+    def coming_tokens(self) -> float:
+        """Every request's `coming_length`, summed: what B_tpot's mean length is made of."""
+        return self.local_coming_tokens + self.offloaded_coming_tokens
+
+
+def coming_length(length: int, maximum: int) -> float:
+    """A request's mean context over the steps it has left, halfway from its length now to its
+    maximum. Its length now would say, at a burst's start, that a decode instance holds its
+    capacity over the prompts alone, ten times what it holds once they grow; its maximum, that it
+    holds half of what it does over their lives."""
+    return (length + maximum) / 2
 
 
 @dataclass(frozen=True)
@@ -150,7 +159,7 @@ def decide(
     # time and hands it back to decode when full (`ExecutorCore.begin_step`), so no maximum length.
     if executor_free_tokens < executor_need_tokens:
         return Decision(False, "executor_full")
-    if books.offloaded_coming_tokens + (prompt_tokens + max_tokens) / 2 > ob * capacity_tokens(decode):
+    if books.offloaded_coming_tokens + coming_length(prompt_tokens, max_tokens) > ob * capacity_tokens(decode):
         return Decision(False, "c1")
     # Under memory pressure C2 does not apply: kept local, the request would wait for room (module docstring).
     # Free space now is not enough: requests admitted with short prompts take it as they grow.

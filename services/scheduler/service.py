@@ -370,7 +370,7 @@ class Scheduler:
         books = self._books(decode.instance_id)
         # B_tpot at the lengths the batch will have over its coming steps (with this request)
         batch = books.local_batch + books.offloaded_batch
-        mean_len = (books.coming_tokens + (prompt + max_tokens) / 2) / (batch + 1)
+        mean_len = (books.coming_tokens + policy.coming_length(prompt, max_tokens)) / (batch + 1)
         bound = policy.bounds(decode, decodes, self.live("executor"), mean_len, slo_s)
         if bound is not None:
             for name, value in dataclasses.asdict(bound).items():
@@ -394,14 +394,15 @@ class Scheduler:
         for f in self.inflight.values():
             if f.decode_id != decode_id:
                 continue
-            books.coming_tokens += (f.prompt_tokens + f.generated + f.max_tokens) / 2
+            length = f.prompt_tokens + f.generated
             if f.executor_id:
                 books.offloaded_batch += 1
-                books.offloaded_tokens += f.prompt_tokens + f.generated
-                books.offloaded_coming_tokens += (f.prompt_tokens + f.generated + f.max_tokens) / 2
+                books.offloaded_tokens += length
+                books.offloaded_coming_tokens += policy.coming_length(length, f.max_tokens)
             else:
                 books.local_batch += 1
-                books.local_tokens += f.prompt_tokens + f.generated
+                books.local_tokens += length
+                books.local_coming_tokens += policy.coming_length(length, f.max_tokens)
                 books.local_max_tokens += f.max_tokens
         return books
 
