@@ -228,6 +228,8 @@ class Engine:
         if not self.running:
             return []
         self._reserve_next_slots()
+        if not self.running:  # each local request was preempted: the free blocks are held by KV on its way in
+            return []
         batch = list(self.running)
         logits = self._decode(batch)
         return self._run(batch, logits, skip=self._take_back(batch))

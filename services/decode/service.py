@@ -376,6 +376,8 @@ class DecodeService:
                         await wait_for_work(self.wake, stop)
                     continue
                 outputs = await self._step()
+                if not outputs and not self.engine.running:  # all preempted, for blocks arriving KV holds
+                    await asyncio.sleep(0.01)
                 await self._publish(outputs)
                 await self.keepalive.tick(self.engine.waiting, self.token_subjects.get)
         finally:

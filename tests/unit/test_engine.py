@@ -109,6 +109,30 @@ def test_a_request_queued_with_its_first_token_recomputes_the_same_output(llama_
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
 
+def test_a_step_that_preempts_every_running_request_returns_nothing(llama_dir: Path) -> None:
+    """On a decode instance, blocks also belong to KV still arriving (allocated before the transfer):
+    a lone running request that cannot grow is preempted, and the step has no batch left. It ends
+    with no output instead of running a model on an empty batch (which killed the decode instance),
+    and the request recomputes once blocks are free."""
+    per_block = _bytes_per_block(llama_dir, block_size=4)
+    engine = Engine.from_folder(llama_dir, EngineConfig(block_size=4, kv_cache_bytes=6 * per_block))
+    prompt = _prompts(engine.spec.vocab_size, [7])[0]
+    params = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    request = engine.add_request("r0", prompt, params)
+    engine.step()  # the prefill: 7 tokens of KV in 2 blocks
+    engine.blocks.allocate("arriving", 4 * 4)  # a hand-off's KV on its way in takes the rest
+    assert engine.blocks.num_free_blocks == 0
+    outputs = [engine.step() for _ in range(2)]  # token 8 fits its second block; token 9 needs a third
+    assert len(outputs[0]) == 1 and outputs[1] == []
+    assert engine.num_preemptions == 1 and not engine.running and list(engine.waiting) == [request]
+    engine.blocks.free("arriving")  # its transfer failed
+    while engine.has_unfinished():
+        engine.step()
+    assert request.output_token_ids == _hf_greedy(llama_dir, [prompt], 12)[0]
+    engine.check_integrity()
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton needs TRITON_INTERPRET=1 on CPU")
 def test_triton_backend_engine_matches_transformers(llama_dir: Path) -> None:
     engine = Engine.from_folder(
