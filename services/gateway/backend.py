@@ -88,7 +88,10 @@ class Generation:
                 return self._take(waiting)
             timeout = GAP_GRACE_S if self._early else self.backend.settings.token_timeout
             try:
-                event = await asyncio.wait_for(self._queue.get(), timeout)
+                # not asyncio.wait_for: before Python 3.12 it swallows a cancellation that comes as the
+                # queue yields an event, and a client's disconnect then waited for the whole output
+                async with asyncio.timeout(timeout):
+                    event = await self._queue.get()
             except TimeoutError:
                 if self._early:
                     self.close("tokens lost in transit")

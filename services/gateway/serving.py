@@ -214,6 +214,7 @@ class Server:
                 reason = ""
                 return shapes.body(outcomes, job.logprobs)
             reason = "client disconnected"
+            log.info("client disconnected", request_id=job.request_id)
             raise APIError(499, "client disconnected")  # nobody reads it; the status shows in the metrics
         finally:
             for task in (collect, gone):

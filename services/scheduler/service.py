@@ -458,7 +458,8 @@ class Scheduler:
             while not stop.is_set():
                 await self.reap()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=self.settings.dead_after_s / 4)
+                    async with asyncio.timeout(self.settings.dead_after_s / 4):  # cancellable, unlike wait_for
+                        await stop.wait()
         finally:
             await self.hearing.stop()
             for sub in subs:
