@@ -29,7 +29,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from benchmarks.serve import decode_timeline, plot_paths
+from benchmarks.observe import decode_timeline
+from benchmarks.results import plot_paths
 from common.config import parse_offload_ratio
 
 DPI = 110

@@ -26,7 +26,8 @@ def default_model_dir() -> Path:
 def _up(args: argparse.Namespace) -> int:
     from common.config import parse_offload_ratio
     from common.model.tiny import make_tiny
-    from services.local_cluster import LocalCluster, parse_pin, parse_roles, parse_scale, run_until_signalled
+    from services.local_cluster import LocalCluster
+    from services.up import parse_pin, parse_roles, parse_scale, run_until_signalled
 
     model = Path(args.model) if args.model else default_model_dir()
     if args.model is None and not (model / "config.json").is_file():

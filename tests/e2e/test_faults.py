@@ -2,7 +2,7 @@
 
 One `LocalCluster` (2 prefill instances with their executors, 2 decode instances, offload ratio
 0.5, so that each fault has instances it does not touch) serves the whole module, supervised as
-`adrenaline up` supervises it: `Supervisor` and `_NatsKeeper` polled from this (the main)
+`adrenaline up` supervises it: `Supervisor` and `NatsKeeper` polled from this (the main)
 thread, which must outlive the processes they start (`common.lifetime.die_with_parent`). Each case
 runs concurrent streams through the official openai client, in two waves (the first decoding,
 the second just submitted, so a fault meets requests in every phase), then:
@@ -59,8 +59,9 @@ from common.metrics import scrape_metrics
 from common.model.tiny import make_tiny
 from common.natsd import free_port
 from services.launcher import Child
-from services.local_cluster import LocalCluster, _NatsKeeper, healthy
+from services.local_cluster import LocalCluster, healthy
 from services.supervisor import RestartBudget, Supervisor
+from services.up import NatsKeeper
 from tests.e2e.helpers import greedy_completions, transformers_texts
 
 PAUSE_S = 3.0  # three times dead_after_s: long enough to be judged dead, unless judged with hysteresis
@@ -107,7 +108,7 @@ class Supervision:
         self.said: list[str] = []
         self.orphans_seen: set[str] = set()  # requests a restarted gateway aborted, in earlier cases
         self.supervisor = Supervisor(cluster.group, say=self.said.append)
-        self.nats = _NatsKeeper(cluster, RestartBudget(self.supervisor.policy))
+        self.nats = NatsKeeper(cluster, RestartBudget(self.supervisor.policy))
 
     def poll(self) -> None:
         self.supervisor.poll()

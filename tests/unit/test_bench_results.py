@@ -17,18 +17,17 @@ import numpy as np
 import pytest
 
 from benchmarks import plots
-from benchmarks.serve import (
+from benchmarks.observe import decode_timeline
+from benchmarks.results import (
     DECODE_COLUMNS,
-    Record,
-    decode_timeline,
     median_summary,
-    progress,
     ratio_curve,
     render_modes,
     render_ratio_curve,
     summarize,
     throughput_ratios,
 )
+from benchmarks.workload import Record, progress
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MODES = ("0", "0.5", "1", "auto")
