@@ -8,7 +8,10 @@ variants (Mistral- and Qwen2-shaped, GQA and MHA, tied embeddings, sharded weigh
 
 from __future__ import annotations
 
+import contextlib
 import random
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +203,22 @@ def make_tiny(
     kwargs: dict[str, Any] = {}
     if max_shard_size is not None:
         kwargs["max_shard_size"] = max_shard_size
-    model.save_pretrained(out, **kwargs)
+    with _progress_bars_on_a_terminal_only():
+        model.save_pretrained(out, **kwargs)
     tokenizer.save_pretrained(out)
     return out
+
+
+@contextlib.contextmanager
+def _progress_bars_on_a_terminal_only() -> Iterator[None]:
+    """transformers draws a bar while it writes the weights; in a log file or CI its redraws are noise."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()

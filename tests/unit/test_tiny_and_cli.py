@@ -41,6 +41,7 @@ def test_cli_makes_a_model_and_generates(tmp_path: Path) -> None:
         check=True,
     )
     assert "wrote a test llama model" in made.stdout
+    assert "Writing model shards" not in made.stderr  # transformers' progress bar: a terminal's only
     run = subprocess.run(
         [
             *cli,
