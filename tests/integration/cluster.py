@@ -123,6 +123,15 @@ class Client:
                 raise TimeoutError(f"cluster not ready after {timeout} s")
             await asyncio.sleep(0.2)
 
+    async def wait_scheduler_idle(self, timeout: float = 30.0) -> None:
+        """Until the scheduler has no request in flight: it has heard every end, which on a loaded
+        machine can come after the instances' heartbeats already show the KV free."""
+        deadline = time.monotonic() + timeout
+        while (await self.bus.request(self.subjects.status, StatusRequest(), ClusterStatus, 5.0)).inflight:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the scheduler still had requests in flight after {timeout} s")
+            await asyncio.sleep(0.05)
+
     async def submit(self, request_id: str, prompt: list[int], sampling: Sampling) -> SubmitReply:
         submit = SubmitRequest(request_id, prompt, sampling, self.token_subject)
         return await self.bus.request(self.subjects.submit, submit, SubmitReply, 10.0)

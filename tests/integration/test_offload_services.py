@@ -122,6 +122,7 @@ def test_an_executor_short_of_blocks_hands_requests_back_and_loses_nothing(llama
 # admitted locally (more than the 64 left) and may grow to 89 to 114 (0.3 of the pool at most).
 RESIDENT_PROMPT, RESIDENT_NEW = 310, 64
 WAVE_LENGTHS, WAVE_NEW = (65, 91), 24  # prompt lengths drawn from [65, 91)
+ATTEMPTS = 5  # at setting the scene (both residents decoding, each on its own paused decode instance)
 
 
 @pytest.mark.timeout(240)
@@ -146,7 +147,8 @@ def test_auto_offloads_under_memory_pressure(llama_dir: Path, tmp_path: Path, pr
     paused (SIGSTOP) from the moment the resident has decoded a token until the first wave
     request is routed (on a loaded machine a resident once finished first), with `dead_after_s`
     raised so the pause cannot read as a death; if a resident still ends before its pause lands,
-    the residents are sent again. (Short requests on a near-empty pool were offloaded only as
+    or the second is routed to the instance the first paused (by a view older than the end of a
+    resident sent before), the residents are sent again. (Short requests on a near-empty pool were offloaded only as
     C2 probes, which need enough local requests still running: when routing was slower than
     decoding, all were refused.)
     """
@@ -173,14 +175,18 @@ def test_auto_offloads_under_memory_pressure(llama_dir: Path, tmp_path: Path, pr
             """Both residents decoding, each one's decode instance paused from its first decoded token
             until the first wave request is routed; the resident ids and that request's reply. None
             when a resident ended before its pause landed (a loaded machine can delay the client that
-            long): the scene was not set, so the caller sets it again rather than judge the policy."""
+            long), or both went to one instance: the scene was not set, so the caller sets it again
+            rather than judge the policy."""
             ids = [f"r{attempt}-{i}" for i in range(len(residents))]
             paused = []
             try:
                 for rid, prompt in zip(ids, residents, strict=True):
                     reply = await client.submit_retrying(rid, prompt, resident_sampling)
                     assert reply.accepted and not reply.offloaded, reply
-                    assert reply.decode_id not in [c.name for c in cluster.group.children if c.process.pid in paused]
+                    if reply.decode_id in [c.name for c in cluster.group.children if c.process.pid in paused]:
+                        # routed by a view of the other instance older than its last resident's end
+                        # (the scheduler hears heartbeats and ends on separate subscriptions)
+                        return None
                     while len(client.events[rid]) < 2:  # its first decoded token: the KV is there
                         await asyncio.sleep(0.002)
                     child = next(c for c in cluster.group.children if c.name == reply.decode_id)
@@ -197,14 +203,15 @@ def test_auto_offloads_under_memory_pressure(llama_dir: Path, tmp_path: Path, pr
         async def scenario() -> tuple[list[list[int]], list[list[int]], int]:
             client = await Client.connect(cluster.nats.url)
             await client.wait_ready(prefills=prefills, decodes=2, executors=prefills)
-            for attempt in range(3):
+            for attempt in range(ATTEMPTS):
                 scene = await residents_then_first(client, attempt)
                 if scene is not None:
                     break
                 for i in range(len(residents)):  # let this attempt's residents end, then set the scene again
                     await client.result(f"r{attempt}-{i}")
                 await client.wait_all_free(instances)
-            assert scene is not None, "a resident ended before its decode instance could be paused, 3 times"
+                await client.wait_scheduler_idle()
+            assert scene is not None, f"the scene was not set in {ATTEMPTS} attempts"
             resident_ids, first = scene
             assert first.accepted and first.offloaded, first
             replies = [first] + await asyncio.gather(
