@@ -9,10 +9,10 @@ came back each time. A pause of ours, or of NATS, restarts that clock; the heart
 meanwhile arrive, and an instance that is really gone is found one `dead_after_s` later than it
 would have been.
 
-A peer not heard since we recovered gets longer: `RECOVERY_GRACE` times `dead_after_s` from the
+After a recovery every peer gets longer: `RECOVERY_GRACE` times `dead_after_s` from the
 recovery. After a NATS pause each peer's own connection drains what it queued meanwhile (token
-batches, then its heartbeats), and on a loaded machine that can outlast our own first round trips;
-a peer heard once since is judged by the plain rule again.
+batches and heartbeats, in order), and on a loaded machine that can outlast our own first round
+trips: a heartbeat it queued can arrive first and its next ones a second or more later.
 
 The round trip is a request to an echo subscription of our own rather than a PING/PONG flush:
 nats-py 2.x leaves a timed-out flush's future in its queue, and the late PONG then kills the
@@ -79,6 +79,9 @@ class Hearing:
     def silent(self, seen: float, now: float | None = None) -> bool:
         """True when a peer last heard at `seen` (monotonic) is to be judged gone."""
         now = time.monotonic() if now is None else now
-        if not self.judging or seen >= now - self.dead_after_s:
+        if seen >= now - self.dead_after_s:
             return False
-        return seen >= self._hearing_since or now - self._hearing_since >= RECOVERY_GRACE * self.dead_after_s
+        # Every peer gets the grace after a recovery, heard since or not: the first heartbeat to
+        # arrive can be one it queued during the pause, and the next ones wait behind the rest of
+        # its backlog (a decode instance of 12 streams was judged gone 1 s after NATS resumed).
+        return now - self._hearing_since >= RECOVERY_GRACE * self.dead_after_s
