@@ -6,10 +6,10 @@ that was paused or restarting hears nobody, and judging then declared every inst
 once and failed every request in flight. So a `Hearing` judges only after it has heard well for
 `dead_after_s` in a row: its own loop ticked on time, and a message it sent itself through NATS
 came back each time. A pause of ours, or of NATS, restarts that clock; the heartbeats buffered
-meanwhile arrive, and an instance that is really gone is found one `dead_after_s` later than it
-would have been.
+meanwhile arrive.
 
-After a recovery every peer gets longer: `RECOVERY_GRACE` times `dead_after_s` from the
+After a recovery (and at start-up) every peer gets longer, so an instance that is really gone is
+found up to that much later than it would have been: `RECOVERY_GRACE` times `dead_after_s` from the
 recovery. After a NATS pause each peer's own connection drains what it queued meanwhile (token
 batches and heartbeats, in order), and on a loaded machine that can outlast our own first round
 trips: a heartbeat it queued can arrive first and its next ones a second or more later.
@@ -73,7 +73,8 @@ class Hearing:
 
     @property
     def judging(self) -> bool:
-        """True once we have heard well for `dead_after_s`: only then does silence mean death."""
+        """True once we have heard well for `dead_after_s` (our health); a peer's silence means
+        death only `RECOVERY_GRACE` times that after a recovery (`silent`)."""
         return time.monotonic() - self._hearing_since >= self.dead_after_s
 
     def silent(self, seen: float, now: float | None = None) -> bool:
