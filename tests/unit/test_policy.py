@@ -109,7 +109,8 @@ def test_each_condition_refuses_on_its_own() -> None:
     assert _decide(executor_free_tokens=80) == (True, "memory_pressure")  # less than max_tokens (100) is enough
     # C1: the offloaded at their coming mean lengths (1550) + this one's, (50 + 100) / 2, > 1.0 * 1600
     assert _decide(books=Books(8, 800, 2, 200, 1550)) == (False, "c1")
-    assert _decide(books=Books(8, 800, 2, 200, 1525)) == (True, "memory_pressure")  # 1525 + 75 = 1600
+    # 1525 + 75 = 1600; local requests coming to 1600 tokens too, so no excess bandwidth (below)
+    assert _decide(books=Books(8, 800, 2, 200, 1525, 1600)) == (True, "memory_pressure")
     # C2, with room locally (it does not apply under memory pressure, below): by tokens
     # (offloaded 760 + 50 > 800) and by batch (8 + 1 > 8)
     room = {"decode_free_tokens": 1000}
@@ -170,6 +171,35 @@ def test_under_memory_pressure_offloading_needs_a_higher_output_rate() -> None:
         True,
         "memory_pressure_unmeasured",
     )
+
+
+def test_under_memory_pressure_bandwidth_is_a_cost_not_a_wall() -> None:
+    """The executor's room (OB_mem by capacity 2, compute 4) bounds what is offloaded under memory
+    pressure; its bandwidth (here as fast as the decode instance's, OB 1) is charged as wait: the
+    offloaded requests' coming context over the bandwidth ratio, less the local requests' coming
+    context, read at 10 us a token. The injected step: 10 ms + 1 ms per request + 10 us per
+    local token; the local batch alone: 8 / 26 ms = 307.7 tok/s."""
+    past_ob = Books(local_batch=8, local_tokens=800, offloaded_batch=10, offloaded_coming_tokens=2000)
+    books = dataclasses.replace(past_ob, local_coming_tokens=1200)
+    # 2000 + 75 over OB (1) x 1600, within capacity 2 x 1600. Excess: (2075 - 1200) x 10 us = 8.75 ms
+    # (over the 2 ms measured), so 19 / (10 + 19 + 8 + 8.75 ms) = 415.3 tok/s > 307.7: offloaded
+    assert _decide(books=books, bound=Bounds(2.0, 1.0, 4.0)) == (True, "memory_pressure")
+    # an executor half as fast: (4150 - 1200) x 10 us = 29.5 ms, 19 / 66.5 ms = 285.7 < 307.7
+    assert _decide(books=books, bound=Bounds(2.0, 0.5, 4.0)) == (False, "no_gain")
+    # a quarter as fast: 71 ms of wait on a 37 ms step breaks the 100 ms SLO
+    assert _decide(books=books, bound=Bounds(2.0, 0.25, 4.0)) == (False, "slo")
+    # capacity still a wall: 3200 + 75 over 2 x 1600; and so is compute (1 x 1600)
+    assert _decide(books=dataclasses.replace(books, offloaded_coming_tokens=3200), bound=Bounds(2.0, 1.0, 4.0)) == (
+        False,
+        "c1",
+    )
+    assert _decide(books=books, bound=Bounds(2.0, 1.0, 1.0)) == (False, "c1")
+    # with room locally, no pressure: the paper's bound, bandwidth included (1 x 1600)
+    room = {"decode_free_tokens": 1000, "books": dataclasses.replace(books, local_max_tokens=800)}
+    assert _decide(**room, bound=Bounds(2.0, 1.0, 4.0)) == (False, "c1")
+    # not measured yet: the wait is the larger of the local attention (8 ms) and the excess
+    assert _decide(books=books, bound=Bounds(2.0, 1.0, 4.0), decode=_decode()) == (True, "memory_pressure_unmeasured")
+    assert _decide(books=books, bound=Bounds(2.0, 0.5, 4.0), decode=_decode()) == (False, "memory_pressure_unmeasured")
 
 
 def test_room_now_is_not_room_for_what_local_requests_grow_to() -> None:
