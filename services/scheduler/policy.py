@@ -27,11 +27,12 @@ A request is offloaded only if
        on the memory-bound benchmark). Under memory pressure (below) OB's bandwidth part is a cost
        rather than a wall: the executors' attention beyond what the decode instance reads
        meanwhile (`excess_attention_s`) counts as executor wait in the SLO and output-rate checks.
-       The paper's wall keeps remote attention hidden, right where a bigger batch costs as much
-       as the wait; where the decode step is mostly GEMMs that read every weight (a memory-bound
-       decode), a batch twice the size costs little more per step, and the wall kept the
-       executor at the decode instance's size when it had room for twice that (OB_mem by
-       bandwidth ~1 on a CPU, where both read the same memory);
+       The paper's wall keeps remote attention hidden whatever the batch buys; but where the
+       decode step is mostly GEMMs that read every weight (a memory-bound decode), a batch twice
+       the size costs little more per step than the wait, and the wall held the executor to the
+       decode instance's size when it had room for twice that (OB_mem by bandwidth ~1 on a CPU,
+       where both read the same memory): 1.36x of plain PD on the memory-bound benchmark with
+       the wall, 1.56x without (median of three repeats; docs/benchmarks.md);
   (C2) unless the decode instance is under memory pressure (below): the offloaded-to-local
        ratios of the current total context and of the batch size, with this request, stay
        within OB, so that remote attention hides under local attention (with nothing local to
