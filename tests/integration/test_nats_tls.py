@@ -7,6 +7,7 @@ certificate for 127.0.0.1 and a client certificate); the test is skipped where o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -78,8 +79,21 @@ async def test_services_talk_over_tls_with_a_verified_server_and_client(server: 
     try:
         await scheduler.subscribe(SUBJECTS.abort, AbortRequest, on_abort)
         await scheduler.flush()
-        await decode.publish(SUBJECTS.abort, AbortRequest("over-tls", "test"))
-        assert await asyncio.wait_for(heard.get(), 10) == "over-tls"
+        # Core NATS delivers at most once, and once, in a full-suite run, a single publish was never
+        # heard within 10 s (not reproduced in 25 runs of this test beside busy loops on both cores;
+        # a connection re-established meanwhile would lose it). What this test holds is that the
+        # roles can be heard over TLS at all, so it publishes until heard, and a failure says
+        # whether either connection was re-established.
+        heard_id = ""
+        for _ in range(30):  # a second each
+            await decode.publish(SUBJECTS.abort, AbortRequest("over-tls", "test"))
+            await decode.flush()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    heard_id = await heard.get()
+                    break
+        reconnects = {"scheduler": scheduler.client.stats["reconnects"], "decode": decode.client.stats["reconnects"]}
+        assert heard_id == "over-tls", f"nothing heard over TLS in 30 s; reconnects: {reconnects}"
     finally:
         await scheduler.close()
         await decode.close()
