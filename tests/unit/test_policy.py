@@ -179,8 +179,9 @@ def test_under_memory_pressure_bandwidth_is_a_cost_not_a_wall() -> None:
     offloaded requests' coming context over the bandwidth ratio, less the local requests' coming
     context, read at 10 us a token. The injected step: 10 ms + 1 ms per request + 10 us per
     local token; the local batch alone: 8 / 26 ms = 307.7 tok/s."""
-    past_ob = Books(local_batch=8, local_tokens=800, offloaded_batch=10, offloaded_coming_tokens=2000)
-    books = dataclasses.replace(past_ob, local_coming_tokens=1200)
+    books = Books(
+        local_batch=8, local_tokens=800, offloaded_batch=10, offloaded_coming_tokens=2000, local_coming_tokens=1200
+    )
     # 2000 + 75 over OB (1) x 1600, within capacity 2 x 1600. Excess: (2075 - 1200) x 10 us = 8.75 ms
     # (over the 2 ms measured), so 19 / (10 + 19 + 8 + 8.75 ms) = 415.3 tok/s > 307.7: offloaded
     assert _decide(books=books, bound=Bounds(2.0, 1.0, 4.0)) == (True, "memory_pressure")
