@@ -180,6 +180,10 @@ def decode_summary(m: dict[str, float], executors: dict[str, float], wall: float
         count = m.get(f"{name}_count", 0.0)
         return m.get(f"{name}_sum", 0.0) / count if count else math.nan
 
+    def executor_mean(name: str) -> float:  # an executor's busy time per step it served
+        count = executors.get(f"{name}_count", 0.0)
+        return executors.get(f"{name}_sum", 0.0) / count if count else math.nan
+
     local = m.get('adrenaline_decode_rows_total{attention="local"}', 0.0)
     offloaded = m.get('adrenaline_decode_rows_total{attention="offloaded"}', 0.0)
     return {
@@ -189,6 +193,7 @@ def decode_summary(m: dict[str, float], executors: dict[str, float], wall: float
         "local_attention_ms": 1e3 * mean("adrenaline_offload_local_attention_seconds"),
         "stall_ms": 1e3 * mean("adrenaline_offload_stall_seconds"),
         "step_ms": 1e3 * mean("adrenaline_step_seconds"),
+        "executor_step_ms": 1e3 * executor_mean("adrenaline_executor_step_seconds"),
         "executor_gb_s": executors.get("adrenaline_executor_attention_bytes_total", 0.0) / wall / 1e9,
     }
 

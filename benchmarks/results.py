@@ -95,6 +95,7 @@ DECODE_COLUMNS = (
     "local_attention_ms",
     "stall_ms",
     "step_ms",
+    "executor_step_ms",
     "executor_gb_s",
 )
 

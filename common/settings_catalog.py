@@ -191,6 +191,14 @@ OFFLOAD_RATIO = Setting(
     "`auto` (the load-aware policy) or the fixed share of requests offloaded, in [0, 1]; 0 is plain PD",
     check=_offload_ratio,
 )
+MAX_QUEUED_REQUESTS = Setting(
+    "ADRENALINE_MAX_QUEUED_REQUESTS",
+    integer,
+    4096,
+    "requests the auto policy keeps waiting at the scheduler for room on a decode instance or an executor; "
+    "more get 429; 0: none wait there",
+    check=non_negative,
+)
 GATEWAY_DEAD_AFTER_S = Setting(
     "ADRENALINE_GATEWAY_DEAD_AFTER_S",
     number,

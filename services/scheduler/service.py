@@ -17,6 +17,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import structlog
 from prometheus_client import Counter, Gauge
@@ -27,6 +28,7 @@ from common.config import parse_offload_ratio
 from common.health import HEALTH
 from common.liveness import Hearing
 from common.messages import (
+    KEEPALIVE_S,
     AbortRequest,
     Ack,
     Admitted,
@@ -47,6 +49,10 @@ log = structlog.get_logger("scheduler")
 
 INSTANCES = Gauge("adrenaline_scheduler_instances", "Live instances seen through their heartbeats", ["role"])
 INFLIGHT = Gauge("adrenaline_scheduler_inflight_requests", "Requests routed and not yet finished")
+QUEUED = Gauge(
+    "adrenaline_scheduler_queued_requests",
+    "Requests accepted and waiting at the scheduler for room on a decode instance or an executor",
+)
 SUBMISSIONS = Counter(
     "adrenaline_scheduler_submissions_total", "Submitted requests by outcome (HTTP-like status)", ["status"]
 )
@@ -83,6 +89,7 @@ class SchedulerSettings(catalog.ControlPlaneSettings):
     metrics_port: int = field(catalog.METRICS_PORT)
     offload_ratio: str = field(catalog.OFFLOAD_RATIO)
     tpot_slo_ms: float = field(catalog.TPOT_SLO_MS)
+    max_queued_requests: int = field(catalog.MAX_QUEUED_REQUESTS)
 
     @property
     def fixed_ratio(self) -> float | None:
@@ -121,6 +128,23 @@ class _InFlight:
     admitted_at: float = 0.0  # when we heard so; heartbeats older than this do not show its blocks yet
 
 
+@dataclass(frozen=True)
+class _Route:
+    """Where a request goes: its prefill instance, decode instance and, offloaded, executor."""
+
+    prefill: InstanceLoad
+    decode: InstanceLoad
+    executor: InstanceLoad | None
+    why: str  # the offload decision's reason
+    need: int  # KV tokens the decode instance (or the executor) must hold on admission
+    max_tokens: int
+
+
+class _Refusal(NamedTuple):
+    status: int  # HTTP-like
+    error: str
+
+
 class Scheduler:
     def __init__(self, settings: SchedulerSettings, bus: Bus) -> None:
         self.settings = settings
@@ -130,6 +154,10 @@ class Scheduler:
         self.inflight: dict[str, _InFlight] = {}
         self.routed = 0  # requests routed so far, for the fixed offload ratio
         self.dispatches: set[asyncio.Task[None]] = set()  # routed requests waiting for their prefill's ack
+        # Accepted, not yet routed: waiting here, first come first served, for room on their decode
+        # instance or an executor (`_worth_holding`), rather than in one decode instance's queue.
+        self.held: dict[str, SubmitRequest] = {}
+        self.keepalive_at = 0.0  # monotonic: when the held requests' gateways next hear they wait
         # token subject of each gateway heard from -> when last heard (monotonic), least recent first.
         # Only gateways heard from are judged: a client of our own (a test, a tool) that submits
         # without heartbeating keeps its requests.
@@ -151,6 +179,8 @@ class Scheduler:
         if known is None:
             log.info("instance joined", instance_id=load.instance_id, role=load.role)
         self.instances[load.instance_id] = _Instance(load, time.monotonic())
+        if load.role in ("decode", "executor"):  # its room now shows
+            await self.drain()
 
     async def on_gateway_heartbeat(self, heartbeat: GatewayHeartbeat, reply: Reply | None) -> None:
         self.gateways.pop(heartbeat.token_subject, None)  # to the recent end
@@ -173,6 +203,9 @@ class Scheduler:
         GATEWAYS.set(len(self.gateways))
         if not silent:
             return
+        for rid in [rid for rid, submit in self.held.items() if submit.token_subject in silent]:
+            del self.held[rid]  # nothing holds its KV: forgetting it is all there is to do
+        QUEUED.set(len(self.held))
         orphans = [rid for rid, f in self.inflight.items() if f.token_subject in silent]
         GATEWAYS_LOST.inc(len(silent))
         log.warning("gateways lost", token_subjects=sorted(silent), requests=len(orphans))
@@ -208,6 +241,8 @@ class Scheduler:
         if dead:
             await self._fail_requests_on(dead)
         await self.reap_gateways()
+        await self.drain()  # instances lost: a held request may now be refused (503) rather than wait
+        await self.keep_held_alive()
 
     async def _fail_requests_on(self, dead: set[str]) -> None:
         """End every request that needed one of the `dead` instances, and tell its other holders."""
@@ -263,11 +298,30 @@ class Scheduler:
         if reply is None:
             return
         rid = submit.request_id
+        outcome = self._route(submit)
+        if isinstance(outcome, _Refusal) and (outcome.status != 429 or not self.held):
+            await self._refuse(reply, rid, *outcome)
+            return
+        if outcome is None or self.held:  # first come, first served: behind those already waiting
+            if len(self.held) >= self.settings.max_queued_requests:
+                await self._refuse(reply, rid, 429, "the scheduler's queue is full; retry later")
+                return
+            self.held[rid] = submit
+            QUEUED.set(len(self.held))
+            log.info("queued", request_id=rid, ahead=len(self.held) - 1)
+            SUBMISSIONS.labels("200").inc()
+            await reply(SubmitReply(rid, True, 200))
+            await self.drain()
+            return
+        assert isinstance(outcome, _Route)
+        self._start(submit, outcome, reply)
+
+    def _route(self, submit: SubmitRequest) -> _Route | _Refusal | None:
+        """Where `submit` goes now; a refusal; or None: it should wait here for room (`_worth_holding`)."""
         prefills, decodes = self.live("prefill"), self.live("decode")
         if not prefills or not decodes:
             missing = "prefill" if not prefills else "decode"
-            await self._refuse(reply, rid, 503, f"no {missing} instance is available")
-            return
+            return _Refusal(503, f"no {missing} instance is available")
         prompt = len(submit.prompt_token_ids)
         max_tokens = prompt + submit.sampling.max_new_tokens
         prefill = min(prefills, key=self._queued)
@@ -281,47 +335,92 @@ class Scheduler:
         else:
             largest = max(map(policy.capacity_tokens, decodes))
             if need > largest:
-                error = f"the prompt needs {need} KV tokens; the largest decode instance holds {largest}"
-                await self._refuse(reply, rid, 400, error)
-                return
+                return _Refusal(400, f"the prompt needs {need} KV tokens; the largest decode instance holds {largest}")
+            if self._worth_holding(decode, why, max_tokens):
+                return None
             if self._free_tokens(decode) < need:
-                await self._refuse(reply, rid, 429, "every decode instance's KV cache is full; retry later")
+                return _Refusal(429, "every decode instance's KV cache is full; retry later")
+        return _Route(prefill, decode, executor, why, need, max_tokens)
+
+    def _worth_holding(self, decode: InstanceLoad, why: str, max_tokens: int) -> bool:
+        """Should a request the auto policy keeps local wait here rather than on `decode`?
+
+        Yes when the decode instance is under memory pressure (`policy.under_pressure`): there it
+        would wait for room, or be preempted, and stay there even once an executor has room, where
+        the policy may offload it when it is decided again (under a burst, the executor emptied
+        while requests queued on the decode instance: 1.34x of plain PD with 32 requests on the
+        memory-bound benchmark). Only while something in flight on that decode instance will end
+        and free room; only for the auto policy (plain PD and fixed ratios route at once, as the
+        paper's baselines do); never with no executor (nothing else could take it)."""
+        if self.settings.fixed_ratio is not None or why == "no_executor" or not self.settings.max_queued_requests:
+            return False
+        books = self._books(decode.instance_id)
+        if books.local_batch + books.offloaded_batch == 0:
+            return False
+        return policy.under_pressure(decode, self._free_tokens(decode), books, max_tokens)
+
+    async def drain(self) -> None:
+        """Route the held requests, oldest first, while the oldest has somewhere to go. Called when
+        room may have appeared: a request ended or was admitted, an instance's heartbeat came."""
+        while self.held:
+            rid, submit = next(iter(self.held.items()))
+            outcome = self._route(submit)
+            if outcome is None or (isinstance(outcome, _Refusal) and outcome.status == 429):
                 return
+            del self.held[rid]
+            QUEUED.set(len(self.held))
+            if isinstance(outcome, _Refusal):
+                await self._fail(submit.token_subject, rid, outcome.error)
+            else:
+                self._start(submit, outcome, None)
+
+    async def keep_held_alive(self) -> None:
+        """Tell the gateways of held requests, every `KEEPALIVE_S`, that they wait (an event with no
+        token): a wait behind long outputs outlasts the gateway's token timeout."""
+        now = time.monotonic()
+        if now < self.keepalive_at or not self.held:
+            return
+        self.keepalive_at = now + KEEPALIVE_S
+        batches: dict[str, list[TokenEvent]] = {}
+        for rid, submit in self.held.items():
+            batches.setdefault(submit.token_subject, []).append(TokenEvent(rid, []))
+        for subject, events in batches.items():
+            await self.bus.publish(subject, TokenBatch(events))
+
+    def _start(self, submit: SubmitRequest, route: _Route, reply: Reply | None) -> None:
+        """Remember the request as routed and hand it to its prefill instance (a task of its own)."""
+        rid = submit.request_id
+        executor = route.executor
         task = PrefillTask(
             submit,
-            decode.instance_id,
-            decode.ucx_address,
+            route.decode.instance_id,
+            route.decode.ucx_address,
             executor.instance_id if executor else "",
             executor.ucx_address if executor else b"",
         )
         self.inflight[rid] = _InFlight(
-            prefill.instance_id,
-            decode.instance_id,
+            route.prefill.instance_id,
+            route.decode.instance_id,
             submit.token_subject,
-            need,
-            prompt,
-            max_tokens,
+            route.need,
+            len(submit.prompt_token_ids),
+            route.max_tokens,
             executor.instance_id if executor else "",
         )
         self.routed += 1  # counted when decided: the next request's decision may come before this ack
-        dispatch = asyncio.create_task(self._dispatch(task, prefill, executor, why, max_tokens, reply))
+        if self.settings.fixed_ratio is None:  # the decision that placed it (a held request's last)
+            DECISIONS.labels(str(executor is not None).lower(), route.why).inc()
+        dispatch = asyncio.create_task(self._dispatch(task, route, reply))
         self.dispatches.add(dispatch)
         dispatch.add_done_callback(self.dispatches.discard)
 
-    async def _dispatch(
-        self,
-        task: PrefillTask,
-        prefill: InstanceLoad,
-        executor: InstanceLoad | None,
-        why: str,
-        max_tokens: int,
-        reply: Reply,
-    ) -> None:
-        """Hand a routed request to its prefill instance and answer the gateway. A task of its own:
-        NATS runs one subscription's callbacks one at a time, so awaiting the prefill's ack inside
-        `on_submit` admitted a burst of requests one round trip at a time."""
+    async def _dispatch(self, task: PrefillTask, route: _Route, reply: Reply | None) -> None:
+        """Hand a routed request to its prefill instance and answer the gateway (`reply`; None: a
+        held request, answered already, which hears of a failure on its token subject). A task of
+        its own: NATS runs one subscription's callbacks one at a time, so awaiting the prefill's ack
+        inside `on_submit` admitted a burst of requests one round trip at a time."""
         rid = task.request.request_id
-        decode_id = task.decode_id
+        prefill = route.prefill
         try:
             ack = await self.bus.request(
                 self.subjects.instance(prefill.instance_id, "prefill"), task, Ack, self.settings.request_timeout_s
@@ -334,18 +433,29 @@ class Scheduler:
         if not ack.accepted:
             self.inflight.pop(rid, None)
             self.routed -= 1
-            await self._refuse(reply, rid, status, ack.error)
+            if reply is None:
+                await self._fail(task.request.token_subject, rid, ack.error)
+            else:
+                await self._refuse(reply, rid, status, ack.error)
             return
         log.info(
             "routed",
             request_id=rid,
             prefill_id=prefill.instance_id,
-            decode_id=decode_id,
+            decode_id=task.decode_id,
             executor_id=task.executor_id,
-            offload=why,
+            offload=route.why,
         )
-        SUBMISSIONS.labels("200").inc()
-        await reply(SubmitReply(rid, True, 200, "", prefill.instance_id, decode_id, executor is not None))
+        if reply is not None:
+            SUBMISSIONS.labels("200").inc()
+            offloaded = route.executor is not None
+            await reply(SubmitReply(rid, True, 200, "", prefill.instance_id, task.decode_id, offloaded))
+
+    async def _fail(self, token_subject: str, request_id: str, error: str) -> None:
+        """End an accepted request that holds nothing anywhere: its gateway hears the error."""
+        log.info("failed", request_id=request_id, error=error)
+        event = TokenEvent(request_id, [], finish_reason="error", error=error)
+        await self.bus.publish(token_subject, TokenBatch([event]))
 
     def _offload_target(
         self, prefill: InstanceLoad, decode: InstanceLoad, decodes: list[InstanceLoad], prompt: int, max_tokens: int
@@ -386,7 +496,6 @@ class Scheduler:
             bound=bound,
             slo_s=slo_s,
         )
-        DECISIONS.labels(str(decision.offload).lower(), decision.reason).inc()
         return (executor if decision.offload else None), decision.reason
 
     def _books(self, decode_id: str) -> policy.Books:
@@ -399,6 +508,7 @@ class Scheduler:
                 books.offloaded_batch += 1
                 books.offloaded_tokens += length
                 books.offloaded_coming_tokens += policy.coming_length(length, f.max_tokens)
+                books.offloaded_spans.append((length, f.max_tokens))
             else:
                 books.local_batch += 1
                 books.local_tokens += length
@@ -417,29 +527,38 @@ class Scheduler:
             entry.admitted, entry.admitted_at = True, time.monotonic()
             if entry.executor_id and admitted.instance_id == entry.decode_id:
                 entry.executor_id = ""  # its executor was full after all: the prefill handed it to decode
+            await self.drain()
 
     async def on_tokens(self, batch: TokenBatch, reply: Reply | None) -> None:
+        ended = False
         for event in batch.events:
             if event.finish_reason is not None:
-                self.inflight.pop(event.request_id, None)
+                ended |= self.inflight.pop(event.request_id, None) is not None
             elif event.request_id in self.inflight:
                 self.inflight[event.request_id].generated += len(event.token_ids)
+        if ended:
+            await self.drain()
 
     async def on_abort(self, abort: AbortRequest, reply: Reply | None) -> None:
         """Forget the request, and tell its gateway why: a service that fails a request (an
         executor whose KV transfer failed) may not write into gateways' token subjects itself
         (common/nats_auth.py). A gateway that aborted the request itself ignores the event."""
         flight = self.inflight.pop(abort.request_id, None)
-        if flight is not None:
+        held = self.held.pop(abort.request_id, None)
+        QUEUED.set(len(self.held))
+        subject = flight.token_subject if flight is not None else held.token_subject if held is not None else ""
+        if subject:
             event = TokenEvent(abort.request_id, [], finish_reason="error", error=abort.reason or "aborted")
-            await self.bus.publish(flight.token_subject, TokenBatch([event]))
+            await self.bus.publish(subject, TokenBatch([event]))
+        if flight is not None:
+            await self.drain()
 
     async def on_status(self, request: StatusRequest, reply: Reply | None) -> None:
         if reply is not None:
             prefill = sorted(i.instance_id for i in self.live("prefill"))
             decode = sorted(i.instance_id for i in self.live("decode"))
             executor = sorted(i.instance_id for i in self.live("executor"))
-            await reply(ClusterStatus(prefill, decode, len(self.inflight), executor))
+            await reply(ClusterStatus(prefill, decode, len(self.inflight) + len(self.held), executor))
 
     async def serve(self, stop: asyncio.Event) -> None:
         s = self.subjects

@@ -139,9 +139,10 @@ def test_auto_offloads_under_memory_pressure(llama_dir: Path, tmp_path: Path, pr
     maximum length (89 to 114): the wave is under memory pressure. So its first request is
     offloaded as the probe that measures the executor wait (C1 holds: OB is about 0.5 with one
     executor and 1.0 with two, and 114 tokens need 0.3 of 384), and the later ones are offloaded
-    while C1 allows and the measured wait leaves a higher output rate, and wait (429) otherwise,
-    until the residents end and they run locally. The residents are still running when the wave's first
-    request is decided: each of these three is sent as soon as the one before is routed, while a
+    while C1 allows and the measured wait leaves a higher output rate, and wait at the scheduler
+    otherwise (held: `Scheduler.held`), until the residents end and they run locally. The
+    residents are still running when the wave's first request is decided: each of these three is
+    sent as soon as the one before is routed, while a
     resident needs its prefill, a KV transfer and 64 decode steps to end. That the residents are
     still running then is made certain rather than raced: each resident's decode instance is
     paused (SIGSTOP) from the moment the resident has decoded a token until the first wave
@@ -234,11 +235,13 @@ def test_auto_offloads_under_memory_pressure(llama_dir: Path, tmp_path: Path, pr
         }
     finally:
         cluster.stop()
-    assert 0 < offloaded < len(wave) + len(residents), decisions
+    # one decision per request, the one that routed it: a held request's reply (accepted before it
+    # was routed) does not say where it went, so replies show at most the offloaded ones
+    decided = sum(v for k, v in decisions.items() if 'offloaded="true"' in k)
+    assert offloaded <= decided and 0 < decided < len(wave) + len(residents), decisions
     # under memory pressure, before a wait is measured and after, requests go as their output rate says
     pressure = 'adrenaline_scheduler_offload_decisions_total{offloaded="true",reason="memory_pressure_unmeasured"}'
     assert decisions.get(pressure, 0) >= 1, decisions
-    assert sum(v for k, v in decisions.items() if 'offloaded="true"' in k) == offloaded, decisions
     assert resident_outputs == _hf_greedy(llama_dir, residents, RESIDENT_NEW, ignore_eos=True)
     assert outputs == _hf_greedy(llama_dir, wave, WAVE_NEW)
 

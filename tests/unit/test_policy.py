@@ -107,10 +107,18 @@ def test_each_condition_refuses_on_its_own() -> None:
     assert _decide(bound=None) == (False, "not_profiled")
     assert _decide(executor_free_tokens=79) == (False, "executor_full")
     assert _decide(executor_free_tokens=80) == (True, "memory_pressure")  # less than max_tokens (100) is enough
-    # C1: the offloaded at their coming mean lengths (1550) + this one's, (50 + 100) / 2, > 1.0 * 1600
-    assert _decide(books=Books(8, 800, 2, 200, 1550)) == (False, "c1")
-    # 1525 + 75 = 1600; local requests coming to 1600 tokens too, so no excess bandwidth (below)
-    assert _decide(books=Books(8, 800, 2, 200, 1525, 1600)) == (True, "memory_pressure")
+    # C1: the offloaded requests, this one included, within 1.0 * 1600 by the smaller of their
+    # coming context (1550 + 75) and the most they hold at once: two of 100 tokens growing to 800
+    # hold 1600 together as they end (this one, ending sooner, adds nothing then); growing to 801,
+    # 1602. (The local requests' coming context, 1700, is larger: no excess bandwidth, below.)
+    spans = {"offloaded_spans": [(100, 800)] * 2}
+    assert _decide(books=Books(8, 800, 2, 200, 1550, 1700, **spans)) == (True, "memory_pressure")  # type: ignore[arg-type]
+    assert _decide(books=Books(8, 800, 2, 200, 1550, 1700, offloaded_spans=[(100, 801)] * 2)) == (False, "c1")
+    # either measure within the bound is enough: a peak of 1800, a coming context of 975
+    assert _decide(books=Books(8, 800, 2, 200, 900, 1700, offloaded_spans=[(100, 900)] * 2)) == (
+        True,
+        "memory_pressure",
+    )
     # C2, with room locally (it does not apply under memory pressure, below): by tokens
     # (offloaded 760 + 50 > 800) and by batch (8 + 1 > 8)
     room = {"decode_free_tokens": 1000}
@@ -136,8 +144,11 @@ def test_memory_pressure_offloads_whatever_the_local_batch() -> None:
     # nothing local at all (by tokens and by batch), still no room for its 100 tokens
     assert _decide(books=Books(0, 0, 0, 0)) == (True, "memory_pressure")
     assert _decide(books=Books(0, 0, 3, 300)) == (True, "memory_pressure")
-    # C1: 0.5 * 1600 = 800 tokens for the offloaded requests at their coming mean lengths; 750 + 75 is over
-    full = {**one_long, "books": Books(1, 310, 5, 300, 750)}
+    # C1: 0.5 * 1600 = 800 tokens for the offloaded requests: their coming context is 750 + 75, and
+    # five of 60 growing to 160 hold 800 at once as they end; growing to 161, 805
+    fits = {**one_long, "books": Books(1, 310, 5, 300, 750, offloaded_spans=[(60, 160)] * 5)}
+    assert _decide(**fits, bound=Bounds(1.0, 1.0, 0.5)) == (True, "memory_pressure_unmeasured")
+    full = {**one_long, "books": Books(1, 310, 5, 300, 750, offloaded_spans=[(60, 161)] * 5)}
     assert _decide(**full, bound=Bounds(1.0, 1.0, 0.5)) == (False, "c1")
     # SLO, from the injected step model: 10 ms + 2 * 1 ms + 310 * 10 us = 15.1 ms, + 90 ms of wait > 100 ms
     assert _decide(**{**one_long, "decode": _decode(offload_stall_s=0.09)}) == (False, "slo")
@@ -180,20 +191,24 @@ def test_under_memory_pressure_bandwidth_is_a_cost_not_a_wall() -> None:
     context, read at 10 us a token. The injected step: 10 ms + 1 ms per request + 10 us per
     local token; the local batch alone: 8 / 26 ms = 307.7 tok/s."""
     books = Books(
-        local_batch=8, local_tokens=800, offloaded_batch=10, offloaded_coming_tokens=2000, local_coming_tokens=1200
+        local_batch=8,
+        local_tokens=800,
+        offloaded_batch=10,
+        offloaded_coming_tokens=2000,
+        local_coming_tokens=1200,
+        offloaded_spans=[(150, 250)] * 10,  # coming 200 each; 2500 held at once as they end
     )
-    # 2000 + 75 over OB (1) x 1600, within capacity 2 x 1600. Excess: (2075 - 1200) x 10 us = 8.75 ms
+    # 2000 + 75 (the smaller) over OB (1) x 1600, within capacity 2 x 1600. Excess: (2075 - 1200) x 10 us = 8.75 ms
     # (over the 2 ms measured), so 19 / (10 + 19 + 8 + 8.75 ms) = 415.3 tok/s > 307.7: offloaded
     assert _decide(books=books, bound=Bounds(2.0, 1.0, 4.0)) == (True, "memory_pressure")
     # an executor half as fast: (4150 - 1200) x 10 us = 29.5 ms, 19 / 66.5 ms = 285.7 < 307.7
     assert _decide(books=books, bound=Bounds(2.0, 0.5, 4.0)) == (False, "no_gain")
     # a quarter as fast: 71 ms of wait on a 37 ms step breaks the 100 ms SLO
     assert _decide(books=books, bound=Bounds(2.0, 0.25, 4.0)) == (False, "slo")
-    # capacity still a wall: 3200 + 75 over 2 x 1600; and so is compute (1 x 1600)
-    assert _decide(books=dataclasses.replace(books, offloaded_coming_tokens=3200), bound=Bounds(2.0, 1.0, 4.0)) == (
-        False,
-        "c1",
-    )
+    # capacity still a wall: ten growing to 330 hold 3300 at once, coming to 3200 + 75, over 2 x 1600;
+    # and so is compute (1 x 1600)
+    longer = dataclasses.replace(books, offloaded_coming_tokens=3200, offloaded_spans=[(150, 330)] * 10)
+    assert _decide(books=longer, bound=Bounds(2.0, 1.0, 4.0)) == (False, "c1")
     assert _decide(books=books, bound=Bounds(2.0, 1.0, 1.0)) == (False, "c1")
     # with room locally, no pressure: the paper's bound, bandwidth included (1 x 1600)
     room = {"decode_free_tokens": 1000, "books": dataclasses.replace(books, local_max_tokens=800)}
