@@ -97,6 +97,7 @@ DECODE_COLUMNS = (
     "step_ms",
     "executor_step_ms",
     "executor_gb_s",
+    "recomputed",
 )
 
 
