@@ -361,11 +361,13 @@ class Scheduler:
 
     async def drain(self) -> None:
         """Route the held requests, oldest first, while the oldest has somewhere to go. Called when
-        room may have appeared: a request ended or was admitted, an instance's heartbeat came."""
+        room may have appeared: a request ended or was admitted, an instance's heartbeat came. A
+        request with nowhere to go and nothing in flight that could make room (every KV cache
+        full by what no request of ours holds) is refused rather than kept waiting for nothing."""
         while self.held:
             rid, submit = next(iter(self.held.items()))
             outcome = self._route(submit)
-            if outcome is None or (isinstance(outcome, _Refusal) and outcome.status == 429):
+            if outcome is None or (isinstance(outcome, _Refusal) and outcome.status == 429 and self.inflight):
                 return
             del self.held[rid]
             QUEUED.set(len(self.held))

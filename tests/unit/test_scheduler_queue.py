@@ -56,12 +56,14 @@ class Bus:
         return [e for subject, m in self.published if subject == GATEWAY for e in m.events]
 
 
-def _loads() -> list[InstanceLoad]:
+def _loads(free: bool = True) -> list[InstanceLoad]:
     decode = InstanceLoad(
-        "decode-0", "decode", b"d", 16, 10, 10, 0, 0,  # 160 tokens: one request at its maximum length
+        "decode-0", "decode", b"d", 16, 10, 10 if free else 0, 0, 0,  # 160 tokens: one request at its maximum
         step_model=STEP.to_wire(), attention_model=ATTENTION, max_num_seqs=64,
     )  # fmt: skip
-    executor = InstanceLoad("executor-0", "executor", b"e", 16, 20, 20, 0, 0, "prefill-0", attention_model=ATTENTION)
+    executor = InstanceLoad(
+        "executor-0", "executor", b"e", 16, 20, 20 if free else 0, 0, 0, "prefill-0", attention_model=ATTENTION
+    )
     prefill = InstanceLoad("prefill-0", "prefill", b"p", 16, 100, 100, 0, 0)
     return [decode, executor, prefill]
 
@@ -72,8 +74,8 @@ class Harness:
         self.scheduler = Scheduler(SchedulerSettings(subjects_prefix="t", **settings), self.bus)  # type: ignore[arg-type]
         self.replies: dict[str, SubmitReply] = {}
 
-    async def heartbeats(self) -> None:
-        for load in _loads():
+    async def heartbeats(self, free: bool = True) -> None:
+        for load in _loads(free):
             await self.scheduler.on_load(load, None)
 
     async def submit(self, rid: str) -> SubmitReply:
@@ -167,5 +169,28 @@ def test_the_queue_is_bounded_and_plain_pd_and_fixed_ratios_never_hold() -> None
         assert all(a.accepted and a.decode_id == "decode-0" for a in answers[:2])
         # past the executor's room and the decode's KV: refused at once, as without a queue
         assert any(not a.accepted and a.status == 429 for a in answers)
+
+    asyncio.run(scenario())
+
+
+def test_a_held_request_is_refused_once_nothing_in_flight_can_make_room() -> None:
+    """Held requests wait for room that requests in flight will free. When every KV cache shows full
+    and nothing of ours is in flight (the room is held by what this scheduler does not know of), a
+    held request would wait for nothing: it ends with the 429's reason instead."""
+
+    async def scenario() -> None:
+        h = Harness()
+        await h.heartbeats()
+        for i in range(7):
+            await h.submit(f"r{i}")
+        assert list(h.scheduler.held) == ["r5", "r6"]
+        await h.heartbeats(free=False)  # every block taken, by what the scheduler does not track
+        for i in range(4):
+            await h.finish(f"r{i}")
+            assert list(h.scheduler.held) == ["r5", "r6"]  # r4 in flight may still free room
+        await h.finish("r4")
+        assert not h.scheduler.held and len(h.bus.tasks) == 5
+        failed = [(e.request_id, e.error) for e in h.bus.events() if e.finish_reason == "error"]
+        assert [rid for rid, _ in failed] == ["r5", "r6"] and all("full" in error for _, error in failed)
 
     asyncio.run(scenario())
