@@ -29,10 +29,9 @@ A request is offloaded only if
        with 32 requests on the memory-bound benchmark); the peak alone holds a burst's start to
        what fits if every request runs to its maximum, where the executor hands back what does
        not fit (32 requests, one repeat each: 115 output tok/s with the peak alone, 125 and 128
-       with the mean, 130 with the smaller). Their maximum lengths
-       summed offloaded half as much under a burst (1.13x against 1.36x). Under memory pressure
-       (below) OB's bandwidth part is a cost
-       rather than a wall: the executors' attention beyond what the decode instance reads
+       with the mean, 130 with the smaller). Their maximum lengths summed offloaded half as much
+       under a burst (1.13x against 1.36x). Under memory pressure (below) OB's bandwidth part is
+       a cost rather than a wall: the executors' attention beyond what the decode instance reads
        meanwhile (`excess_attention_s`) counts as executor wait in the SLO and output-rate checks.
        The paper's wall keeps remote attention hidden whatever the batch buys; but where the
        decode step is mostly GEMMs that read every weight (a memory-bound decode), a batch twice
@@ -64,6 +63,8 @@ attention it should hide under (a burst is placed before the first step measures
 a request is placed once), and the first offloaded steps tell which case holds; a measurement
 expires when no step has had offloaded rows for a while (`services.decode.service.STALL_TTL_S`),
 so that a wait measured under a load that has passed does not rule for ever.
+A request this policy keeps local under memory pressure waits at the scheduler, not on the decode
+instance, and is decided again when room may have appeared (`Scheduler.drain`, in service.py).
 """
 
 from __future__ import annotations
@@ -109,8 +110,8 @@ def coming_length(length: int, maximum: int) -> float:
 def peak_tokens(spans: Iterable[tuple[int, int]]) -> int:
     """The most KV tokens requests (length now, maximum) hold at once if each grows by a token a
     step until its maximum and then ends. The total only grows between two ends, so its peak is
-    at the step one of them ends (or now): request i has r_i = maximum - length steps left, and
-    at step r_k holds length + r_k if r_i >= r_k."""
+    at the step one of them ends (or now): request i has r_i = maximum_i - length_i steps left,
+    and at step r_k holds length_i + r_k if r_i >= r_k, nothing otherwise."""
     remaining = sorted(((m - n, n) for n, m in spans), reverse=True)  # most steps left first
     peak = held = 0
     for count, (left, length) in enumerate(remaining, start=1):
@@ -194,8 +195,8 @@ def decide(
     # Under memory pressure the bandwidth bound is a cost rather than a wall (module docstring):
     # `excess` below charges the executor's attention beyond the local one to every step.
     limit = min(bound.memory_capacity, bound.compute) if pressure else ob
-    held = min(offloaded_coming, peak_tokens([*books.offloaded_spans, (prompt_tokens, max_tokens)]))
-    if held > limit * capacity_tokens(decode):
+    offloaded_kv = min(offloaded_coming, peak_tokens([*books.offloaded_spans, (prompt_tokens, max_tokens)]))
+    if offloaded_kv > limit * capacity_tokens(decode):
         return Decision(False, "c1")
     # Under memory pressure C2 does not apply: kept local, the request would wait for room (module docstring).
     if not pressure and (
