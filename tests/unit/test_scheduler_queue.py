@@ -105,8 +105,8 @@ def test_a_request_kept_local_under_pressure_waits_here_and_goes_where_room_appe
     async def scenario() -> None:
         h = Harness()
         await h.heartbeats()
-        # r0 local (room, nothing to hide behind); then pressure: offloaded while C1 allows (the
-        # executor may hold twice the decode's 160 tokens: 4 x 75 of coming context <= 320 < 5 x 75)
+        # r0 local (room, nothing to hide behind); then pressure: offloaded while C1 allows (twice
+        # the decode's 160 tokens: 4 x 75 of coming context fit; 5 x 75 do not, nor 5 x 100 at once)
         for i in range(5):
             assert (await h.submit(f"r{i}")).decode_id == "decode-0"
         assert h.routed() == {"r0": "local", **{f"r{i}": "executor-0" for i in range(1, 5)}}
