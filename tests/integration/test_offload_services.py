@@ -142,8 +142,8 @@ def test_auto_offloads_under_memory_pressure(llama_dir: Path, tmp_path: Path, pr
     while C1 allows and the measured wait leaves a higher output rate, and wait at the scheduler
     otherwise (held: `Scheduler.held`), until the residents end and they run locally. The
     residents are still running when the wave's first request is decided: each of these three is
-    sent as soon as the one before is routed, while a
-    resident needs its prefill, a KV transfer and 64 decode steps to end. That the residents are
+    sent as soon as the one before is routed, while a resident needs its prefill, a KV transfer
+    and 64 decode steps to end. That the residents are
     still running then is made certain rather than raced: each resident's decode instance is
     paused (SIGSTOP) from the moment the resident has decoded a token until the first wave
     request is routed (on a loaded machine a resident once finished first), with `dead_after_s`

@@ -111,9 +111,9 @@ def test_each_condition_refuses_on_its_own() -> None:
     # coming context (1550 + 75) and the most they hold at once: two of 100 tokens growing to 800
     # hold 1600 together as they end (this one, ending sooner, adds nothing then); growing to 801,
     # 1602. (The local requests' coming context, 1700, is larger: no excess bandwidth, below.)
-    spans = {"offloaded_spans": [(100, 800)] * 2}
-    assert _decide(books=Books(8, 800, 2, 200, 1550, 1700, **spans)) == (True, "memory_pressure")  # type: ignore[arg-type]
-    assert _decide(books=Books(8, 800, 2, 200, 1550, 1700, offloaded_spans=[(100, 801)] * 2)) == (False, "c1")
+    fits = Books(8, 800, 2, 200, 1550, 1700, offloaded_spans=[(100, 800)] * 2)
+    assert _decide(books=fits) == (True, "memory_pressure")
+    assert _decide(books=dataclasses.replace(fits, offloaded_spans=[(100, 801)] * 2)) == (False, "c1")
     # either measure within the bound is enough: a peak of 1800, a coming context of 975
     assert _decide(books=Books(8, 800, 2, 200, 900, 1700, offloaded_spans=[(100, 900)] * 2)) == (
         True,
