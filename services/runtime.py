@@ -15,7 +15,7 @@ import signal
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -30,8 +30,8 @@ from common.config import EngineConfig
 from common.engine import Engine, StepOutput
 from common.health import HEALTH
 from common.logging import configure
-from common.messages import KEEPALIVE_S, InstanceLoad, TokenBatch, TokenEvent
-from common.request import PromptLogprobs, Request
+from common.messages import InstanceLoad, TokenEvent
+from common.request import PromptLogprobs
 from common.settings import field, load_or_exit
 from common.subjects import Subjects
 from common.tensor_channel import TensorChannel
@@ -120,30 +120,10 @@ class Tombstones:
         return len(self._ids)
 
 
-class KeepAlive:
-    """Tells the gateways of requests waiting on this instance for a step (queued, preempted, or
-    queued to recompute for room) that they are held: an event with no token at each one's next
-    output index, every `KEEPALIVE_S`. A wait behind long outputs can outlast the gateway's token
-    timeout, which would fail a request nothing is wrong with. Call between steps: it reads the
-    engine's waiting queue."""
-
-    def __init__(self, bus: Bus) -> None:
-        self.bus = bus
-        self.next_at = 0.0  # monotonic
-
-    async def tick(self, waiting: Iterable[Request], subject_of: Callable[[str], str | None]) -> None:
-        now = time.monotonic()
-        if now < self.next_at:
-            return
-        self.next_at = now + KEEPALIVE_S
-        events: dict[str, list[TokenEvent]] = {}
-        for request in waiting:
-            subject = subject_of(request.request_id)
-            if subject is not None:
-                event = TokenEvent(request.request_id, [], first_index=len(request.output_token_ids))
-                events.setdefault(subject, []).append(event)
-        for subject, batch in events.items():
-            await self.bus.publish(subject, TokenBatch(batch))
+def waiting_at(engine: Engine) -> Iterator[tuple[str, int]]:
+    """(request id, next output index) of each request waiting on `engine` for a step: what
+    `common.keepalive.KeepAlive` keeps alive at their gateways between steps."""
+    return ((r.request_id, len(r.output_token_ids)) for r in engine.waiting)
 
 
 def build_engine(settings: InstanceSettings) -> Engine:

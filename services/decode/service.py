@@ -30,6 +30,7 @@ from common import metrics
 from common.bus import Bus, Reply
 from common.engine import Engine, StepOutput
 from common.errors import InvalidRequestError, NoFreeBlocksError
+from common.keepalive import KeepAlive
 from common.kv_transfer import kv_shape, scatter_kv
 from common.liveness import Hearing
 from common.messages import AbortRequest, Ack, Admitted, InstanceLoad, KVHandoff, TokenBatch, TokenEvent
@@ -42,13 +43,13 @@ from services.decode.remote_executor import ExecutorFailed, RemoteExecutor
 from services.decode.step_channel import StepChannel
 from services.runtime import (
     InstanceSettings,
-    KeepAlive,
     Tombstones,
     engine_load,
     heartbeat,
     step,
     token_event,
     wait_for_work,
+    waiting_at,
 )
 
 log = structlog.get_logger("decode")
@@ -379,7 +380,7 @@ class DecodeService:
                 if not outputs and not self.engine.running:  # all preempted, for blocks arriving KV holds
                     await asyncio.sleep(0.01)
                 await self._publish(outputs)
-                await self.keepalive.tick(self.engine.waiting, self.token_subjects.get)
+                await self.keepalive.tick(waiting_at(self.engine), self.token_subjects.get)
         finally:
             beat.cancel()
             watch.cancel()

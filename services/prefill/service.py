@@ -20,6 +20,7 @@ from common import metrics
 from common.bus import Bus, Reply, ServiceUnavailable
 from common.engine import Engine, StepOutput
 from common.errors import AdrenalineError, InvalidRequestError
+from common.keepalive import KeepAlive
 from common.kv_transfer import gather_kv
 from common.messages import (
     AbortRequest,
@@ -36,7 +37,6 @@ from common.tags import handoff_tags
 from common.tensor_channel import TensorChannel
 from services.runtime import (
     InstanceSettings,
-    KeepAlive,
     Tombstones,
     engine_load,
     heartbeat,
@@ -44,6 +44,7 @@ from services.runtime import (
     step,
     token_event,
     wait_for_work,
+    waiting_at,
 )
 
 
@@ -137,7 +138,7 @@ class PrefillService:
                     continue
                 outputs = await step(self.engine)
                 await self._after_step(outputs)
-                await self.keepalive.tick(self.engine.waiting, self._token_subject)
+                await self.keepalive.tick(waiting_at(self.engine), self._token_subject)
         finally:
             beat.cancel()
             for sub in subs:

@@ -26,9 +26,9 @@ from common import settings_catalog as catalog
 from common.bus import Bus, Reply, ServiceUnavailable
 from common.config import parse_offload_ratio
 from common.health import HEALTH
+from common.keepalive import KeepAlive
 from common.liveness import Hearing
 from common.messages import (
-    KEEPALIVE_S,
     AbortRequest,
     Ack,
     Admitted,
@@ -157,7 +157,7 @@ class Scheduler:
         # Accepted, not yet routed: waiting here, first come first served, for room on their decode
         # instance or an executor (`_worth_holding`), rather than in one decode instance's queue.
         self.held: dict[str, SubmitRequest] = {}
-        self.keepalive_at = 0.0  # monotonic: when the held requests' gateways next hear they wait
+        self.keepalive = KeepAlive(bus)  # the held requests' gateways hear that they wait
         # token subject of each gateway heard from -> when last heard (monotonic), least recent first.
         # Only gateways heard from are judged: a client of our own (a test, a tool) that submits
         # without heartbeating keeps its requests.
@@ -377,17 +377,10 @@ class Scheduler:
                 self._start(submit, outcome, None)
 
     async def keep_held_alive(self) -> None:
-        """Tell the gateways of held requests, every `KEEPALIVE_S`, that they wait (an event with no
-        token): a wait behind long outputs outlasts the gateway's token timeout."""
-        now = time.monotonic()
-        if now < self.keepalive_at or not self.held:
-            return
-        self.keepalive_at = now + KEEPALIVE_S
-        batches: dict[str, list[TokenEvent]] = {}
-        for rid, submit in self.held.items():
-            batches.setdefault(submit.token_subject, []).append(TokenEvent(rid, []))
-        for subject, events in batches.items():
-            await self.bus.publish(subject, TokenBatch(events))
+        """Tell the gateways of held requests that they wait (`common.keepalive`): a wait behind
+        long outputs outlasts the gateway's token timeout. No output yet: index 0."""
+        if self.held:
+            await self.keepalive.tick(((rid, 0) for rid in self.held), lambda rid: self.held[rid].token_subject)
 
     def _start(self, submit: SubmitRequest, route: _Route, reply: Reply | None) -> None:
         """Remember the request as routed and hand it to its prefill instance (a task of its own)."""

@@ -1,6 +1,6 @@
 """What a decode instance tells others between steps: the executor wait it reports decays to
 "unknown", and the requests waiting for a step are kept alive at their gateways (prefill
-instances do the same with `services.runtime.KeepAlive`)."""
+instances and the scheduler do the same with `common.keepalive.KeepAlive`)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from types import SimpleNamespace
 from typing import cast
 
 from common.bus import Bus
+from common.engine import Engine
+from common.keepalive import KeepAlive
 from common.messages import KEEPALIVE_S, TokenBatch
 from common.request import Request
 from services.decode.service import STALL_TTL_S, stall_estimate
-from services.runtime import KeepAlive
+from services.runtime import waiting_at
 
 
 def test_a_measured_wait_is_reported_until_it_is_stale_then_unknown() -> None:
@@ -40,7 +42,8 @@ def test_requests_waiting_for_a_step_are_kept_alive_every_keepalive_s() -> None:
     keepalive = KeepAlive(cast(Bus, SimpleNamespace(publish=publish)))
 
     def tick() -> None:
-        asyncio.run(keepalive.tick(cast(list[Request], waiting), subjects.get))
+        engine = SimpleNamespace(waiting=cast(list[Request], waiting))  # what waits between steps
+        asyncio.run(keepalive.tick(waiting_at(cast(Engine, engine)), subjects.get))
 
     tick()
     sent = {
