@@ -170,7 +170,7 @@ class InstanceLoad:
 
 # A request that waits on an instance (queued for a prefill step, preempted, or queued to recompute
 # for room) gets an event with no token and no ending this often, so that the gateway's token
-# timeout tells a dead backend from a busy one (`TokenEvent.keeps_alive`, `services.runtime.KeepAlive`).
+# timeout tells a dead backend from a busy one (`TokenEvent.keeps_alive`, `common.keepalive.KeepAlive`).
 KEEPALIVE_S = 5.0
 
 
