@@ -155,7 +155,7 @@ class Scheduler:
         self.routed = 0  # requests routed so far, for the fixed offload ratio
         self.dispatches: set[asyncio.Task[None]] = set()  # routed requests waiting for their prefill's ack
         # Accepted, not yet routed: waiting here, first come first served, for room on their decode
-        # instance or an executor (`_worth_holding`), rather than in one decode instance's queue.
+        # instance or an executor (`_offload_target`), rather than in one decode instance's queue.
         self.held: dict[str, SubmitRequest] = {}
         self.keepalive = KeepAlive(bus)  # the held requests' gateways hear that they wait
         # token subject of each gateway heard from -> when last heard (monotonic), least recent first.
@@ -317,7 +317,7 @@ class Scheduler:
         self._start(submit, outcome, reply)
 
     def _route(self, submit: SubmitRequest) -> _Route | _Refusal | None:
-        """Where `submit` goes now; a refusal; or None: it should wait here for room (`_worth_holding`)."""
+        """Where `submit` goes now; a refusal; or None: it should wait here for room (`_offload_target`)."""
         prefills, decodes = self.live("prefill"), self.live("decode")
         if not prefills or not decodes:
             missing = "prefill" if not prefills else "decode"
@@ -326,7 +326,7 @@ class Scheduler:
         max_tokens = prompt + submit.sampling.max_new_tokens
         prefill = min(prefills, key=self._queued)
         decode = max(decodes, key=self._free_tokens)
-        executor, why = self._offload_target(prefill, decode, decodes, prompt, max_tokens)
+        executor, why, hold = self._offload_target(prefill, decode, decodes, prompt, max_tokens)
         need = prompt + 1
         if executor is not None:  # the decode instance holds none of its KV; the executor its prompt, growing
             need = self._executor_need(executor, prompt)
@@ -336,28 +336,11 @@ class Scheduler:
             largest = max(map(policy.capacity_tokens, decodes))
             if need > largest:
                 return _Refusal(400, f"the prompt needs {need} KV tokens; the largest decode instance holds {largest}")
-            if self._worth_holding(decode, why, max_tokens):
+            if hold:
                 return None
             if self._free_tokens(decode) < need:
                 return _Refusal(429, "every decode instance's KV cache is full; retry later")
         return _Route(prefill, decode, executor, why, need, max_tokens)
-
-    def _worth_holding(self, decode: InstanceLoad, why: str, max_tokens: int) -> bool:
-        """Should a request the auto policy keeps local wait here rather than on `decode`?
-
-        Yes when the decode instance is under memory pressure (`policy.under_pressure`): there it
-        would wait for room, or be preempted, and stay there even once an executor has room, where
-        the policy may offload it when it is decided again (under a burst, the executor emptied
-        while requests queued on the decode instance: 1.34x of plain PD with 32 requests on the
-        memory-bound benchmark). Only while something in flight on that decode instance will end
-        and free room; only for the auto policy (plain PD and fixed ratios route at once, as the
-        paper's baselines do); never with no executor (nothing else could take it)."""
-        if self.settings.fixed_ratio is not None or why == "no_executor" or not self.settings.max_queued_requests:
-            return False
-        books = self._books(decode.instance_id)
-        if books.local_batch + books.offloaded_batch == 0:
-            return False
-        return policy.under_pressure(decode, self._free_tokens(decode), books, max_tokens)
 
     async def drain(self) -> None:
         """Route the held requests, oldest first, while the oldest has somewhere to go. Called when
@@ -454,23 +437,33 @@ class Scheduler:
 
     def _offload_target(
         self, prefill: InstanceLoad, decode: InstanceLoad, decodes: list[InstanceLoad], prompt: int, max_tokens: int
-    ) -> tuple[InstanceLoad | None, str]:
-        """The executor beside `prefill` if this request is to be offloaded (else None), and why.
+    ) -> tuple[InstanceLoad | None, str, bool]:
+        """The executor beside `prefill` if this request is to be offloaded (else None), why, and
+        whether a request kept local should wait here for room rather than on `decode`.
 
         Fixed ratio: request k (counting every routed request) is offloaded when
         floor((k + 1) * ratio) > floor(k * ratio), so exactly `ratio` of them are, spread evenly,
         as long as the executor has room. Auto: `policy.decide`, for the decode instance that
         would otherwise take it.
+
+        Waiting here: when the auto policy keeps the request local while the decode instance is
+        under memory pressure (`policy.under_pressure`). There it would wait for room, or be
+        preempted, and stay there even once an executor has room, where the policy may offload it
+        when it is decided again (under a burst, the executor emptied while requests queued on the
+        decode instance: 1.34x of plain PD with 32 requests on the memory-bound benchmark). Only
+        while something in flight on that decode instance will end and free room; only for the
+        auto policy (plain PD and fixed ratios route at once, as the paper's baselines do); never
+        with no executor (nothing else could take it).
         """
         beside = [e for e in self.live("executor") if e.colocated_with == prefill.instance_id]
         executor = max(beside, key=self._free_tokens, default=None)
         ratio = self.settings.fixed_ratio
         if ratio is not None:
             if math.floor((self.routed + 1) * ratio) <= math.floor(self.routed * ratio):
-                return None, "fixed_ratio"
+                return None, "fixed_ratio", False
             if executor is None or self._free_tokens(executor) < self._executor_need(executor, prompt):
-                return None, "executor_full"
-            return executor, "fixed_ratio"
+                return None, "executor_full", False
+            return executor, "fixed_ratio", False
         slo_s = self.settings.tpot_slo_ms / 1e3
         books = self._books(decode.instance_id)
         # B_tpot at the lengths the batch will have over its coming steps (with this request)
@@ -480,18 +473,27 @@ class Scheduler:
         if bound is not None:
             for name, value in dataclasses.asdict(bound).items():
                 OFFLOAD_BOUND.labels(name).set(value)
+        decode_free = self._free_tokens(decode)
         decision = policy.decide(
             prompt_tokens=prompt,
             max_tokens=max_tokens,
             decode=decode,
-            decode_free_tokens=self._free_tokens(decode),
+            decode_free_tokens=decode_free,
             books=books,
             executor_free_tokens=self._free_tokens(executor) if executor is not None else None,
             executor_need_tokens=self._executor_need(executor, prompt) if executor is not None else 0,
             bound=bound,
             slo_s=slo_s,
         )
-        return (executor if decision.offload else None), decision.reason
+        if decision.offload:
+            return executor, decision.reason, False
+        hold = (
+            decision.reason != "no_executor"
+            and self.settings.max_queued_requests > 0
+            and batch > 0
+            and policy.under_pressure(decode, decode_free, books, max_tokens)
+        )
+        return None, decision.reason, hold
 
     def _books(self, decode_id: str) -> policy.Books:
         books = policy.Books()
