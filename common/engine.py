@@ -69,6 +69,7 @@ class Engine:
         self.generator = torch.Generator().manual_seed(0)
         self.num_preemptions = 0
         self.num_handed_back = 0  # offloaded requests an executor gave back (out of blocks), recomputed here
+        self.taken_back: list[str] = []  # those of the last step: local requests from now on
         self.executors: dict[str, ExecutorClient] = {}  # offloading targets, by name
         self.last_split: SplitAttention | None = None  # the last decode step's, if it offloaded rows
         self._generated = 0
@@ -222,6 +223,7 @@ class Engine:
     # ---- the loop --------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         self.last_split = None
+        self.taken_back = []
         batch = self._admit()
         if batch:
             return self._run(batch, self._prefill(batch))
@@ -368,6 +370,7 @@ class Engine:
             self.waiting.appendleft(request)
             self.num_preemptions += 1
             self.num_handed_back += 1
+            self.taken_back.append(request.request_id)
         return rows
 
     def _run(self, batch: list[Request], logits: torch.Tensor, skip: set[int] | None = None) -> list[StepOutput]:

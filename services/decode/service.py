@@ -192,7 +192,9 @@ class DecodeService:
         cache at hand-off time is usually brief: the hand-off waits up to half the transfer
         timeout (the prefill instance waits for the ack that long at most) for blocks. Requests
         already queued here (preempted ones) come first: a hand-off never takes blocks from under
-        them. If there is still no room, the request is queued to recompute its KV here from its
+        them. An offloaded request's hand-off takes no block here (its KV stays on its executor)
+        and joins the batch at once, whatever waits here; it used to wait behind them and then be
+        recomputed here, its executor's copy freed. If there is still no room, the request is queued to recompute its KV here from its
         tokens, like a preempted one, and the prefill instance is told not to send it: a full
         cache delays a request, it never fails it.
         """
@@ -206,7 +208,7 @@ class DecodeService:
             params = from_wire(request.sampling)
             self.engine.validate(request.prompt_token_ids, params)
             seats = len(self.engine.running) + len(self.pending)
-            if self.engine.waiting or seats >= self.engine.config.max_num_seqs:  # max_num_seqs holds here too
+            if seats >= self.engine.config.max_num_seqs:  # max_num_seqs holds here too
                 raise NoFreeBlocksError(self.engine.blocks.blocks_for(handoff.num_kv_tokens), 0)
             if handoff.executor_id:  # sent by the executor once the KV landed there: decode from now on
                 try:
@@ -214,6 +216,8 @@ class DecodeService:
                 except TransferError as exc:  # an address UCX cannot use: refuse, the executor frees the KV
                     return Ack(False, f"cannot reach executor {handoff.executor_id}: {exc}")
                 return Ack(True)
+            if self.engine.waiting:  # requests queued here come first for blocks (an offloaded one takes none)
+                raise NoFreeBlocksError(self.engine.blocks.blocks_for(handoff.num_kv_tokens), 0)
             self.engine.blocks.allocate(rid, handoff.num_kv_tokens)
         except NoFreeBlocksError:
             if time.monotonic() < self.held.get(rid, 0.0):
@@ -312,6 +316,8 @@ class DecodeService:
             await self._drop_executor(exc.executor_id, str(exc))
             return []
         self._observe_split(len(outputs))
+        for request_id in self.engine.taken_back:  # the scheduler books them here now, not on their executor
+            await self.bus.publish(self.subjects.admitted, Admitted(request_id, self.settings.instance_id))
         return outputs
 
     async def _drop_executor(self, executor_id: str, error: str) -> None:

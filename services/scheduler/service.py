@@ -491,7 +491,7 @@ class Scheduler:
             decision.reason != "no_executor"
             and self.settings.max_queued_requests > 0
             and batch > 0
-            and policy.under_pressure(decode, decode_free, books, max_tokens)
+            and policy.under_pressure(decode, decode_free, books, prompt, max_tokens)
         )
         return None, decision.reason, hold
 
@@ -510,7 +510,7 @@ class Scheduler:
                 books.local_batch += 1
                 books.local_tokens += length
                 books.local_coming_tokens += policy.coming_length(length, f.max_tokens)
-                books.local_max_tokens += f.max_tokens
+                books.local_spans.append((length, f.max_tokens))
         return books
 
     async def _refuse(self, reply: Reply, request_id: str, status: int, error: str) -> None:

@@ -104,16 +104,18 @@ def test_requests_handed_back_by_a_full_executor_lose_nothing(llama_dir: Path) -
     prompts = _prompts(engine.spec.vocab_size, [3, 17, 8, 12, 5, 9])
     params = SamplingParams(max_new_tokens=48, temperature=0.0, ignore_eos=True)
     requests = [engine.add_request(f"r{i}", prompt, params) for i, prompt in enumerate(prompts)]
-    offloaded = 0
+    offloaded, taken_back = 0, []
     while engine.has_unfinished():
         engine.step()
+        taken_back += engine.taken_back  # what the decode service tells the scheduler: local now
+        assert all(engine.requests[r].executor is None for r in engine.taken_back)
         for request in requests:
             fresh = request.executor is None and request.status.value == "running" and request.num_tokens < 24
             if fresh and core.can_admit(request.num_tokens - 1):
                 engine.offload(request.request_id, "exec")
                 offloaded += 1
     assert offloaded >= 4 and core.evictions > 0, (offloaded, core.evictions)
-    assert engine.num_handed_back == core.evictions
+    assert engine.num_handed_back == core.evictions == len(taken_back)
     hf = AutoModelForCausalLM.from_pretrained(llama_dir)
     for request, prompt in zip(requests, prompts, strict=True):
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=48, do_sample=False)[0, len(prompt) :].tolist()

@@ -211,7 +211,7 @@ def test_under_memory_pressure_bandwidth_is_a_cost_not_a_wall() -> None:
     assert _decide(books=longer, bound=Bounds(2.0, 1.0, 4.0)) == (False, "c1")
     assert _decide(books=books, bound=Bounds(2.0, 1.0, 1.0)) == (False, "c1")
     # with room locally, no pressure: the paper's bound, bandwidth included (1 x 1600)
-    room = {"decode_free_tokens": 1000, "books": dataclasses.replace(books, local_max_tokens=800)}
+    room = {"decode_free_tokens": 1000, "books": dataclasses.replace(books, local_spans=[(100, 100)] * 8)}
     assert _decide(**room, bound=Bounds(2.0, 1.0, 4.0)) == (False, "c1")
     # not measured yet: the wait is the larger of the local attention (8 ms) and the excess
     assert _decide(books=books, bound=Bounds(2.0, 1.0, 4.0), decode=_decode()) == (True, "memory_pressure_unmeasured")
@@ -220,12 +220,26 @@ def test_under_memory_pressure_bandwidth_is_a_cost_not_a_wall() -> None:
 
 def test_room_now_is_not_room_for_what_local_requests_grow_to() -> None:
     """A burst of short prompts leaves the decode instance's KV mostly free at admission, yet its
-    local requests at their maximum lengths fill it: that is memory pressure too."""
-    books = Books(local_batch=8, local_tokens=800, local_max_tokens=1550)  # capacity 1600
+    local requests grow to fill it: that is memory pressure too. Free 800 of 1600 tokens."""
     room = {"decode_free_tokens": 800, "decode": _decode(offload_stall_s=0.002)}
-    assert _decide(**room, books=books) == (True, "memory_pressure")  # 1550 + 100 > 1600
-    # room at their maximum lengths too: offloaded only if the round trip hides (2 ms of a 26 ms step does not)
-    assert _decide(**room, books=Books(local_batch=8, local_tokens=800, local_max_tokens=1400)) == (False, "not_hidden")
+    # eight of 100 growing to 194 hold 1552 together (752 more) with this one ended; a block each
+    # for rounding (9 x 16): 896 > 800
+    books = Books(local_batch=8, local_tokens=800, local_spans=[(100, 194)] * 8)
+    assert _decide(**room, books=books) == (True, "memory_pressure")
+    # growing to 175: 600 more and 144, within 800: offloaded only if the round trip hides (2 ms
+    # of a 26 ms step does not)
+    assert _decide(**room, books=dataclasses.replace(books, local_spans=[(100, 175)] * 8)) == (False, "not_hidden")
+
+
+def test_local_requests_ending_at_different_times_never_hold_their_maxima_at_once() -> None:
+    """Their maximum lengths summed (710 + 800 + this one's 100 > 1600) would say the decode
+    instance cannot take this request; but the first ends in 10 steps, before the second has
+    grown: the most the three hold at once is 880 tokens, 80 more than now (and 48 for rounding)."""
+    books = Books(local_batch=2, local_tokens=800, local_spans=[(700, 710), (100, 800)])
+    room = {"decode": _decode(offload_stall_s=0.002), "books": books}
+    assert _decide(**room, decode_free_tokens=128) == (False, "not_hidden")  # kept local: it fits
+    # 127 free: that is pressure, and 3 / (10 + 3 + 8 + 2 ms) beats the local 2 / 20 ms
+    assert _decide(**room, decode_free_tokens=127) == (True, "memory_pressure")
 
 
 def test_with_room_locally_offloading_needs_a_hidden_round_trip() -> None:

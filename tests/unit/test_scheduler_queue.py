@@ -17,6 +17,7 @@ from typing import Any
 from common.messages import (
     AbortRequest,
     Ack,
+    Admitted,
     InstanceLoad,
     PrefillTask,
     Sampling,
@@ -123,6 +124,25 @@ def test_a_request_kept_local_under_pressure_waits_here_and_goes_where_room_appe
         await h.finish("r0")
         assert h.routed()["r6"] == "local" and not h.scheduler.held
         assert len(h.bus.tasks) == 7  # each request handed to prefill once
+
+    asyncio.run(scenario())
+
+
+def test_a_request_its_executor_hands_back_is_booked_on_the_decode_instance() -> None:
+    """A full executor hands a request back to its decode instance, which says so (`Admitted` from
+    the decode instance, as for a hand-off it recomputes): the executor's share of the books shrinks
+    and its room goes to the oldest held request."""
+
+    async def scenario() -> None:
+        h = Harness()
+        await h.heartbeats()
+        for i in range(6):
+            await h.submit(f"r{i}")
+        assert list(h.scheduler.held) == ["r5"]  # C1: r1-r4 fill the executor
+        await h.scheduler.on_admitted(Admitted("r2", "decode-0"), None)
+        await h.settle()
+        assert h.routed()["r5"] == "executor-0" and not h.scheduler.held
+        assert not h.scheduler.inflight["r2"].executor_id
 
     asyncio.run(scenario())
 
