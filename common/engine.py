@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,12 +119,16 @@ class Engine:
                 f"{total} tokens exceed the KV cache's capacity of {self.capacity_tokens} tokens",
             )
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, earlier: Sequence[int] = ()
+    ) -> Request:
+        """Queue a request to prefill; `earlier`: the tokens it generated before its KV was lost
+        elsewhere (a resumed request), whose KV is recomputed with the prompt's."""
         if request_id in self.requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
         self.validate(prompt_token_ids, params)
         params = dataclasses.replace(params, eos_token_ids=self.spec.eos_token_ids)
-        request = Request(request_id, list(prompt_token_ids), params)
+        request = Request(request_id, list(prompt_token_ids), params, output_token_ids=list(earlier))
         self.requests[request_id] = request
         self.waiting.append(request)
         return request
@@ -136,47 +140,66 @@ class Engine:
         first_token_id: int,
         params: SamplingParams,
         executor: str | None = None,
+        earlier: Sequence[int] = (),
     ) -> Request:
-        """Admit a request prefilled elsewhere, with its first token already sampled.
+        """Admit a request prefilled elsewhere, with its next token already sampled there (its
+        first, or, resumed, the one after `earlier`).
 
-        Its prompt KV must already sit in this engine's blocks, allocated under `request_id`
-        (the decode service allocates, receives the KV, then calls this), or, for an offloaded
-        request, on `executor`, one of `self.executors`.
+        The KV of its prompt and `earlier` must already sit in this engine's blocks, allocated
+        under `request_id` (the decode service allocates, receives the KV, then calls this), or,
+        for an offloaded request, on `executor`, one of `self.executors`.
         """
         if request_id in self.requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
+        cached = len(prompt_token_ids) + len(earlier)
         if executor is not None:
             if executor not in self.executors:
                 raise ValueError(f"{request_id}: unknown executor {executor!r}")
-        elif self.blocks.num_tokens(request_id) != len(prompt_token_ids):
-            raise ValueError(
-                f"{request_id}: blocks hold {self.blocks.num_tokens(request_id)} tokens, prompt has "
-                f"{len(prompt_token_ids)}"
-            )
-        request = self._prefilled(request_id, prompt_token_ids, first_token_id, params)
+        elif self.blocks.num_tokens(request_id) != cached:
+            raise ValueError(f"{request_id}: blocks hold {self.blocks.num_tokens(request_id)} tokens, not {cached}")
+        request = self._prefilled(request_id, prompt_token_ids, first_token_id, params, earlier)
         request.status = Status.RUNNING
         request.executor = executor
         self.running.append(request)
         return request
 
     def add_waiting(
-        self, request_id: str, prompt_token_ids: list[int], first_token_id: int, params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        first_token_id: int,
+        params: SamplingParams,
+        earlier: Sequence[int] = (),
     ) -> Request:
-        """Queue a request prefilled elsewhere whose KV is not here: its prompt and first token are
-        recomputed when blocks allow, exactly as a preempted request is (FIFO behind those)."""
+        """Queue a request prefilled elsewhere whose KV is not here: its tokens are recomputed when
+        blocks allow, exactly as a preempted request is (FIFO behind those)."""
         if request_id in self.requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
-        request = self._prefilled(request_id, prompt_token_ids, first_token_id, params)
+        request = self._prefilled(request_id, prompt_token_ids, first_token_id, params, earlier)
         self.waiting.append(request)
         return request
 
+    def withdraw(self, request_id: str) -> Request:
+        """Take a waiting request that holds no blocks out of this engine (to be resumed elsewhere)."""
+        request = self.requests[request_id]
+        if request.status is not Status.WAITING or request_id in self.blocks:
+            raise ValueError(f"{request_id}: only a waiting request that holds no blocks can be withdrawn")
+        self.waiting.remove(request)
+        del self.requests[request_id]
+        return request
+
     def _prefilled(
-        self, request_id: str, prompt_token_ids: list[int], first_token_id: int, params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        first_token_id: int,
+        params: SamplingParams,
+        earlier: Sequence[int] = (),
     ) -> Request:
-        """A validated, registered request whose first token was sampled elsewhere."""
+        """A validated, registered request whose next token was sampled elsewhere."""
         self.validate(prompt_token_ids, params)
         params = dataclasses.replace(params, eos_token_ids=self.spec.eos_token_ids)
-        request = Request(request_id, list(prompt_token_ids), params, output_token_ids=[first_token_id])
+        request = Request(request_id, list(prompt_token_ids), params, output_token_ids=[*earlier, first_token_id])
         self.requests[request_id] = request
         return request
 

@@ -109,11 +109,22 @@ class SubmitRequest:
     prompt_token_ids: list[int]
     sampling: Sampling
     token_subject: str
+    # Resumed (decode -> scheduler, `Subjects.resume`): the tokens it has generated and delivered so
+    # far. Its KV was lost (a full executor handed it back): a prefill instance recomputes the KV of
+    # the prompt and these, and samples the next token, at index len(output_token_ids).
+    output_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check_id("request_id", self.request_id)
         _check_tokens("prompt_token_ids", self.prompt_token_ids, nonempty=True)
         _check_subject("token_subject", self.token_subject)
+        _check_tokens("output_token_ids", self.output_token_ids, nonempty=False)
+        _check_count("output_token_ids", len(self.output_token_ids), 0, max(0, self.sampling.max_new_tokens - 1))
+
+    @property
+    def num_tokens(self) -> int:
+        """Its context: the prompt and what it has generated (all of it recomputed on a resume)."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
 
 
 @dataclass(frozen=True)
@@ -286,8 +297,7 @@ class KVHandoff:
 
     def __post_init__(self) -> None:
         _check_tokens("first_token_id", [self.first_token_id], nonempty=True)
-        prompt = len(self.request.prompt_token_ids)
-        _check_count("num_kv_tokens", self.num_kv_tokens, 1, prompt)
+        _check_count("num_kv_tokens", self.num_kv_tokens, 1, self.request.num_tokens)
         _check_count("tag", self.tag, 0, MAX_TAG)
         _check_id("executor_id", self.executor_id, empty_ok=True)
         _check(bool(self.executor_id) == bool(self.executor_address), "executor_address", "", "given with executor_id")

@@ -81,8 +81,8 @@ EXECUTOR_SLOWDOWN = Gauge(
 )
 EXECUTOR_EVICTIONS = Counter(
     "adrenaline_executor_evictions_total",
-    "Executor side: offloaded requests handed back to their decode instance (recomputed there) "
-    "because a step found no free block for them",
+    "Executor side: offloaded requests handed back to their decode instance because a step found "
+    "no free block for them (the decode instance resumes them elsewhere: adrenaline_decode_resumed_total)",
 )
 DECODE_ROWS = Counter(
     "adrenaline_decode_rows_total",
@@ -98,6 +98,11 @@ PREEMPTIONS = Counter(
 HANDOFFS_RECOMPUTED = Counter(
     "adrenaline_decode_handoffs_recomputed_total",
     "Hand-offs that found no room within the hold time: queued to recompute their KV here, not sent",
+)
+RESUMED = Counter(
+    "adrenaline_decode_resumed_total",
+    "Decode side: requests an executor handed back (full), sent back to the scheduler with their "
+    "output so far, to be recomputed on a prefill instance and placed again",
 )
 TRANSFER_FAILURES = Counter("adrenaline_kv_transfer_failures_total", "KV transfers that failed or timed out")
 

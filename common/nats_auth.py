@@ -57,7 +57,7 @@ def permissions(user: str, subjects: Subjects) -> Permissions:
         "gateway": Permissions((s.submit, s.status, s.abort, s.gateway_heartbeat), (tokens,), responds=False),
         "scheduler": Permissions(
             (s.instance("*", "prefill"), tokens, s.abort, liveness),
-            (s.submit, s.status, s.load, s.admitted, tokens, s.abort, liveness, s.gateway_heartbeat),
+            (s.submit, s.status, s.load, s.admitted, s.resume, tokens, s.abort, liveness, s.gateway_heartbeat),
             responds=True,
         ),
         # The first token is sampled by prefill and goes straight to the gateway (time to first token).
@@ -71,6 +71,7 @@ def permissions(user: str, subjects: Subjects) -> Permissions:
                 s.load_of("decode"),
                 tokens,
                 s.admitted,
+                s.resume,
                 s.abort,
                 s.instance("*", "release"),
                 liveness,

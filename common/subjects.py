@@ -44,6 +44,11 @@ class Subjects:
         return f"{self.prefix}.requests.admitted"
 
     @property
+    def resume(self) -> str:
+        """decode -> scheduler: `SubmitRequest` with its output so far, to be placed again (its KV was lost)."""
+        return f"{self.prefix}.scheduler.resume"
+
+    @property
     def gateway_heartbeat(self) -> str:
         """gateways -> scheduler: `GatewayHeartbeat`, so that a dead gateway's requests are aborted."""
         return f"{self.prefix}.gateways.heartbeat"

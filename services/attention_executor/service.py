@@ -101,7 +101,7 @@ class ExecutorService:
         request = handoff.request
         rid = request.request_id
         # the prompt's blocks and one to grow by (the watermark `ExecutorCore.can_admit` keeps)
-        need = self.core.blocks.blocks_for(len(request.prompt_token_ids)) + 1
+        need = self.core.blocks.blocks_for(handoff.num_kv_tokens) + 1
         free = self.core.blocks.num_free_blocks - self.core.reserved_blocks - sum(self.pending.values())
         if not handoff.decode_id:
             ack = Ack(False, "a hand-off to an executor must name the decode instance to hand the request to")

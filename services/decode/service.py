@@ -11,8 +11,11 @@ blocks are freed once the receive completes or times out, never while UCX may st
 into them (the failure peers' users report: aborts racing transfers).
 
 An offloaded request's hand-off comes from its attention executor, once the prompt KV has
-landed there, and joins the batch at once; no room (seats or blocks) for a while, and it is
-queued to recompute here instead (the executor then frees its copy).
+landed there, and joins the batch at once; no seat for a while, and it is queued to recompute
+here instead (the executor then frees its copy). A request its executor hands back later (full)
+has lost its KV: it goes back to the scheduler with what it has generated (`Subjects.resume`), to
+be recomputed on a prefill instance and placed again where room is, rather than recomputed here,
+where that prompt-long step would stall the whole batch while this instance's memory is full.
 """
 
 from __future__ import annotations
@@ -33,9 +36,18 @@ from common.errors import InvalidRequestError, NoFreeBlocksError
 from common.keepalive import KeepAlive
 from common.kv_transfer import kv_shape, scatter_kv
 from common.liveness import Hearing
-from common.messages import AbortRequest, Ack, Admitted, InstanceLoad, KVHandoff, TokenBatch, TokenEvent
+from common.messages import (
+    AbortRequest,
+    Ack,
+    Admitted,
+    InstanceLoad,
+    KVHandoff,
+    SubmitRequest,
+    TokenBatch,
+    TokenEvent,
+)
 from common.profiling import profile_decode_attention, profile_engine
-from common.sampling import from_wire
+from common.sampling import from_wire, to_wire
 from common.step_model import StepModel
 from common.tags import MAX_EXECUTORS
 from common.tensor_channel import TensorChannel, TransferError
@@ -194,9 +206,9 @@ class DecodeService:
         already queued here (preempted ones) come first: a hand-off never takes blocks from under
         them. An offloaded request's hand-off takes no block here (its KV stays on its executor)
         and joins the batch at once, whatever waits here; it used to wait behind them and then be
-        recomputed here, its executor's copy freed. If there is still no room, the request is queued to recompute its KV here from its
-        tokens, like a preempted one, and the prefill instance is told not to send it: a full
-        cache delays a request, it never fails it.
+        recomputed here, its executor's copy freed. If there is still no room, the request is
+        queued to recompute its KV here from its tokens, like a preempted one, and the prefill
+        instance is told not to send it: a full cache delays a request, it never fails it.
         """
         request = handoff.request
         rid = request.request_id
@@ -222,7 +234,9 @@ class DecodeService:
         except NoFreeBlocksError:
             if time.monotonic() < self.held.get(rid, 0.0):
                 return None
-            self.engine.add_waiting(rid, request.prompt_token_ids, handoff.first_token_id, params)
+            self.engine.add_waiting(
+                rid, request.prompt_token_ids, handoff.first_token_id, params, request.output_token_ids
+            )
             self.token_subjects[rid] = request.token_subject
             metrics.HANDOFFS_RECOMPUTED.inc()
             await self.bus.publish(self.subjects.admitted, Admitted(rid, self.settings.instance_id))
@@ -269,7 +283,11 @@ class DecodeService:
         slots = self.engine.blocks.slots(request_id, 0, entry.handoff.num_kv_tokens)
         scatter_kv(self.engine.pool, torch.tensor(slots, dtype=torch.int64, device=self.engine.device), entry.kv)
         self.engine.add_running(
-            request_id, request.prompt_token_ids, entry.handoff.first_token_id, from_wire(request.sampling)
+            request_id,
+            request.prompt_token_ids,
+            entry.handoff.first_token_id,
+            from_wire(request.sampling),
+            earlier=request.output_token_ids,
         )
         self.token_subjects[request_id] = request.token_subject
         await self.bus.publish(self.subjects.admitted, Admitted(request_id, self.settings.instance_id))
@@ -299,7 +317,12 @@ class DecodeService:
                 timeout=self.settings.transfer_timeout_s,
             )
         self.engine.add_running(
-            rid, request.prompt_token_ids, h.first_token_id, from_wire(request.sampling), h.executor_id
+            rid,
+            request.prompt_token_ids,
+            h.first_token_id,
+            from_wire(request.sampling),
+            h.executor_id,
+            request.output_token_ids,
         )
         self.token_subjects[rid] = request.token_subject
         log.info("admitted offloaded", request_id=rid, executor_id=h.executor_id)
@@ -316,9 +339,24 @@ class DecodeService:
             await self._drop_executor(exc.executor_id, str(exc))
             return []
         self._observe_split(len(outputs))
-        for request_id in self.engine.taken_back:  # the scheduler books them here now, not on their executor
-            await self.bus.publish(self.subjects.admitted, Admitted(request_id, self.settings.instance_id))
+        for request_id in self.engine.taken_back:
+            await self._resume_elsewhere(request_id)
         return outputs
+
+    async def _resume_elsewhere(self, request_id: str) -> None:
+        """A request its executor handed back (full) holds no KV anywhere: hand it, with the tokens
+        it has generated, back to the scheduler to be recomputed on a prefill instance and placed
+        again (module docstring)."""
+        request = self.engine.withdraw(request_id)
+        subject = self.token_subjects.pop(request_id, None)
+        if subject is None:  # ended meanwhile (an abort on its way): nothing to resume
+            return
+        resumed = SubmitRequest(
+            request_id, request.prompt_token_ids, to_wire(request.params), subject, request.output_token_ids
+        )
+        metrics.RESUMED.inc()
+        log.info("handed back by its executor: resumed elsewhere", request_id=request_id, tokens=request.num_tokens)
+        await self.bus.publish(self.subjects.resume, resumed)
 
     async def _drop_executor(self, executor_id: str, error: str) -> None:
         """End the requests whose KV lived on a failed executor and forget its client."""

@@ -114,7 +114,7 @@ class PrefillService:
         for task in self.inbox:
             r = task.request
             if not self.tasks[r.request_id].aborted:
-                self.engine.add_request(r.request_id, r.prompt_token_ids, from_wire(r.sampling))
+                self.engine.add_request(r.request_id, r.prompt_token_ids, from_wire(r.sampling), r.output_token_ids)
         self.inbox.clear()
         for request_id in self.aborts:
             self.engine.abort(request_id)
@@ -161,7 +161,7 @@ class PrefillService:
             if finished:
                 self.tasks.pop(out.request_id, None)
                 continue
-            num_kv = len(request.prompt_token_ids)
+            num_kv = request.num_tokens  # the prompt's, and a resumed request's output before this token
             slots = torch.tensor(self.engine.blocks.slots(out.request_id, 0, num_kv), dtype=torch.int64)
             kv = gather_kv(self.engine.pool, slots.to(self.engine.device))
             self.engine.detach(out.request_id)

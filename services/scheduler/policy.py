@@ -232,15 +232,28 @@ def under_pressure(
     decode: InstanceLoad, decode_free_tokens: int, books: Books, prompt_tokens: int, max_tokens: int
 ) -> bool:
     """Memory pressure: the decode instance's free KV cannot take what its local requests and this
-    one will still add at the worst moment (`peak_tokens`, less what they hold now, and a block
-    each for rounding), so kept local it would wait for room or be preempted. Its free space now
-    is not enough: requests admitted with short prompts take it as they grow. Their maximum
-    lengths summed would be too much: requests started at different times do not all reach their
-    maximum at once, and that sum kept the decode instance at 3.8 requests on average on the
-    memory-bound benchmark where plain PD, preempting, runs 5.9 in the same memory."""
-    spans = [*books.local_spans, (prompt_tokens, max_tokens)]
-    growth = peak_tokens(spans) - sum(length for length, _ in books.local_spans)
-    return decode_free_tokens < growth + decode.block_size * len(spans)
+    one will still add at the worst moment (`peak_blocks`, less the blocks they hold now), so kept
+    local it would wait for room or be preempted. Its free space now is not enough: requests
+    admitted with short prompts take it as they grow. Their maximum lengths summed would be too
+    much: requests started at different times do not all reach their maximum at once, and that sum
+    kept the decode instance at 3.8 requests on average on the memory-bound benchmark where plain
+    PD, preempting, runs 5.9 in the same memory."""
+    size = decode.block_size
+    now = sum(-(-length // size) for length, _ in books.local_spans)
+    growth = peak_blocks([*books.local_spans, (prompt_tokens, max_tokens)], size) - now
+    return decode_free_tokens < growth * size
+
+
+def peak_blocks(spans: Iterable[tuple[int, int]], block_size: int) -> int:
+    """`peak_tokens` in whole blocks, as an instance allocates them: the most blocks requests
+    (length now, maximum) hold at once if each grows by a token a step until its maximum and then
+    ends. What they hold only grows between two ends, so its peak is now or at an end."""
+    spans = list(spans)
+    ends = {max(0, maximum - length) for length, maximum in spans}
+    return max(
+        (sum(-(-(n + t) // block_size) for n, m in spans if m - n >= t) for t in {0, *ends}),
+        default=0,
+    )
 
 
 def excess_attention_s(decode: InstanceLoad, books: Books, offloaded_coming: float, bound: Bounds) -> float:

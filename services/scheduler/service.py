@@ -322,8 +322,8 @@ class Scheduler:
         if not prefills or not decodes:
             missing = "prefill" if not prefills else "decode"
             return _Refusal(503, f"no {missing} instance is available")
-        prompt = len(submit.prompt_token_ids)
-        max_tokens = prompt + submit.sampling.max_new_tokens
+        prompt = submit.num_tokens  # a resumed request's output so far is recomputed with its prompt
+        max_tokens = len(submit.prompt_token_ids) + submit.sampling.max_new_tokens
         prefill = min(prefills, key=self._queued)
         decode = max(decodes, key=self._free_tokens)
         executor, why, hold = self._offload_target(prefill, decode, decodes, prompt, max_tokens)
@@ -361,9 +361,10 @@ class Scheduler:
 
     async def keep_held_alive(self) -> None:
         """Tell the gateways of held requests that they wait (`common.keepalive`): a wait behind
-        long outputs outlasts the gateway's token timeout. No output yet: index 0."""
+        long outputs outlasts the gateway's token timeout, at the index of their next token."""
         if self.held:
-            await self.keepalive.tick(((rid, 0) for rid in self.held), lambda rid: self.held[rid].token_subject)
+            waiting = ((rid, len(submit.output_token_ids)) for rid, submit in self.held.items())
+            await self.keepalive.tick(waiting, lambda rid: self.held[rid].token_subject)
 
     def _start(self, submit: SubmitRequest, route: _Route, reply: Reply | None) -> None:
         """Remember the request as routed and hand it to its prefill instance (a task of its own)."""
@@ -384,6 +385,7 @@ class Scheduler:
             len(submit.prompt_token_ids),
             route.max_tokens,
             executor.instance_id if executor else "",
+            generated=len(submit.output_token_ids),
         )
         self.routed += 1  # counted when decided: the next request's decision may come before this ack
         if self.settings.fixed_ratio is None:  # the decision that placed it (a held request's last)
@@ -526,6 +528,18 @@ class Scheduler:
                 entry.executor_id = ""  # its executor was full after all: the prefill handed it to decode
             await self.drain()
 
+    async def on_resume(self, submit: SubmitRequest, reply: Reply | None) -> None:
+        """A request whose KV was lost (its executor handed it back, full), with its output so far:
+        placed again, recomputed on a prefill instance, ahead of every held request (it was placed
+        before any of them). Every scheduler hears it; the one that routed it acts."""
+        rid = submit.request_id
+        if self.inflight.pop(rid, None) is None:  # ended, aborted, or another scheduler's
+            return
+        self.held = {rid: submit, **self.held}
+        QUEUED.set(len(self.held))
+        log.info("resumed", request_id=rid, generated=len(submit.output_token_ids))
+        await self.drain()
+
     async def on_tokens(self, batch: TokenBatch, reply: Reply | None) -> None:
         ended = False
         for event in batch.events:
@@ -563,6 +577,7 @@ class Scheduler:
             await self.bus.subscribe(s.load, InstanceLoad, self.on_load),
             await self.bus.subscribe(s.submit, SubmitRequest, self.on_submit, queue="scheduler"),
             await self.bus.subscribe(s.admitted, Admitted, self.on_admitted),
+            await self.bus.subscribe(s.resume, SubmitRequest, self.on_resume),
             await self.bus.subscribe(s.all_tokens, TokenBatch, self.on_tokens),
             await self.bus.subscribe(s.abort, AbortRequest, self.on_abort),
             await self.bus.subscribe(s.status, StatusRequest, self.on_status, queue="scheduler"),

@@ -86,8 +86,9 @@ def _offloaded_equals_transformers(
 @pytest.mark.timeout(240)
 def test_an_executor_short_of_blocks_hands_requests_back_and_loses_nothing(llama_dir: Path, tmp_path: Path) -> None:
     """Every request offloaded to an executor whose pool holds their prompts but not their growth:
-    it grows them a block at a time, evicts the newest when a step finds no block (the decode
-    instance recomputes them from their tokens), and every output is still transformers'."""
+    it grows them a block at a time, evicts the newest when a step finds no block, the decode
+    instance hands each back to the scheduler with its output so far, a prefill instance
+    recomputes its KV and it is placed again; every output is still transformers'."""
     layout = ModelSpec.from_folder(llama_dir)
     block_bytes = 16 * layout.num_layers * 2 * layout.num_kv_heads * layout.head_dim * layout.dtype.itemsize
     cluster = BackendCluster(llama_dir, tmp_path, executors=True, offload_ratio=1.0, executor_kv_bytes=24 * block_bytes)
@@ -111,9 +112,10 @@ def test_an_executor_short_of_blocks_hands_requests_back_and_loses_nothing(llama
 
         outputs, offloaded = asyncio.run(scenario())
         evictions = cluster.metrics("executor-0").get("adrenaline_executor_evictions_total", 0.0)
+        resumed = cluster.metrics("decode-0").get("adrenaline_decode_resumed_total", 0.0)
     finally:
         cluster.stop()
-    assert offloaded >= 6 and evictions > 0, (offloaded, evictions)
+    assert offloaded >= 6 and evictions > 0 and resumed == evictions, (offloaded, evictions, resumed)
     assert outputs == _hf_greedy(llama_dir, prompts, 48, ignore_eos=True)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ from common.offload import ExecutorCore
 from common.profiling import RUNS, blocks_needed, grid, profile_decode_attention, profile_engine, profile_executor
 from common.step_model import Slowdown, StepModel
 from kernels.backend import get_backend
-from services.scheduler.policy import Books, Bounds, bounds, decide
+from services.scheduler.policy import Books, Bounds, bounds, decide, peak_blocks
 
 SLO = 0.1
 # a decode step: 10 ms + 1 ms per request + 10 us per context token (every layer)
@@ -220,26 +221,39 @@ def test_under_memory_pressure_bandwidth_is_a_cost_not_a_wall() -> None:
 
 def test_room_now_is_not_room_for_what_local_requests_grow_to() -> None:
     """A burst of short prompts leaves the decode instance's KV mostly free at admission, yet its
-    local requests grow to fill it: that is memory pressure too. Free 800 of 1600 tokens."""
+    local requests grow to fill it: that is memory pressure too. Free 800 of 1600 tokens (50 blocks)."""
     room = {"decode_free_tokens": 800, "decode": _decode(offload_stall_s=0.002)}
-    # eight of 100 growing to 194 hold 1552 together (752 more) with this one ended; a block each
-    # for rounding (9 x 16): 896 > 800
-    books = Books(local_batch=8, local_tokens=800, local_spans=[(100, 194)] * 8)
+    # eight of 100 tokens (7 blocks each) growing to 210 (14 blocks) take 56 blocks more: 896 tokens
+    books = Books(local_batch=8, local_tokens=800, local_spans=[(100, 210)] * 8)
     assert _decide(**room, books=books) == (True, "memory_pressure")
-    # growing to 175: 600 more and 144, within 800: offloaded only if the round trip hides (2 ms
-    # of a 26 ms step does not)
+    # growing to 175 (11 blocks), with this one at its 50th step: 32 more, 512 tokens: no pressure,
+    # so offloaded only if the round trip hides (2 ms of a 26 ms step does not)
     assert _decide(**room, books=dataclasses.replace(books, local_spans=[(100, 175)] * 8)) == (False, "not_hidden")
 
 
 def test_local_requests_ending_at_different_times_never_hold_their_maxima_at_once() -> None:
     """Their maximum lengths summed (710 + 800 + this one's 100 > 1600) would say the decode
     instance cannot take this request; but the first ends in 10 steps, before the second has
-    grown: the most the three hold at once is 880 tokens, 80 more than now (and 48 for rounding)."""
+    grown: the most the three hold at once is 56 blocks (45 + 7 + 4, at that step), 5 more than
+    the 51 they hold now."""
     books = Books(local_batch=2, local_tokens=800, local_spans=[(700, 710), (100, 800)])
     room = {"decode": _decode(offload_stall_s=0.002), "books": books}
-    assert _decide(**room, decode_free_tokens=128) == (False, "not_hidden")  # kept local: it fits
-    # 127 free: that is pressure, and 3 / (10 + 3 + 8 + 2 ms) beats the local 2 / 20 ms
-    assert _decide(**room, decode_free_tokens=127) == (True, "memory_pressure")
+    assert _decide(**room, decode_free_tokens=80) == (False, "not_hidden")  # kept local: it fits
+    # one block less: that is pressure, and 3 / (10 + 3 + 8 + 2 ms) beats the local 2 / 20 ms
+    assert _decide(**room, decode_free_tokens=64) == (True, "memory_pressure")
+
+
+def test_the_peak_in_blocks_is_the_brute_force_one() -> None:
+    """`peak_blocks` against stepping every request a token at a time, on random spans."""
+    rng = random.Random(5)
+    for _ in range(200):
+        spans = [(n, n + rng.randrange(0, 60)) for n in (rng.randrange(1, 90) for _ in range(rng.randrange(0, 6)))]
+        size = rng.choice([1, 4, 16])
+        brute = max(
+            (sum(-(-(n + t) // size) for n, m in spans if n + t <= m) for t in range(61)),
+            default=0,
+        )
+        assert peak_blocks(spans, size) == brute, (spans, size)
 
 
 def test_with_room_locally_offloading_needs_a_hidden_round_trip() -> None:
