@@ -195,9 +195,12 @@ def decode_summary(m: dict[str, float], executors: dict[str, float], wall: float
         "step_ms": 1e3 * mean("adrenaline_step_seconds"),
         "executor_step_ms": 1e3 * executor_mean("adrenaline_executor_step_seconds"),
         # requests whose KV was dropped (decode preemptions, executor hand-backs) or that found no
-        # room on arrival: each recomputes its context on the decode instance
+        # room on arrival: each recomputes its context on the decode instance, but the hand-backs
+        # resumed elsewhere (recomputed on a prefill instance: `resumed`)
         "recomputed": m.get("adrenaline_preemptions_total", 0.0)
-        + m.get("adrenaline_decode_handoffs_recomputed_total", 0.0),
+        + m.get("adrenaline_decode_handoffs_recomputed_total", 0.0)
+        - m.get("adrenaline_decode_resumed_total", 0.0),
+        "resumed": m.get("adrenaline_decode_resumed_total", 0.0),
         "executor_gb_s": executors.get("adrenaline_executor_attention_bytes_total", 0.0) / wall / 1e9,
     }
 

@@ -98,6 +98,7 @@ DECODE_COLUMNS = (
     "executor_step_ms",
     "executor_gb_s",
     "recomputed",
+    "resumed",
 )
 
 
@@ -106,7 +107,7 @@ def render_modes(modes: dict[str, dict[str, Any]]) -> list[str]:
     cols = [*SUMMARY_COLUMNS, *DECODE_COLUMNS]
     lines = ["| mode | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for mode, res in modes.items():
-        vals = [res["summary"][c] for c in SUMMARY_COLUMNS] + [res["decode"][c] for c in DECODE_COLUMNS]
+        vals = [res["summary"][c] for c in SUMMARY_COLUMNS] + [res["decode"].get(c, math.nan) for c in DECODE_COLUMNS]
         lines.append(f"| {mode} | " + " | ".join(f"{v:.2f}" for v in vals) + " |")
     return lines
 

@@ -69,7 +69,7 @@ class Engine:
         self.generator = torch.Generator().manual_seed(0)
         self.num_preemptions = 0
         self.num_handed_back = 0  # offloaded requests an executor gave back (out of blocks), recomputed here
-        self.taken_back: list[str] = []  # those of the last step: local requests from now on
+        self.taken_back: list[str] = []  # those of the last step, queued here (a service may resume them elsewhere)
         self.executors: dict[str, ExecutorClient] = {}  # offloading targets, by name
         self.last_split: SplitAttention | None = None  # the last decode step's, if it offloaded rows
         self._generated = 0

@@ -11,13 +11,13 @@ records what it publishes and accepts every prefill task; decisions come from in
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import Any
 
 from common.messages import (
     AbortRequest,
     Ack,
-    Admitted,
     InstanceLoad,
     PrefillTask,
     Sampling,
@@ -128,21 +128,38 @@ def test_a_request_kept_local_under_pressure_waits_here_and_goes_where_room_appe
     asyncio.run(scenario())
 
 
-def test_a_request_its_executor_hands_back_is_booked_on_the_decode_instance() -> None:
-    """A full executor hands a request back to its decode instance, which says so (`Admitted` from
-    the decode instance, as for a hand-off it recomputes): the executor's share of the books shrinks
-    and its room goes to the oldest held request."""
+def test_a_request_resumed_after_its_executor_handed_it_back_is_placed_again_first() -> None:
+    """A full executor hands a request back; its decode instance sends it here with its output so
+    far (`Subjects.resume`). Its old placement is forgotten (the executor's share of the books
+    shrinks), it waits ahead of the requests held before it came, is kept alive at the index of
+    its next token, and goes to a prefill instance with its output, to recompute their KV too."""
 
     async def scenario() -> None:
         h = Harness()
         await h.heartbeats()
-        for i in range(6):
+        for i in range(7):
             await h.submit(f"r{i}")
-        assert list(h.scheduler.held) == ["r5"]  # C1: r1-r4 fill the executor
-        await h.scheduler.on_admitted(Admitted("r2", "decode-0"), None)
+        assert list(h.scheduler.held) == ["r5", "r6"]  # C1: r1-r4 fill the executor
+        sampling = Sampling(max_new_tokens=NEW, temperature=0.0)
+        resumed = SubmitRequest("r2", list(range(3, 3 + PROMPT)), sampling, GATEWAY, output_token_ids=[9] * 10)
+        await h.scheduler.on_resume(resumed, None)
         await h.settle()
-        assert h.routed()["r5"] == "executor-0" and not h.scheduler.held
-        assert not h.scheduler.inflight["r2"].executor_id
+        # r2 no longer counts on the executor: there is room for one (its prompt and output so far,
+        # 60 tokens, and a block), and r2 goes first
+        assert list(h.scheduler.held) == ["r5", "r6"] and h.routed()["r2"] == "executor-0"
+        task = h.bus.tasks[-1]
+        assert task.request.output_token_ids == [9] * 10 and h.scheduler.inflight["r2"].generated == 10
+        # a resume of a request that ended meanwhile (or another scheduler's) is dropped
+        await h.scheduler.on_resume(SubmitRequest("gone", [3], sampling, GATEWAY, output_token_ids=[4]), None)
+        assert "gone" not in h.scheduler.held and "gone" not in h.scheduler.inflight
+        # resumed while nothing has room: held at the head, kept alive at its next token's index
+        await h.heartbeats(free=False)
+        await h.scheduler.on_resume(dataclasses.replace(resumed, request_id="r3"), None)
+        assert list(h.scheduler.held) == ["r3", "r5", "r6"]
+        h.scheduler.keepalive.next_at = 0.0
+        await h.scheduler.keep_held_alive()
+        alive = {e.request_id: e.first_index for e in h.bus.events() if e.keeps_alive}
+        assert alive == {"r3": 10, "r5": 0, "r6": 0}
 
     asyncio.run(scenario())
 
