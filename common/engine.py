@@ -124,12 +124,7 @@ class Engine:
     ) -> Request:
         """Queue a request to prefill; `earlier`: the tokens it generated before its KV was lost
         elsewhere (a resumed request), whose KV is recomputed with the prompt's."""
-        if request_id in self.requests:
-            raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
-        self.validate(prompt_token_ids, params)
-        params = dataclasses.replace(params, eos_token_ids=self.spec.eos_token_ids)
-        request = Request(request_id, list(prompt_token_ids), params, output_token_ids=list(earlier))
-        self.requests[request_id] = request
+        request = self._register(request_id, prompt_token_ids, params, list(earlier))
         self.waiting.append(request)
         return request
 
@@ -149,7 +144,7 @@ class Engine:
         under `request_id` (the decode service allocates, receives the KV, then calls this), or,
         for an offloaded request, on `executor`, one of `self.executors`.
         """
-        if request_id in self.requests:
+        if request_id in self.requests:  # before the block check: an id in use holds blocks of its own
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
         cached = len(prompt_token_ids) + len(earlier)
         if executor is not None:
@@ -157,7 +152,7 @@ class Engine:
                 raise ValueError(f"{request_id}: unknown executor {executor!r}")
         elif self.blocks.num_tokens(request_id) != cached:
             raise ValueError(f"{request_id}: blocks hold {self.blocks.num_tokens(request_id)} tokens, not {cached}")
-        request = self._prefilled(request_id, prompt_token_ids, first_token_id, params, earlier)
+        request = self._register(request_id, prompt_token_ids, params, [*earlier, first_token_id])
         request.status = Status.RUNNING
         request.executor = executor
         self.running.append(request)
@@ -173,9 +168,7 @@ class Engine:
     ) -> Request:
         """Queue a request prefilled elsewhere whose KV is not here: its tokens are recomputed when
         blocks allow, exactly as a preempted request is (FIFO behind those)."""
-        if request_id in self.requests:
-            raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
-        request = self._prefilled(request_id, prompt_token_ids, first_token_id, params, earlier)
+        request = self._register(request_id, prompt_token_ids, params, [*earlier, first_token_id])
         self.waiting.append(request)
         return request
 
@@ -188,18 +181,15 @@ class Engine:
         del self.requests[request_id]
         return request
 
-    def _prefilled(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        first_token_id: int,
-        params: SamplingParams,
-        earlier: Sequence[int] = (),
+    def _register(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, output_token_ids: list[int]
     ) -> Request:
-        """A validated, registered request whose next token was sampled elsewhere."""
+        """A validated request under a new id, with what it has generated so far (sampled elsewhere)."""
+        if request_id in self.requests:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
         self.validate(prompt_token_ids, params)
         params = dataclasses.replace(params, eos_token_ids=self.spec.eos_token_ids)
-        request = Request(request_id, list(prompt_token_ids), params, output_token_ids=[*earlier, first_token_id])
+        request = Request(request_id, list(prompt_token_ids), params, output_token_ids=output_token_ids)
         self.requests[request_id] = request
         return request
 
