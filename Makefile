@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 # The C++ CPU kernels, compiled with this machine's compiler into torch's extension cache;
 # `kernels.cpu.load()` rebuilds by itself when the source changes, this only moves the wait here.
 KERNELS := $(VENV)/.kernels
-$(KERNELS): $(STAMP) kernels/cpu/paged_attention.cpp kernels/cpu/__init__.py
+$(KERNELS): $(STAMP) kernels/cpu/paged_attention.cpp kernels/cpu/linear.cpp kernels/cpu/__init__.py
 	$(PY) -m kernels.cpu
 	touch $(KERNELS)
 

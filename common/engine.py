@@ -63,6 +63,7 @@ class Engine:
         self.pool = KVPool(self.layout, num_blocks, self.device)
         backend = get_backend(config.attention_backend) if config.attention_backend else default_backend(self.device)
         self.attention = PagedAttention(backend, self.pool, model.scale)
+        model.use_linear_kernel(backend.linear)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}

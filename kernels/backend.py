@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -40,10 +41,16 @@ class DecodeMetadata:
     max_context_len: int  # max(context_lens), known on the host so no device sync is needed
 
 
+# (x [M, K], weight [N, K], bias [N] or None) -> x @ weight.T + bias, [M, N]
+LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
 class AttentionBackend(ABC):
     """Attention kernels for one device type; stateless, so one instance serves every layer."""
 
     name: str
+    # A faster linear layer than F.linear, where the device has one (`CausalLM.use_linear_kernel`).
+    linear: LinearFn | None = None
 
     @abstractmethod
     def store_kv(

@@ -2,7 +2,9 @@
 
 Prefill attention (compute-bound, one SDPA call per prompt) and the KV store (one index_copy_)
 are already near what the machine can do in torch; paged decode attention is memory-bound and
-the torch version reads the KV several times, so that one operation is replaced.
+the torch version reads the KV several times, so that one operation is replaced. The linear
+layers go to `kernels.cpu.linear` where the CPU has AVX-512: MKL runs them at ~90 GFLOP/s here,
+and at a third of that for a decode step's few rows.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ class CpuBackend(TorchBackend):
 
     def __init__(self) -> None:
         cpu.load()
+        if cpu.linear_native():
+            self.linear = cpu.linear
 
     def paged_decode_attention(
         self,

@@ -7,12 +7,26 @@ same residual order) is what keeps greedy output identical to `generate`.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from common.model.spec import ModelSpec
+from kernels.backend import LinearFn
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same checkpoint names) whose products may go to a backend's
+    faster kernel (`kernel`, set by `CausalLM.use_linear_kernel`); F.linear otherwise."""
+
+    kernel: LinearFn | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None and x.dim() == 2:
+            return self.kernel(x.contiguous(), self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -84,12 +98,12 @@ class DecoderLayer(nn.Module):
         self.head_dim = spec.head_dim
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dt)
         # q, k and v packed in one projection (rows in that order), as the loader fills it.
-        self.qkv_proj = nn.Linear(spec.hidden_size, spec.q_size + 2 * spec.kv_size, bias=spec.qkv_bias, dtype=dt)
-        self.o_proj = nn.Linear(spec.q_size, spec.hidden_size, bias=spec.o_bias, dtype=dt)
+        self.qkv_proj = Linear(spec.hidden_size, spec.q_size + 2 * spec.kv_size, bias=spec.qkv_bias, dtype=dt)
+        self.o_proj = Linear(spec.q_size, spec.hidden_size, bias=spec.o_bias, dtype=dt)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dt)
         # gate and up packed in one projection (gate rows first).
-        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=spec.mlp_bias, dtype=dt)
-        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias, dtype=dt)
+        self.gate_up_proj = Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=spec.mlp_bias, dtype=dt)
+        self.down_proj = Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias, dtype=dt)
         self.act = ACT2FN[spec.hidden_act]
         self.q_size, self.kv_size = spec.q_size, spec.kv_size
 

@@ -12,8 +12,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from common.model.layers import DecoderLayer, RMSNorm, RotaryEmbedding
+from common.model.layers import DecoderLayer, Linear, RMSNorm, RotaryEmbedding
 from common.model.spec import ModelSpec
+from kernels.backend import LinearFn
 
 # (layer index, q [T, H, D], k [T, Hkv, D], v [T, Hkv, D]) -> attention output [T, H, D]
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -26,7 +27,7 @@ class CausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size, dtype=spec.dtype)
         self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.dtype)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, dtype=spec.dtype)
+        self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False, dtype=spec.dtype)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(spec)
@@ -36,6 +37,13 @@ class CausalLM(nn.Module):
     def decoder_layers(self) -> list[DecoderLayer]:
         """The layers, typed (nn.ModuleList erases the element type)."""
         return list(self.layers)  # type: ignore[arg-type]
+
+    def use_linear_kernel(self, kernel: LinearFn | None) -> None:
+        """Route every linear layer to `kernel` (a backend's `linear`; None: F.linear). float32
+        only, the C++ kernel's one type; the embedding and attention are not linear layers."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.kernel = kernel if self.spec.dtype == torch.float32 else None
 
     @torch.inference_mode()
     def forward(

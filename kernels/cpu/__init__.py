@@ -1,4 +1,4 @@
-"""The C++ CPU kernels (`paged_attention.cpp`), compiled with the machine's compiler.
+"""The C++ CPU kernels (`paged_attention.cpp`, `linear.cpp`), compiled with the machine's compiler.
 
 `make` builds them once after installing (`python -m kernels.cpu`); at run time `load()` finds
 the build in torch's extension cache (`$TORCH_EXTENSIONS_DIR`, default
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).resolve().parent / "paged_attention.cpp"
+SOURCES = [Path(__file__).resolve().parent / name for name in ("paged_attention.cpp", "linear.cpp")]
 NAME = "adrenaline_cpu"
 # -ffast-math lets the compiler vectorise the float32 reductions and exp (libmvec); the kernel
 # never relies on infinities or NaNs (its running max starts at -FLT_MAX, not -inf).
@@ -36,7 +36,7 @@ def load(verbose: bool = False) -> None:
         os.environ.setdefault("MAX_JOBS", "2")
         cpp_extension.load(
             name=NAME,
-            sources=[str(SOURCE)],
+            sources=[str(source) for source in SOURCES],
             extra_cflags=CFLAGS,
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
@@ -56,4 +56,19 @@ def paged_decode_attention(
     out: torch.Tensor = torch.ops.adrenaline_cpu.paged_decode_attention(
         query, k_cache, v_cache, block_tables, context_lens, scale
     )
+    return out
+
+
+def linear_native() -> bool:
+    """Whether `linear` has its own kernel here (AVX-512); elsewhere it is F.linear's."""
+    native: bool = torch.ops.adrenaline_cpu.linear_native()
+    return native
+
+
+def linear(
+    x: torch.Tensor,  # [M, K] float32, contiguous
+    weight: torch.Tensor,  # [N, K] float32, contiguous: nn.Linear's layout
+    bias: torch.Tensor | None,  # [N]
+) -> torch.Tensor:  # [M, N]
+    out: torch.Tensor = torch.ops.adrenaline_cpu.linear(x, weight, bias)
     return out
