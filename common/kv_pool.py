@@ -11,6 +11,8 @@ from functools import cached_property
 
 import torch
 
+from common import hugepages
+
 
 @dataclass(frozen=True)
 class KVLayout:
@@ -48,8 +50,9 @@ class KVPool:
         self.layout = layout
         self.num_blocks = num_blocks
         shape = (num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
-        self.k = [torch.zeros(shape, dtype=layout.dtype, device=device) for _ in range(layout.num_layers)]
-        self.v = [torch.zeros(shape, dtype=layout.dtype, device=device) for _ in range(layout.num_layers)]
+        # on huge pages on a CPU: blocks are read in scattered pieces (common/hugepages.py)
+        self.k = [hugepages.zeros(shape, layout.dtype, device) for _ in range(layout.num_layers)]
+        self.v = [hugepages.zeros(shape, layout.dtype, device) for _ in range(layout.num_layers)]
 
     @property
     def nbytes(self) -> int:
