@@ -1,61 +1,66 @@
-"""CPU tensors backed by transparent huge pages, for memory read in scattered pieces.
+"""CPU tensors backed by transparent huge pages: KV pools and model weights.
 
-A decode step reads each sequence's KV blocks wherever they sit in a pool of hundreds of MiB.
-With 4 KiB pages nearly every block costs TLB misses, and in a virtual machine each miss walks
-two page tables: measured here, the paged attention kernel over blocks in random order ran at
-11-12 GB/s on 4 KiB pages and at 14.6-14.8 GB/s (the copy bandwidth) on 2 MiB pages
-(docs/engine.md). Linux gives an anonymous mapping huge pages when THP is `always`, or when it
-is `madvise` (Debian's default) and the mapping asks with madvise(MADV_HUGEPAGE), which is what
-this does before the memory is first touched. Anywhere else (another OS, THP `never`, a refused
-madvise) the tensor is an ordinary one: slower, never wrong.
+A decode step reads each sequence's KV blocks wherever they sit in a pool of hundreds of MiB, and
+streams every weight of the model. With 4 KiB pages that is a TLB miss every few cache lines,
+and in a virtual machine each miss walks two page tables. Measured here (docs/engine.md): the
+paged attention kernel over blocks in random order ran at 11-12 GB/s on 4 KiB pages and at 14.6-
+14.8 GB/s on 2 MiB pages; a decode step's linear layers over 370 MB of weights at 20-21 against
+28-29 GB/s. Linux backs an anonymous mapping with huge pages when THP is `always`, or when it is
+`madvise` (Debian's default) and the mapping asks with madvise(MADV_HUGEPAGE) before it is first
+touched. So the memory is a fresh anonymous mapping of our own (never a reused, already touched
+piece of the malloc heap), advised, then touched. Anywhere else (another OS, THP `never`, a
+refused advice, no huge page free) the tensor is on ordinary pages: slower, never wrong.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import sys
-from collections.abc import Callable
-from functools import cache
+import contextlib
+import mmap
 
 import torch
+from torch import nn
 
 HUGE_PAGE = 2 << 20
-MADV_HUGEPAGE = 14  # <sys/mman.h>, Linux
 MIN_BYTES = 4 * HUGE_PAGE  # below this the rounding costs more than the pages save
-
-
-@cache
-def _madvise() -> Callable[[int, int, int], int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
-        return None
-    madvise = libc.madvise
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    madvise.restype = ctypes.c_int
-    advise: Callable[[int, int, int], int] = madvise
-    return advise
+_ALIGN = 64  # each parameter in `rehome` starts on a cache line
 
 
 def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """torch.zeros(shape), on huge pages where the device is the CPU and the OS grants them.
 
-    The storage is over-allocated by one huge page so the tensor can start on a huge-page
-    boundary; the returned view keeps that storage alive."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    The mapping is one huge page longer than the tensor, so the tensor can start on a huge-page
+    boundary; the tensor keeps the mapping alive (torch.frombuffer holds it)."""
     numel = 1
     for size in shape:
         numel *= size
-    madvise = _madvise()
-    if device.type != "cpu" or madvise is None or numel * itemsize < MIN_BYTES:
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)  # Linux only
+    if device.type != "cpu" or advice is None or nbytes < MIN_BYTES:
         return torch.zeros(shape, dtype=dtype, device=device)
-    raw = torch.empty(numel * itemsize + HUGE_PAGE, dtype=torch.uint8)
+    # private and anonymous (a shared one would be shmem, which THP leaves alone): zero, untouched
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    raw = torch.frombuffer(region, dtype=torch.uint8)
     offset = -raw.data_ptr() % HUGE_PAGE
-    body = raw[offset : offset + numel * itemsize]
-    madvise(body.data_ptr(), numel * itemsize // HUGE_PAGE * HUGE_PAGE, MADV_HUGEPAGE)  # refused: small pages
-    tensor = body.view(dtype).view(shape)
-    tensor.zero_()  # the first touch, after the advice, is what faults the huge pages in
+    with contextlib.suppress(OSError):  # refused (THP compiled out, a sandbox): ordinary pages
+        region.madvise(advice, offset, nbytes // HUGE_PAGE * HUGE_PAGE)
+    tensor = raw[offset : offset + nbytes].view(dtype).view(shape)
+    tensor.zero_()  # fault every page in now, not during the first steps that use them
     return tensor
+
+
+def rehome(module: nn.Module) -> None:
+    """Move a CPU module's parameters, values kept, into one region on huge pages (tied
+    parameters stay tied: `parameters()` yields each once). Nothing moves when they are too few
+    bytes to fill a huge page or two, or not on the CPU."""
+    params = [p for p in module.parameters() if p.device.type == "cpu"]
+    sizes = [-(-p.numel() * p.element_size() // _ALIGN) * _ALIGN for p in params]
+    if sum(sizes) < MIN_BYTES:
+        return
+    arena = zeros((sum(sizes),), torch.uint8, torch.device("cpu"))
+    offset = 0
+    for param, size in zip(params, sizes, strict=True):
+        nbytes = param.numel() * param.element_size()
+        home = arena[offset : offset + nbytes].view(param.dtype).view(param.shape)
+        home.copy_(param.data)
+        param.data = home
+        offset += size

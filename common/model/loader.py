@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from common import hugepages
 from common.errors import ModelLoadError
 from common.model.layers import RotaryEmbedding
 from common.model.model import CausalLM
@@ -74,6 +75,7 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> CausalLM:
     model.to_empty(device=device)
     if spec.tie_word_embeddings:  # to_empty materialises each module's tensor on its own
         model.lm_head.weight = model.embed_tokens.weight
+    hugepages.rehome(model)  # every step streams all weights: huge pages on a CPU (common/hugepages.py)
     model.rotary = RotaryEmbedding(spec).to(device)  # computed, not stored in checkpoints
     params = dict(model.named_parameters())
     filled: dict[str, int] = {}

@@ -41,3 +41,27 @@ def test_a_kv_pool_keeps_its_shape_and_budget_on_huge_pages() -> None:
         assert cache.shape == (blocks, 16, 4, 64) and not cache.any()
     pool.k[0][5] = 1.0
     assert not pool.k[1].any() and not pool.v[0].any()  # every layer its own memory
+
+
+def test_rehome_moves_parameters_with_their_values_and_keeps_tied_ones_tied() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(4096, 512), torch.nn.Linear(512, 4096, bias=True))
+    model[1].weight = model[0].weight  # tied, as an LM head to its embedding
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    pointers = {p.data_ptr() for p in model.parameters()}
+    hugepages.rehome(model)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]) and p.is_contiguous()
+    assert model[1].weight is model[0].weight
+    assert {p.data_ptr() for p in model.parameters()}.isdisjoint(pointers)  # moved
+    starts = sorted(p.data_ptr() for p in model.parameters())
+    assert starts[-1] - starts[0] < 8 * 2**20 + 64  # one region, parameters side by side
+    x = torch.tensor([1, 2, 3])
+    assert model(x).shape == (3, 4096)
+
+
+def test_rehome_leaves_a_small_module_where_it_is() -> None:
+    layer = torch.nn.Linear(16, 8)
+    pointer = layer.weight.data_ptr()
+    hugepages.rehome(layer)
+    assert layer.weight.data_ptr() == pointer
