@@ -73,9 +73,11 @@ BACKENDS = [pytest.param("cpu"), pytest.param("torch"), pytest.param("triton", m
 @pytest.mark.parametrize("backend_name", BACKENDS)
 @pytest.mark.parametrize("block_size", [1, 16, 7])
 @pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 4), (8, 2)])
-def test_paged_decode_matches_dense(backend_name: str, block_size: int, num_heads: int, num_kv_heads: int) -> None:
+@pytest.mark.parametrize("head_dim", [32, 24])  # the C++ kernel: its AVX-512 key pass (D % 16 == 0), the generic one
+def test_paged_decode_matches_dense(
+    backend_name: str, block_size: int, num_heads: int, num_kv_heads: int, head_dim: int
+) -> None:
     backend = get_backend(backend_name)
-    head_dim = 32
     context_lens = [1, 5, 16, 17, 40, 63]  # partial blocks, exact multiples, a single token
     k_cache, v_cache, meta, dense_k, dense_v = make_paged(
         context_lens, block_size, num_kv_heads, head_dim, seed=block_size
