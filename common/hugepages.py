@@ -3,10 +3,11 @@
 A decode step reads each sequence's KV blocks wherever they sit in a pool of hundreds of MiB, and
 streams every weight of the model. With 4 KiB pages that is a TLB miss every few cache lines,
 and in a virtual machine each miss walks two page tables. Measured here (docs/engine.md): the
-paged attention kernel over blocks in random order ran at 11-12 GB/s on 4 KiB pages and at 14.6-
-14.8 GB/s on 2 MiB pages; the linear kernel over 370 MB of weights at 20-21 against 25-29 GB/s.
-Linux backs an anonymous mapping with huge pages when THP is `always`, or when it is `madvise`
-(Debian's default) and the mapping asks with madvise(MADV_HUGEPAGE) before it is first touched. So the memory is a fresh anonymous mapping of our own (never a reused, already touched
+paged attention kernel over blocks in random order ran at 11-12 GB/s on 4 KiB pages and at
+14.6-14.8 GB/s on 2 MiB pages; the linear kernel over 370 MB of weights at 20-21 against 25-29
+GB/s. Linux backs an anonymous mapping with huge pages when THP is `always`, or when it is
+`madvise` (Debian's default) and the mapping asks with madvise(MADV_HUGEPAGE) before it is first
+touched. So the memory is a fresh anonymous mapping of our own (never a reused, already touched
 piece of the malloc heap), advised, then touched. Anywhere else (another OS, THP `never`, a
 refused advice, no huge page free) the tensor is on ordinary pages: slower, never wrong.
 """
