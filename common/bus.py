@@ -27,12 +27,15 @@ from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
+from common import nats_transport
 from common.errors import AdrenalineError
 from common.messages import MessageError, decode, encode
 from common.nats_auth import inbox_prefix
 
 log = structlog.get_logger(__name__)
 M = TypeVar("M")
+PING_INTERVAL_S = 5  # with MAX_OUTSTANDING_PINGS: a silent connection is replaced within 15-20 s
+MAX_OUTSTANDING_PINGS = 3
 Reply = Callable[[Any], Awaitable[None]]
 
 
@@ -96,12 +99,16 @@ class Bus:
             last_error = ""
             log.info("nats reconnected", connection=name)
 
+        nats_transport.install()
         client = await nats.connect(
             [u.strip() for u in url.split(",") if u.strip()],
             name=name,
             connect_timeout=5,
             max_reconnect_attempts=-1,
             drain_timeout=2,
+            # A connection whose pings go unanswered this long is stale: reconnect (default: minutes).
+            ping_interval=PING_INTERVAL_S,
+            max_outstanding_pings=MAX_OUTSTANDING_PINGS,
             error_cb=on_error,
             reconnected_cb=on_reconnected,
             **(auth or NatsAuth()).options(),

@@ -163,6 +163,7 @@ class InstanceLoad:
     max_num_seqs: int = 0  # a decode instance's batch limit
     offload_stall_s: float | None = None  # decode: mean wait on executors per step after local attention
     waiting_tokens: int = 0  # KV tokens its queued (preempted, or to recompute) requests will need
+    sent_at: float = 0.0  # the sender's wall clock (s): how late a heartbeat arrives, for the logs
 
     def __post_init__(self) -> None:
         _check_id("instance_id", self.instance_id)

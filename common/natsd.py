@@ -69,26 +69,32 @@ class NatsServer:
     the process (the thread) that started it, so a killed parent leaves no server behind.
     """
 
-    def __init__(self, port: int | None = None, host: str = "127.0.0.1", config: str = "") -> None:
+    def __init__(
+        self, port: int | None = None, host: str = "127.0.0.1", config: str = "", log: Path | None = None
+    ) -> None:
         """`config`: nats-server configuration text (e.g. `nats_auth.server_config`'s users), kept in
-        a file only this user can read, beside the server, for its lifetime."""
+        a file only this user can read, beside the server, for its lifetime. `log`: where the server's
+        own log goes (appended); by default a file beside the configuration. Never a pipe nobody
+        reads: once its 64 KiB filled, the server would block in the middle of serving a client."""
         self.host = host
         self.port = port or free_port(host)
         self.config = config
         self._store = tempfile.TemporaryDirectory(prefix="adrenaline-nats-")
+        self.log = log or Path(self._store.name) / "nats-server.log"
         cmd = [nats_server_binary(), "-a", host, "-p", str(self.port)]
         if config:
             path = Path(self._store.name) / "nats.conf"
             path.touch(mode=0o600)
             path.write_text(config)
             cmd += ["-c", str(path)]
-        self.process = subprocess.Popen(
-            cmd,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-            preexec_fn=die_with_parent(),
-        )
+        with self.log.open("ab") as log_file:
+            self.process = subprocess.Popen(
+                cmd,
+                stdout=subprocess.DEVNULL,
+                stderr=log_file,
+                start_new_session=True,
+                preexec_fn=die_with_parent(),
+            )
         self._wait_ready()
 
     @property
@@ -99,8 +105,8 @@ class NatsServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                err = self.process.stderr.read().decode() if self.process.stderr else ""
-                raise RuntimeError(f"nats-server exited with {self.process.returncode}: {err.strip()}")
+                err = self.log.read_text(errors="replace").strip().splitlines()[-5:]
+                raise RuntimeError(f"nats-server exited with {self.process.returncode}: {' / '.join(err)}")
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.2):
                     return
@@ -119,8 +125,6 @@ class NatsServer:
                 self.process.kill()
                 with contextlib.suppress(subprocess.TimeoutExpired):  # gone when the kernel lets it: never hang
                     self.process.wait(timeout=2.0)
-        if self.process.stderr:
-            self.process.stderr.close()
         self._store.cleanup()
 
     def __enter__(self) -> NatsServer:

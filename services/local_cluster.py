@@ -211,7 +211,7 @@ class LocalCluster:
     def start(self) -> None:
         if not self.nats_url:
             config = nats_auth.server_config(self.passwords, Subjects(self.prefix)) if self.passwords else ""
-            self.nats = NatsServer(config=config)
+            self.nats = NatsServer(config=config, log=self._nats_log())
         threads = self.engine_threads()
         for role, entry in read_compose().items():
             for i in range(self.replicas(role)):
@@ -302,7 +302,11 @@ class LocalCluster:
         assert self.nats is not None, "start() first"
         old = self.nats
         old.stop(grace_s=0.5)
-        self.nats = NatsServer(port=old.port, host=old.host, config=old.config)
+        self.nats = NatsServer(port=old.port, host=old.host, config=old.config, log=self._nats_log())
+
+    def _nats_log(self) -> Path | None:
+        """nats-server's log beside the services' (None: the server keeps its own, with its config)."""
+        return self.log_dir / "nats-server.log" if self.log_dir is not None else None
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Services first, while NATS is still there for their drains, then nats-server.

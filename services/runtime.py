@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import faulthandler
 import os
 import signal
 import socket
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Iterator
@@ -178,11 +180,14 @@ async def heartbeat(bus: Bus, subjects: Subjects, load: Callable[[], InstanceLoa
     """Publish this instance's load every `interval` seconds until cancelled; mirror it in the gauges."""
     while True:
         try:
-            current = load()
+            current = dataclasses.replace(load(), sent_at=time.time())
             metrics.observe_pool(
                 current.role, current.total_blocks, current.free_blocks, current.running, current.waiting
             )
+            start = time.monotonic()
             await bus.publish(subjects.load_of(current.role), current)
+            if (took := time.monotonic() - start) > interval:  # NATS pushing back: peers may judge us gone
+                log.warning("heartbeat publish slow", seconds=round(took, 2))
             if bus.client.is_connected:
                 HEALTH.ok()
             else:
@@ -248,6 +253,31 @@ def run_engine_instance(
     run_until_signalled(serve)
 
 
+LOOP_STALL_S = 10.0  # an event loop that runs nothing for this long has every thread's stack dumped
+
+
+async def watch_loop(stall_s: float = LOOP_STALL_S, tick_s: float = 1.0) -> None:
+    """Dump every thread's Python stack to stderr (the service's log) when the event loop stalls.
+
+    A service whose loop is blocked (a native call that never returns, a lock never released)
+    stops heartbeating and is judged dead with no word of why. faulthandler's own thread, which
+    needs neither the loop nor the GIL, dumps the stacks once `stall_s` pass without this task
+    re-arming it; when the loop comes back, the stall's length is logged. A process paused with
+    SIGSTOP and continued reports a stall too, which is what it was.
+    """
+    faulthandler.enable(sys.stderr)  # a crash in native code shows its Python stack as well
+    try:
+        while True:
+            faulthandler.dump_traceback_later(stall_s, exit=False, file=sys.stderr)
+            start = time.monotonic()
+            await asyncio.sleep(tick_s)
+            late = time.monotonic() - start - tick_s
+            if late > tick_s:
+                log.warning("event loop stalled", seconds=round(late, 2))
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
 def run_until_signalled(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]], grace_s: float = 4.0) -> None:
     """Run `main(stop)` where `stop` is set on SIGINT or SIGTERM, so the service can shut down cleanly.
 
@@ -273,6 +303,10 @@ def run_until_signalled(main: Callable[[asyncio.Event], Coroutine[Any, Any, None
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal, sig)
-        await main(stop)
+        watchdog = asyncio.create_task(watch_loop())
+        try:
+            await main(stop)
+        finally:
+            watchdog.cancel()
 
     asyncio.run(runner())

@@ -13,6 +13,15 @@ Progress follows the rule UCX documents for `ucp_worker_arm`, as the loop's chan
 progress until `arm()` succeeds, then sleep on the descriptor; here the sleep is a `select`
 bounded by the transfer's deadline and by a short slice, so that an executor declared dead by
 the event loop (`cancelled`) ends the wait within that slice.
+
+The channel keeps every transfer it posted until it sees it done, whoever else still refers to
+it. Two reasons. UCX may still write into a receive's buffer after its waiter gave up (a
+rendezvous under way cannot be cancelled), so that buffer must live. And freeing a ucxx request
+that is not done cancels it on its worker, which must then happen on this thread: a step that
+fails drops its layers' transfers, and the objects holding them (a `RemoteExecutor`, an
+exception's traceback) may be freed by the event loop. Were the last reference there, the loop
+would cancel requests on a worker that this thread is progressing, without UCX's multi-thread
+mode: undefined, and once seen as a decode instance whose process froze.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ from common.tensor_channel import (
 log = structlog.get_logger("decode")
 
 _SLICE_S = 0.05  # the longest sleep between looks at `cancelled`
+_SWEEP_AT = 64  # transfers kept before the finished ones are forgotten (amortized: see `_keep`)
 _CLOSE_PERIOD_NS = 100_000_000
 
 
@@ -59,7 +69,7 @@ class Transfer:
     what: str
     requests: list[Any]
     memory: list[Any] = field(default_factory=list)
-    orphaned_at: float = 0.0  # when its waiter gave up on it (monotonic)
+    posted_at: float = field(default_factory=time.monotonic)
 
     @property
     def done(self) -> bool:
@@ -76,9 +86,11 @@ class StepChannel:
         self._fd = -1
         self._owner = 0
         self._peers: dict[bytes, Any] = {}
-        # Timed out or abandoned: kept with their memory until done, as common.tensor_channel keeps
-        # its own, and given up on (ucxx cancels them) after ORPHAN_TTL_S or past MAX_ORPHANS.
-        self._orphans: list[Transfer] = []
+        # Every transfer posted and not yet seen done, oldest first, with its memory (see the module's
+        # doc); one unfinished ORPHAN_TTL_S after it was posted, or the oldest past MAX_ORPHANS, is
+        # given up on (ucxx cancels it): its peer is taken for dead.
+        self._posted: dict[int, Transfer] = {}
+        self._sweep_at = _SWEEP_AT
 
     def _ready(self) -> Any:
         if self._worker is None:
@@ -122,14 +134,24 @@ class StepChannel:
         sync_cuda(buffers)
         arrays = [Array(as_buffer(b)) for b in buffers]
         requests = [worker.tag_recv(a, Tag(tag)) for a in arrays]
-        return Transfer(tag, "receive", requests, [*buffers, *arrays])
+        return self._keep(Transfer(tag, "receive", requests, [*buffers, *arrays]))
 
     def post_send(self, endpoint: Any, tag: int, tensors: Sequence[torch.Tensor]) -> Transfer:
         self._ready()
         sync_cuda(tensors)
         arrays = [Array(as_buffer(t)) for t in tensors]
         requests = [endpoint.tag_send(a, Tag(tag)) for a in arrays]
-        return Transfer(tag, "send", requests, [*tensors, *arrays])
+        return self._keep(Transfer(tag, "send", requests, [*tensors, *arrays]))
+
+    def _keep(self, transfer: Transfer) -> Transfer:
+        """Hold `transfer` until seen done. A successful `wait` lets go of its own at once; those
+        nobody waited for (a failed step's later layers) go at a sweep, run whenever the kept
+        ones have doubled since the last, so that keeping costs O(1) a transfer."""
+        self._posted[id(transfer)] = transfer
+        if len(self._posted) >= self._sweep_at:
+            self._sweep(time.monotonic())
+            self._sweep_at = max(_SWEEP_AT, 2 * len(self._posted))
+        return transfer
 
     def wait(self, transfers: Sequence[Transfer], timeout: float, cancelled: Callable[[], str]) -> None:
         """Progress until every transfer is done; sleep on the worker's descriptor meanwhile.
@@ -150,12 +172,13 @@ class StepChannel:
             left = deadline - time.monotonic()
             if reason or left <= 0:
                 late = next(t for t in transfers if not t.done)
-                self._abandon(transfers)
+                self._sweep(time.monotonic())  # the unfinished stay kept: UCX may still use their memory
                 if reason:
                     raise TransferError(reason)
                 raise TransferTimeout(late.tag, timeout, f"{late.what} not done")
             select.select([self._fd], [], [], min(left, _SLICE_S))
-        self._expire(time.monotonic())
+        for t in transfers:
+            self._posted.pop(id(t), None)
         for t in transfers:
             try:
                 for r in t.requests:
@@ -163,31 +186,25 @@ class StepChannel:
             except Exception as e:
                 raise TransferError(f"tag {t.tag:#x}: {t.what} failed: {e}") from e
 
-    def _abandon(self, transfers: Sequence[Transfer]) -> None:
-        now = time.monotonic()
-        for t in transfers:
-            if not t.done:
-                t.orphaned_at = now
-                self._orphans.append(t)
-        self._expire(now)
-
-    def _expire(self, now: float) -> None:
-        """Forget finished orphans; give up on those unfinished ORPHAN_TTL_S after their wait ended
-        (their peer is taken for dead) and on the oldest past MAX_ORPHANS."""
-        if not self._orphans:
-            return
-        pending = [o for o in self._orphans if not o.done]
-        expired = [o for o in pending if now - o.orphaned_at >= ORPHAN_TTL_S]
-        kept = [o for o in pending if now - o.orphaned_at < ORPHAN_TTL_S]
-        crowded, self._orphans = kept[: max(0, len(kept) - MAX_ORPHANS)], kept[max(0, len(kept) - MAX_ORPHANS) :]
+    def _sweep(self, now: float) -> None:
+        """Forget the transfers seen done; give up on those unfinished ORPHAN_TTL_S after they were
+        posted (their peer is taken for dead) and on the oldest past MAX_ORPHANS."""
+        pending = [t for t in self._posted.values() if not t.done]
+        expired = [t for t in pending if now - t.posted_at >= ORPHAN_TTL_S]
+        kept = [t for t in pending if now - t.posted_at < ORPHAN_TTL_S]
+        over = max(0, len(kept) - MAX_ORPHANS)
+        crowded, kept = kept[:over], kept[over:]
+        self._posted = {id(t): t for t in kept}
         for reason, given_up in (("ttl", expired), ("cap", crowded)):
             if given_up:
                 metrics.UCX_ORPHANS_EXPIRED.labels(reason).inc(len(given_up))
                 log.warning("gave up on unfinished step transfers", reason=reason, count=len(given_up))
-            for orphan in given_up:  # ucxx cancels each request as its last reference goes
+            for orphan in given_up:  # ucxx cancels each request as its last reference goes (here: this thread)
                 orphan.requests.clear()
                 orphan.memory.clear()
 
     @property
     def orphans(self) -> int:
-        return len(self._orphans)
+        """Transfers posted and unfinished that no successful wait took back: a failed step's."""
+        self._sweep(time.monotonic())
+        return len(self._posted)

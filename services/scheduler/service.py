@@ -176,8 +176,9 @@ class Scheduler:
             LOST.inc()
             await self._fail_requests_on({load.instance_id})
             known = None
-        if known is None:
-            log.info("instance joined", instance_id=load.instance_id, role=load.role)
+        if known is None:  # how old its heartbeat was on arrival tells a backlog from a silence
+            late = round(time.time() - load.sent_at, 3) if load.sent_at else None
+            log.info("instance joined", instance_id=load.instance_id, role=load.role, heartbeat_age_s=late)
         self.instances[load.instance_id] = _Instance(load, time.monotonic())
         if load.role in ("decode", "executor"):  # its room now shows
             await self.drain()
@@ -232,7 +233,13 @@ class Scheduler:
         now = time.monotonic()
         dead = {iid for iid, inst in self.instances.items() if self.hearing.silent(inst.seen, now)}
         for iid in dead:
-            log.warning("instance lost", instance_id=iid, role=self.instances[iid].load.role)
+            log.warning(
+                "instance lost",
+                instance_id=iid,
+                role=self.instances[iid].load.role,
+                silent_s=round(now - self.instances[iid].seen, 2),
+                hearing_for_s=round(now - self.hearing.since, 2),
+            )
             del self.instances[iid]
             LOST.inc()
         for role in ("prefill", "decode", "executor"):

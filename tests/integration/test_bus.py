@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Iterator
 
 import pytest
+from nats.aio.msg import Msg
 
+from common import nats_transport
 from common.bus import Bus, Reply, ServiceUnavailable
 from common.messages import AbortRequest, Sampling, SubmitReply, SubmitRequest
 from common.natsd import NatsServer
@@ -103,3 +106,28 @@ async def test_malformed_messages_are_dropped_and_the_subscriber_keeps_serving(n
     assert listener.malformed == 2
     await sender.close()
     await listener.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(30)
+async def test_connections_use_small_segments_both_ways(nats_url: str) -> None:
+    """common.nats_transport: the MSS is announced before connecting, so it bounds what the server
+    sends us too; a message many segments long still arrives whole."""
+    bus = await Bus.connect(nats_url, "decode")
+    sock = bus.client._transport._io_writer.get_extra_info("socket")  # type: ignore[union-attr]
+    assert 0 < sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG) <= nats_transport.MSS_BYTES
+    got: list[bytes] = []
+
+    async def receive(msg: Msg) -> None:
+        got.append(msg.data)
+
+    sub = await bus.client.subscribe("big", cb=receive)
+    payload = bytes(range(256)) * 1024  # 256 KiB: 32 segments or more each way
+    await bus.client.publish("big", payload)
+    await bus.flush()
+    deadline = time.monotonic() + 5
+    while not got and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert got == [payload]
+    await sub.unsubscribe()
+    await bus.close()

@@ -129,5 +129,18 @@ def test_abandoned_receives_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None
     assert step.orphans == 0
 
 
+def test_transfers_nobody_waits_for_stay_with_the_channel() -> None:
+    """A failed step drops its later layers' transfers unwaited, and whatever held them may be
+    freed on the event loop's thread: the channel keeps them (and the buffers UCX may fill) so
+    that only its own thread ever lets an unfinished one go."""
+    step = StepChannel()
+    buffer = torch.empty(4)
+    posted = step.post_recv(5, [buffer])
+    request = posted.requests[0]
+    del posted
+    assert step.orphans == 1 and not request.completed
+    assert sys.getrefcount(buffer) > 2  # still referenced by the kept transfer, beyond our name and the call
+
+
 if __name__ == "__main__":
     asyncio.run(_executor_main())
