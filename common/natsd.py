@@ -87,6 +87,7 @@ class NatsServer:
             path.touch(mode=0o600)
             path.write_text(config)
             cmd += ["-c", str(path)]
+        self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as log_file:
             self.process = subprocess.Popen(
                 cmd,
