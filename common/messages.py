@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import math
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -485,52 +486,106 @@ def _schema(cls: type) -> tuple[dict[str, Any], frozenset[str], frozenset[str]]:
 
 def _from_wire(value: Any, hint: Any, where: str) -> Any:
     """Check `value` against the type `hint` and build it; `where` names the field for errors."""
+    return _converter(hint)(value, where)
+
+
+Converter = Callable[[Any, str], Any]
+
+
+@functools.cache
+def _converter(hint: Any) -> Converter:
+    """The checker-builder for one type, worked out once per type: interpreting the annotations
+    for every value (`get_origin`, `is_dataclass` per field) was most of a decode's time, and
+    every token batch is decoded by its gateway and the scheduler."""
     origin = get_origin(hint)
     if origin in (Union, types.UnionType):
-        for option in get_args(hint):
-            try:
-                return _from_wire(value, option, where)
-            except MessageError:
-                continue
-        raise MessageError(f"{where}: {value!r} is not a {hint}")
+        options = tuple(_converter(option) for option in get_args(hint))
+
+        def union(value: Any, where: str) -> Any:
+            for option in options:
+                try:
+                    return option(value, where)
+                except MessageError:
+                    continue
+            raise MessageError(f"{where}: {value!r} is not a {hint}")
+
+        return union
     if hint is type(None):
-        if value is not None:
-            raise MessageError(f"{where}: expected null, got {value!r}")
-        return None
+
+        def null(value: Any, where: str) -> None:
+            if value is not None:
+                raise MessageError(f"{where}: expected null, got {value!r}")
+
+        return null
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return _message_converter(hint)
+    if origin is list:
+        (item_hint,) = get_args(hint)
+        item = _converter(item_hint)
+        plain = item_hint if item_hint in (int, str, bytes, bool) else None  # checked in one pass
+
+        def listing(value: Any, where: str) -> list[Any]:
+            if not isinstance(value, list):
+                raise MessageError(f"{where}: expected a list, got {type(value).__name__}")
+            if plain is not None and all(type(v) is plain for v in value):
+                return value
+            return [item(v, f"{where}[{i}]") for i, v in enumerate(value)]
+
+        return listing
+    if origin is tuple:
+        items = tuple(_converter(arg) for arg in get_args(hint))
+
+        def pair(value: Any, where: str) -> tuple[Any, ...]:
+            if not isinstance(value, list) or len(value) != len(items):
+                raise MessageError(f"{where}: expected a list of {len(items)}")
+            return tuple(c(v, f"{where}[{i}]") for i, (v, c) in enumerate(zip(value, items, strict=True)))
+
+        return pair
+    if hint is float:
+
+        def number(value: Any, where: str) -> float:
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return float(value)
+            raise MessageError(f"{where}: expected a number, got {value!r}")
+
+        return number
+    if hint in (int, str, bytes, bool):
+
+        def exact(value: Any, where: str) -> Any:
+            if type(value) is not hint:
+                raise MessageError(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
+            return value
+
+        return exact
+
+    def unsupported(value: Any, where: str) -> Any:
+        raise MessageError(f"{where}: unsupported field type {hint}")  # a bug in this module, not the peer's
+
+    return unsupported
+
+
+def _message_converter(cls: type) -> Converter:
+    hints, names, required = _schema(cls)
+    fields: dict[str, Converter] = {}
+
+    def message(value: Any, where: str) -> Any:
         if not isinstance(value, dict):
-            raise MessageError(f"{where}: expected a map for {hint.__name__}")
-        hints, names, required = _schema(hint)
-        unknown = set(value) - names
+            raise MessageError(f"{where}: expected a map for {cls.__name__}")
+        unknown = value.keys() - names
         if unknown:
             raise MessageError(f"{where}: unknown field(s) {sorted(unknown)}")
-        missing = required - set(value)
+        missing = required - value.keys()
         if missing:
             raise MessageError(f"{where}: missing field(s) {sorted(missing)}")
-        built = {k: _from_wire(v, hints[k], f"{where}.{k}") for k, v in value.items()}
+        if not fields:  # filled on first use: a message type may name itself (through a list)
+            fields.update({k: _converter(h) for k, h in hints.items()})
+        built = {k: fields[k](v, f"{where}.{k}") for k, v in value.items()}
         try:
-            return hint(**built)
+            return cls(**built)
         except MessageError as exc:  # a value check (`__post_init__`)
             raise MessageError(f"{where}.{exc}") from None
-    if origin is list:
-        if not isinstance(value, list):
-            raise MessageError(f"{where}: expected a list, got {type(value).__name__}")
-        (item,) = get_args(hint)
-        return [_from_wire(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is tuple:
-        args = get_args(hint)
-        if not isinstance(value, list) or len(value) != len(args):
-            raise MessageError(f"{where}: expected a list of {len(args)}")
-        return tuple(_from_wire(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
-    if hint is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        raise MessageError(f"{where}: expected a number, got {value!r}")
-    if hint in (int, str, bytes, bool):
-        if type(value) is not hint:
-            raise MessageError(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
-        return value
-    raise MessageError(f"{where}: unsupported field type {hint}")  # a bug in this module, not the peer's
+
+    return message
 
 
 def _required(f: dataclasses.Field[Any]) -> bool:
