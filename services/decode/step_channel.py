@@ -21,7 +21,7 @@ that is not done cancels it on its worker, which must then happen on this thread
 fails drops its layers' transfers, and the objects holding them (a `RemoteExecutor`, an
 exception's traceback) may be freed by the event loop. Were the last reference there, the loop
 would cancel requests on a worker that this thread is progressing, without UCX's multi-thread
-mode: undefined, and once seen as a decode instance whose process froze.
+mode: undefined behaviour.
 """
 
 from __future__ import annotations
