@@ -441,8 +441,7 @@ def decode(data: bytes, expected: type[M]) -> M:
         raise MessageError(f"unknown message type {name!r}")
     if _REGISTRY[name] is not expected:
         raise MessageError(f"expected {expected.__name__}, got {name}")
-    hint: Any = expected  # a hashable class; mypy sees type[M] as not Hashable
-    result: M = _converter(hint)(envelope["b"], name)
+    result: M = _converter(expected)(envelope["b"], name)
     return result
 
 
