@@ -57,6 +57,7 @@ from common.tensor_channel import (
 log = structlog.get_logger("decode")
 
 _SLICE_S = 0.05  # the longest sleep between looks at `cancelled`
+_PROGRESS_BURST = 64  # progress calls between looks at the transfers, `cancelled` and the deadline
 _SWEEP_AT = 64  # transfers kept before the finished ones are forgotten (amortized: see `_keep`)
 _CLOSE_PERIOD_NS = 100_000_000
 
@@ -162,12 +163,13 @@ class StepChannel:
         worker = self._ready()
         deadline = time.monotonic() + timeout
         while True:
-            while worker.progress_once():
-                pass
+            for _ in range(_PROGRESS_BURST):
+                if not worker.progress_once():
+                    break
             if all(t.done for t in transfers):
                 break
-            if not worker.arm():  # events arrived since the last pass: progress them first
-                continue
+            # Looked at on every pass, not only before a sleep: a worker that never arms (events
+            # keep coming, as from a dead peer's transport) must still end the wait.
             reason = cancelled()
             left = deadline - time.monotonic()
             if reason or left <= 0:
@@ -176,7 +178,8 @@ class StepChannel:
                 if reason:
                     raise TransferError(reason)
                 raise TransferTimeout(late.tag, timeout, f"{late.what} not done")
-            select.select([self._fd], [], [], min(left, _SLICE_S))
+            if worker.arm():  # else events arrived since the last pass: progress them first
+                select.select([self._fd], [], [], min(left, _SLICE_S))
         for t in transfers:
             self._posted.pop(id(t), None)
         for t in transfers:

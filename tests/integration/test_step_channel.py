@@ -114,6 +114,38 @@ def test_a_dead_executor_ends_the_wait_at_once_and_only_one_thread_may_use_it() 
     assert len(refused) == 1 and "thread" in str(refused[0])
 
 
+class _NeverArms:
+    """A real worker whose events never run out, as a dead peer's transport can make them: every
+    progress call reports work done and `arm()` always finds events pending."""
+
+    def __init__(self, worker: object) -> None:
+        self.worker = worker
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.worker, name)
+
+    def progress_once(self) -> bool:
+        self.worker.progress_once()  # type: ignore[attr-defined]
+        return True
+
+    def arm(self) -> bool:
+        return False
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_that_never_arms_still_ends_the_wait() -> None:
+    """Cancellation and the deadline are looked at on every pass, not only before a sleep (a
+    decode instance once waited minutes on a killed executor, past its transfer timeout)."""
+    step = StepChannel()
+    step._worker = _NeverArms(step._ready())
+    started = time.monotonic()
+    with pytest.raises(TransferTimeout):
+        step.wait([step.post_recv(1, [torch.empty(4)])], timeout=0.2, cancelled=lambda: "")
+    assert time.monotonic() - started < 5
+    with pytest.raises(TransferError, match="gone"):
+        step.wait([step.post_recv(2, [torch.empty(4)])], timeout=30, cancelled=lambda: "gone")
+
+
 def test_abandoned_receives_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     """A dead executor's receives stay posted (UCX may still fill them) but not for ever: past the
     cap the oldest are given up on, and any after the TTL."""
