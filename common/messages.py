@@ -165,6 +165,9 @@ class InstanceLoad:
     offload_stall_s: float | None = None  # decode: mean wait on executors per step after local attention
     waiting_tokens: int = 0  # KV tokens its queued (preempted, or to recompute) requests will need
     sent_at: float = 0.0  # the sender's wall clock (s): how late a heartbeat arrives, for the logs
+    # decode: (request id, context length) of each running request, local or offloaded, so that the
+    # scheduler knows how long they are without reading their token streams
+    lengths: list[tuple[str, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check_id("instance_id", self.instance_id)
@@ -179,6 +182,9 @@ class InstanceLoad:
             _check(len(values) in (0, 3) and all(map(math.isfinite, values)), name, values, "[] or 3 finite numbers")
         _check_id("colocated_with", self.colocated_with, empty_ok=True)
         _check_seconds("offload_stall_s", self.offload_stall_s)
+        for request_id, length in self.lengths:
+            _check_id("lengths", request_id)
+            _check_count("lengths", length)
 
 
 # A request that waits on an instance (queued for a prefill step, preempted, or queued to recompute
@@ -322,6 +328,19 @@ class Admitted:
 
 
 @dataclass(frozen=True)
+class RequestsEnded:
+    """prefill or decode -> scheduler: these requests ended (finished, or failed there), so their
+    places are free. Sent beside the token batches that carry their final events
+    (`services.runtime.publish_events`): the scheduler does not read the token streams."""
+
+    request_ids: list[str]
+
+    def __post_init__(self) -> None:
+        for request_id in self.request_ids:
+            _check_id("request_ids", request_id)
+
+
+@dataclass(frozen=True)
 class StepBegin:
     """decode -> executor, once per decode step that has requests on that executor.
 
@@ -407,6 +426,7 @@ _REGISTRY: dict[str, type[Any]] = {
         Ack,
         KVHandoff,
         Admitted,
+        RequestsEnded,
         StatusRequest,
         ClusterStatus,
         StepBegin,

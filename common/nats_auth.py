@@ -57,12 +57,12 @@ def permissions(user: str, subjects: Subjects) -> Permissions:
         "gateway": Permissions((s.submit, s.status, s.abort, s.gateway_heartbeat), (tokens,), responds=False),
         "scheduler": Permissions(
             (s.instance("*", "prefill"), tokens, s.abort, liveness),
-            (s.submit, s.status, s.load, s.admitted, s.resume, tokens, s.abort, liveness, s.gateway_heartbeat),
+            (s.submit, s.status, s.load, s.admitted, s.resume, s.ended, s.abort, liveness, s.gateway_heartbeat),
             responds=True,
         ),
         # The first token is sampled by prefill and goes straight to the gateway (time to first token).
         "prefill": Permissions(
-            (s.load_of("prefill"), tokens, s.abort, s.instance("*", "handoff")),
+            (s.load_of("prefill"), tokens, s.ended, s.abort, s.instance("*", "handoff")),
             (s.instance("*", "prefill"), s.abort),
             responds=True,
         ),
@@ -70,6 +70,7 @@ def permissions(user: str, subjects: Subjects) -> Permissions:
             (
                 s.load_of("decode"),
                 tokens,
+                s.ended,
                 s.admitted,
                 s.resume,
                 s.abort,

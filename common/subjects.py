@@ -54,8 +54,13 @@ class Subjects:
         return f"{self.prefix}.gateways.heartbeat"
 
     @property
+    def ended(self) -> str:
+        """prefill/decode -> scheduler: `RequestsEnded`, the requests that finished or failed there."""
+        return f"{self.prefix}.requests.ended"
+
+    @property
     def all_tokens(self) -> str:
-        """Every gateway's token subject, for the scheduler to see requests finish."""
+        """Every gateway's token subject (a wildcard, for permissions: no service reads them all)."""
         return f"{self.prefix}.gateway.*.tokens"
 
     def tokens(self, gateway_id: str) -> str:

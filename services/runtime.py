@@ -17,7 +17,7 @@ import socket
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -32,7 +32,7 @@ from common.config import EngineConfig
 from common.engine import Engine, StepOutput
 from common.health import HEALTH
 from common.logging import configure
-from common.messages import InstanceLoad, TokenEvent
+from common.messages import InstanceLoad, RequestsEnded, TokenBatch, TokenEvent
 from common.request import PromptLogprobs
 from common.settings import field, load_or_exit
 from common.subjects import Subjects
@@ -80,7 +80,11 @@ async def step(engine: Engine, thread: Executor | None = None) -> list[StepOutpu
     batch = len(engine.running) or len(engine.waiting)
     preemptions = engine.num_preemptions
     start = time.perf_counter()
-    outputs = await asyncio.get_running_loop().run_in_executor(thread, engine.step)
+    STEP_CLOCK.since = time.monotonic()
+    try:
+        outputs = await asyncio.get_running_loop().run_in_executor(thread, engine.step)
+    finally:
+        STEP_CLOCK.since = 0.0
     metrics.STEP_SECONDS.observe(time.perf_counter() - start)
     metrics.BATCH_SIZE.observe(batch)
     metrics.PREEMPTIONS.inc(engine.num_preemptions - preemptions)
@@ -148,6 +152,18 @@ def token_event(out: StepOutput) -> TokenEvent:
         str(out.finish_reason) if out.finish_reason is not None else None,
         first_index=out.index,
     )
+
+
+async def publish_events(bus: Bus, subjects: Subjects, events: Mapping[str, list[TokenEvent]]) -> None:
+    """Send each gateway (token subject) its batch, then tell the scheduler, in one message, which
+    requests ended in them. Prefill and decode send every token event through here: this is how
+    the scheduler learns that a request's place is free, without reading the token streams."""
+    ended: list[str] = []
+    for subject, batch in events.items():
+        await bus.publish(subject, TokenBatch(batch))
+        ended.extend(event.request_id for event in batch if event.finish_reason is not None)
+    if ended:
+        await bus.publish(subjects.ended, RequestsEnded(ended))
 
 
 PROMPT_LOGPROB_VALUES = 16_384  # logprobs (each with its token id) per event: about 250 KB, well under NATS's 1 MB
@@ -254,26 +270,45 @@ def run_engine_instance(
 
 
 LOOP_STALL_S = 10.0  # an event loop that runs nothing for this long has every thread's stack dumped
+STEP_STUCK_S = 30.0  # an engine step running this long has every thread's stack dumped, once
 
 
-async def watch_loop(stall_s: float = LOOP_STALL_S, tick_s: float = 1.0) -> None:
-    """Dump every thread's Python stack to stderr (the service's log) when the event loop stalls.
+@dataclass
+class _StepClock:
+    since: float = 0.0  # when the engine step now running began (monotonic); 0 when none runs
+
+
+STEP_CLOCK = _StepClock()  # set by `step`, read by `watch_loop`
+
+
+async def watch_loop(stall_s: float = LOOP_STALL_S, tick_s: float = 1.0, stuck_s: float = STEP_STUCK_S) -> None:
+    """Dump every thread's Python stack to stderr (the service's log) when the event loop stalls,
+    or when an engine step runs `stuck_s` in its worker thread.
 
     A service whose loop is blocked (a native call that never returns, a lock never released)
     stops heartbeating and is judged dead with no word of why. faulthandler's own thread, which
     needs neither the loop nor the GIL, dumps the stacks once `stall_s` pass without this task
     re-arming it; when the loop comes back, the stall's length is logged. A process paused with
-    SIGSTOP and continued reports a stall too, which is what it was.
+    SIGSTOP and continued reports a stall too, which is what it was. A step stuck in its thread
+    leaves the loop (and the heartbeats) running while its requests stop: the loop looks at
+    `STEP_CLOCK` each tick and dumps the stacks once per such step.
     """
     faulthandler.enable(sys.stderr)  # a crash in native code shows its Python stack as well
+    reported = 0.0  # the stuck step already dumped (its `since`)
     try:
         while True:
             faulthandler.dump_traceback_later(stall_s, exit=False, file=sys.stderr)
             start = time.monotonic()
             await asyncio.sleep(tick_s)
-            late = time.monotonic() - start - tick_s
+            now = time.monotonic()
+            late = now - start - tick_s
             if late > tick_s:
                 log.warning("event loop stalled", seconds=round(late, 2))
+            since = STEP_CLOCK.since
+            if since and now - since > stuck_s and since != reported:
+                reported = since
+                log.error("engine step stuck", seconds=round(now - since, 1))
+                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
     finally:
         faulthandler.cancel_dump_traceback_later()
 

@@ -43,7 +43,6 @@ from common.messages import (
     InstanceLoad,
     KVHandoff,
     SubmitRequest,
-    TokenBatch,
     TokenEvent,
 )
 from common.profiling import profile_decode_attention, profile_engine
@@ -58,6 +57,7 @@ from services.runtime import (
     Tombstones,
     engine_load,
     heartbeat,
+    publish_events,
     step,
     token_event,
     wait_for_work,
@@ -131,6 +131,7 @@ class DecodeService:
             attention_model=self.attention_model.to_wire() if self.attention_model else [],
             max_num_seqs=self.engine.config.max_num_seqs,
             offload_stall_s=self.current_stall(),
+            lengths=[(r.request_id, r.num_tokens) for r in self.engine.running],
         )
 
     def current_stall(self) -> float | None:
@@ -278,7 +279,7 @@ class DecodeService:
             if entry.kv is None and not entry.aborted:
                 bound.warning("kv transfer failed", error=entry.failed)
                 event = TokenEvent(request_id, [], finish_reason="error", error=f"KV transfer failed: {entry.failed}")
-                await self.bus.publish(request.token_subject, TokenBatch([event]))
+                await publish_events(self.bus, self.subjects, {request.token_subject: [event]})
             return
         slots = self.engine.blocks.slots(request_id, 0, entry.handoff.num_kv_tokens)
         scatter_kv(self.engine.pool, torch.tensor(slots, dtype=torch.int64, device=self.engine.device), entry.kv)
@@ -362,11 +363,14 @@ class DecodeService:
         """End the requests whose KV lived on a failed executor and forget its client."""
         lost = self.engine.drop_executor(executor_id)
         log.warning("executor failed", executor_id=executor_id, error=error, requests=len(lost))
+        events: dict[str, list[TokenEvent]] = {}
         for request in lost:
             subject = self.token_subjects.pop(request.request_id, None)
             if subject is not None:
-                event = TokenEvent(request.request_id, [], finish_reason="error", error=error)
-                await self.bus.publish(subject, TokenBatch([event]))
+                events.setdefault(subject, []).append(
+                    TokenEvent(request.request_id, [], finish_reason="error", error=error)
+                )
+        await publish_events(self.bus, self.subjects, events)
 
     def _observe_split(self, rows: int) -> None:
         """Account a step's `rows` as local or offloaded, and how much remote time it left exposed
@@ -394,8 +398,7 @@ class DecodeService:
             events.setdefault(subject, []).append(token_event(out))
             if finished:
                 del self.token_subjects[out.request_id]
-        for subject, batch in events.items():
-            await self.bus.publish(subject, TokenBatch(batch))
+        await publish_events(self.bus, self.subjects, events)
 
     async def serve(self, stop: asyncio.Event) -> None:
         subs = [

@@ -29,7 +29,6 @@ from common.messages import (
     KVHandoff,
     PrefillTask,
     SubmitRequest,
-    TokenBatch,
     TokenEvent,
 )
 from common.sampling import from_wire
@@ -41,6 +40,7 @@ from services.runtime import (
     engine_load,
     heartbeat,
     prompt_logprob_events,
+    publish_events,
     step,
     token_event,
     wait_for_work,
@@ -154,8 +154,11 @@ class PrefillService:
                 continue
             request = entry.task.request
             if out.prompt_logprobs is not None:  # before the first token: the gateway has them all by then
-                for event in prompt_logprob_events(out.request_id, out.prompt_logprobs):
-                    await self.bus.publish(request.token_subject, TokenBatch([event]))
+                await publish_events(
+                    self.bus,
+                    self.subjects,
+                    {request.token_subject: prompt_logprob_events(out.request_id, out.prompt_logprobs)},
+                )
             finished = out.finish_reason is not None
             events.setdefault(request.token_subject, []).append(token_event(out))
             if finished:
@@ -168,8 +171,7 @@ class PrefillService:
             handoff = asyncio.create_task(self._handoff(entry.task, out.token_id, kv))
             self.handoffs.add(handoff)
             handoff.add_done_callback(self.handoffs.discard)
-        for subject, batch in events.items():
-            await self.bus.publish(subject, TokenBatch(batch))
+        await publish_events(self.bus, self.subjects, events)
 
     async def _handoff(self, task: PrefillTask, first_token: int, kv: torch.Tensor) -> None:
         """Ship the prompt KV to where the request will decode: its decode instance, or, for an
@@ -189,7 +191,7 @@ class PrefillService:
             metrics.TRANSFER_FAILURES.inc()
             bound.warning("hand-off failed", error=str(exc))
             event = TokenEvent(request.request_id, [], finish_reason="error", error=f"KV hand-off failed: {exc}")
-            await self.bus.publish(request.token_subject, TokenBatch([event]))
+            await publish_events(self.bus, self.subjects, {request.token_subject: [event]})
             await self.bus.publish(self.subjects.abort, AbortRequest(request.request_id, "hand-off failed"))
         finally:
             self.tasks.pop(request.request_id, None)

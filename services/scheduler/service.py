@@ -36,6 +36,7 @@ from common.messages import (
     GatewayHeartbeat,
     InstanceLoad,
     PrefillTask,
+    RequestsEnded,
     StatusRequest,
     SubmitReply,
     SubmitRequest,
@@ -123,7 +124,7 @@ class _InFlight:
     prompt_tokens: int
     max_tokens: int  # prompt + max_new_tokens: the most KV it can ever hold
     executor_id: str = ""  # offloaded: its KV and decode attention live on this executor
-    generated: int = 0  # tokens seen so far, so that its context length is known
+    generated: int = 0  # tokens generated so far, as its decode instance's last heartbeat said
     admitted: bool = False  # KV landed on the decode instance (or the executor)
     admitted_at: float = 0.0  # when we heard so; heartbeats older than this do not show its blocks yet
 
@@ -180,6 +181,10 @@ class Scheduler:
             late = round(time.time() - load.sent_at, 3) if load.sent_at else None
             log.info("instance joined", instance_id=load.instance_id, role=load.role, heartbeat_age_s=late)
         self.instances[load.instance_id] = _Instance(load, time.monotonic())
+        for rid, length in load.lengths:  # a decode instance's requests, as long as they are now
+            flight = self.inflight.get(rid)
+            if flight is not None and flight.decode_id == load.instance_id:
+                flight.generated = max(0, length - flight.prompt_tokens)
         if load.role in ("decode", "executor"):  # its room now shows
             await self.drain()
 
@@ -547,14 +552,13 @@ class Scheduler:
         log.info("resumed", request_id=rid, generated=len(submit.output_token_ids))
         await self.drain()
 
-    async def on_tokens(self, batch: TokenBatch, reply: Reply | None) -> None:
-        ended = False
-        for event in batch.events:
-            if event.finish_reason is not None:
-                ended |= self.inflight.pop(event.request_id, None) is not None
-            elif event.request_id in self.inflight:
-                self.inflight[event.request_id].generated += len(event.token_ids)
-        if ended:
+    async def on_ended(self, ended: RequestsEnded, reply: Reply | None) -> None:
+        """Requests that finished or failed on an instance: their places are free. (Gateways' aborts
+        come as `AbortRequest`s, failures the scheduler saw itself are forgotten where seen.)"""
+        freed = False
+        for rid in ended.request_ids:
+            freed |= self.inflight.pop(rid, None) is not None
+        if freed:
             await self.drain()
 
     async def on_abort(self, abort: AbortRequest, reply: Reply | None) -> None:
@@ -585,7 +589,7 @@ class Scheduler:
             await self.bus.subscribe(s.submit, SubmitRequest, self.on_submit, queue="scheduler"),
             await self.bus.subscribe(s.admitted, Admitted, self.on_admitted),
             await self.bus.subscribe(s.resume, SubmitRequest, self.on_resume),
-            await self.bus.subscribe(s.all_tokens, TokenBatch, self.on_tokens),
+            await self.bus.subscribe(s.ended, RequestsEnded, self.on_ended),
             await self.bus.subscribe(s.abort, AbortRequest, self.on_abort),
             await self.bus.subscribe(s.status, StatusRequest, self.on_status, queue="scheduler"),
             await self.bus.subscribe(s.gateway_heartbeat, GatewayHeartbeat, self.on_gateway_heartbeat),

@@ -105,8 +105,8 @@ async def test_who_may_not_write_tokens_cannot_reach_a_gateway(
 
 @pytest.mark.asyncio
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("role", ["prefill", "decode", "attention_executor", nats_auth.OBSERVER])
-async def test_only_gateways_and_the_scheduler_read_completions(server: NatsServer, role: str) -> None:
+@pytest.mark.parametrize("role", ["scheduler", "prefill", "decode", "attention_executor", nats_auth.OBSERVER])
+async def test_only_gateways_read_completions(server: NatsServer, role: str) -> None:
     errors: list[str] = []
     bus = await _connect(server, role, errors)
     decode = await _connect(server, "decode")

@@ -20,10 +20,10 @@ from common.messages import (
     Ack,
     InstanceLoad,
     PrefillTask,
+    RequestsEnded,
     Sampling,
     SubmitReply,
     SubmitRequest,
-    TokenBatch,
     TokenEvent,
 )
 from common.step_model import StepModel
@@ -94,7 +94,7 @@ class Harness:
             await asyncio.gather(*self.scheduler.dispatches)
 
     async def finish(self, rid: str) -> None:
-        await self.scheduler.on_tokens(TokenBatch([TokenEvent(rid, [7], finish_reason="stop")]), None)
+        await self.scheduler.on_ended(RequestsEnded([rid]), None)
         await self.settle()
 
     def routed(self) -> dict[str, str]:
@@ -124,6 +124,30 @@ def test_a_request_kept_local_under_pressure_waits_here_and_goes_where_room_appe
         await h.finish("r0")
         assert h.routed()["r6"] == "local" and not h.scheduler.held
         assert len(h.bus.tasks) == 7  # each request handed to prefill once
+
+    asyncio.run(scenario())
+
+
+def test_decode_heartbeats_say_how_long_its_requests_are_now() -> None:
+    """The books the policy reads count each request at its current length, from its decode
+    instance's heartbeat (the scheduler reads no token stream); a length from an instance the
+    request is not on, or for a request that ended, changes nothing."""
+
+    async def scenario() -> None:
+        h = Harness()
+        await h.heartbeats()
+        await h.submit("r0")
+        assert h.scheduler._books("decode-0").local_tokens == PROMPT
+        decode = _loads()[0]
+        await h.scheduler.on_load(dataclasses.replace(decode, lengths=[("r0", PROMPT + 12), ("other", 99)]), None)
+        assert h.scheduler.inflight["r0"].generated == 12 and "other" not in h.scheduler.inflight
+        assert h.scheduler._books("decode-0").local_tokens == PROMPT + 12
+        stranger = dataclasses.replace(decode, instance_id="decode-1", lengths=[("r0", PROMPT + 40)])
+        await h.scheduler.on_load(stranger, None)
+        assert h.scheduler.inflight["r0"].generated == 12
+        await h.finish("r0")
+        await h.scheduler.on_load(dataclasses.replace(decode, lengths=[("r0", PROMPT + 13)]), None)
+        assert "r0" not in h.scheduler.inflight
 
     asyncio.run(scenario())
 
