@@ -461,7 +461,8 @@ def decode(data: bytes, expected: type[M]) -> M:
         raise MessageError(f"unknown message type {name!r}")
     if _REGISTRY[name] is not expected:
         raise MessageError(f"expected {expected.__name__}, got {name}")
-    result: M = _from_wire(envelope["b"], expected, name)
+    hint: Any = expected  # a hashable class; mypy sees type[M] as not Hashable
+    result: M = _converter(hint)(envelope["b"], name)
     return result
 
 
@@ -504,11 +505,7 @@ def _schema(cls: type) -> tuple[dict[str, Any], frozenset[str], frozenset[str]]:
     return get_type_hints(cls), names, frozenset(f.name for f in fields if _required(f))
 
 
-def _from_wire(value: Any, hint: Any, where: str) -> Any:
-    """Check `value` against the type `hint` and build it; `where` names the field for errors."""
-    return _converter(hint)(value, where)
-
-
+# Checks a wire value against one type and builds it; the str names the field for errors.
 Converter = Callable[[Any, str], Any]
 
 
@@ -586,7 +583,7 @@ def _converter(hint: Any) -> Converter:
 
 def _message_converter(cls: type) -> Converter:
     hints, names, required = _schema(cls)
-    fields: dict[str, Converter] = {}
+    fields = {k: _converter(h) for k, h in hints.items()}
 
     def message(value: Any, where: str) -> Any:
         if not isinstance(value, dict):
@@ -597,8 +594,6 @@ def _message_converter(cls: type) -> Converter:
         missing = required - value.keys()
         if missing:
             raise MessageError(f"{where}: missing field(s) {sorted(missing)}")
-        if not fields:  # filled on first use: a message type may name itself (through a list)
-            fields.update({k: _converter(h) for k, h in hints.items()})
         built = {k: fields[k](v, f"{where}.{k}") for k, v in value.items()}
         try:
             return cls(**built)
