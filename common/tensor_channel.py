@@ -54,6 +54,11 @@ log = structlog.get_logger(__name__)
 
 # How long closing one endpoint may wait for its peer; a dead peer must not stall shutdown.
 _CLOSE_PERIOD_NS = 100_000_000
+# A progress pass gives up the loop after this many failed `arm()`s, each after at most
+# _PROGRESS_BURST progress calls, and comes back on the loop's next turn: a worker whose events
+# never run out must not hold the event loop (and with it NATS and the heartbeats) for ever.
+_ARM_TRIES = 16
+_PROGRESS_BURST = 64
 MAX_PEERS = 256  # endpoints kept at once; far more than the instances one process talks to
 # Timed-out transfers kept posted (see the module's doc): given up on this long after their
 # timeout, and past this many the oldest first. A live peer finishes a transfer within seconds.
@@ -142,6 +147,7 @@ class TensorChannel:
         self.orphan_ttl_s = orphan_ttl_s
         self.max_orphans = max_orphans
         self._expiry: asyncio.TimerHandle | None = None  # the next `expire_orphans`, while orphans exist
+        self._again: asyncio.Handle | None = None  # a `_progress` pass queued because the worker would not arm
         worker.init_blocking_progress_mode()
         self._fd: int = worker.epoll_file_descriptor
         loop.add_reader(self._fd, self._progress)
@@ -177,16 +183,23 @@ class TensorChannel:
 
         Runs when the epoll descriptor is readable and after every post. `arm()` fails while
         events are pending, so looping until it succeeds leaves none behind: the descriptor then
-        becomes readable again only for new events, and an idle process sleeps.
+        becomes readable again only for new events, and an idle process sleeps. A worker that
+        will not arm (`_ARM_TRIES`) gets another pass on the loop's next turn instead of holding it.
         """
         worker = self._worker_obj
         if worker is None:
             return
-        while True:
-            while worker.progress_once():
-                pass
+        if self._again is not None:  # this pass does its work: at most one stays queued
+            self._again.cancel()
+            self._again = None
+        for _ in range(_ARM_TRIES):
+            for _ in range(_PROGRESS_BURST):
+                if not worker.progress_once():
+                    break
             if worker.arm():
                 break
+        else:  # events keep coming (as from a dead peer's transport): go on after what else the loop has
+            self._again = self._loop.call_soon(self._progress)
         if self._waiters:
             pending = []
             for waiter in self._waiters:
@@ -405,5 +418,8 @@ class TensorChannel:
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
+        if self._again is not None:
+            self._again.cancel()
+            self._again = None
         self._worker_obj = None
         self._context = None

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from prometheus_client import REGISTRY
+from ucxx._lib.libucxx import UCXContext, UCXWorker
 
 from common import settings_catalog as catalog
 from common import tensor_channel
@@ -174,6 +175,49 @@ async def test_idle_after_traffic_sleeps_instead_of_spinning() -> None:
         used_ours, used_theirs = time.process_time() - ours, _cpu_seconds(proc.pid) - theirs
         # a spinning loop uses ~2 s here; a sleeping one a few milliseconds
         assert used_ours < 0.2 and used_theirs < 0.2, (used_ours, used_theirs)
+
+
+class _NeverArms:
+    """A real worker whose events never run out, as a dead peer's transport can make them."""
+
+    def __init__(self, worker: object) -> None:
+        self.worker = worker
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.worker, name)
+
+    def progress_once(self) -> bool:
+        self.worker.progress_once()  # type: ignore[attr-defined]
+        return True
+
+    def arm(self) -> bool:
+        return False
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.asyncio
+async def test_a_worker_that_never_arms_does_not_hold_the_event_loop() -> None:
+    """Its progress passes come back on the loop's next turn: timers, other tasks and a receive's
+    timeout still run (a pass that looped until `arm()` succeeded would freeze the process)."""
+    context = UCXContext({})
+    worker = UCXWorker(context, enable_delayed_submission=False, enable_python_future=False)
+    channel = TensorChannel(context, _NeverArms(worker), asyncio.get_running_loop())
+    try:
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            for _ in range(5):
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticking = asyncio.create_task(tick())
+        with pytest.raises(TransferTimeout):
+            await channel.recv_into(7, [torch.empty(4)], timeout=0.3)
+        await ticking
+        assert ticks == 5
+    finally:
+        await channel.close()
 
 
 @pytest.mark.timeout(60)
