@@ -139,7 +139,7 @@ async def served_generate(url: str, model: str, prompts: list[list[int]], output
 
 def run(model_dir: Path, workloads: list[Workload], repeats: int, served: bool = False) -> list[Result]:
     hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    config = EngineConfig(kv_cache_bytes=1 << 30, max_num_seqs=256, max_num_batched_tokens=8192)
+    config = EngineConfig(kv_cache_bytes=1 << 30, max_num_seqs=256)  # otherwise the defaults the cluster runs
     engine = Engine.from_folder(model_dir, config)
     if not served:
         return [_compare(hf, engine, None, w, repeats) for w in workloads]
