@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import faulthandler
 import os
 import signal
 import socket
-import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Iterator, Mapping
@@ -37,6 +35,7 @@ from common.request import PromptLogprobs
 from common.settings import field, load_or_exit
 from common.subjects import Subjects
 from common.tensor_channel import TensorChannel
+from common.watchdog import WorkClock, watch_loop
 
 log = structlog.get_logger(__name__)
 
@@ -269,48 +268,7 @@ def run_engine_instance(
     run_until_signalled(serve)
 
 
-LOOP_STALL_S = 10.0  # an event loop that runs nothing for this long has every thread's stack dumped
-STEP_STUCK_S = 30.0  # an engine step running this long has every thread's stack dumped, once
-
-
-@dataclass
-class _StepClock:
-    since: float = 0.0  # when the engine step now running began (monotonic); 0 when none runs
-
-
-STEP_CLOCK = _StepClock()  # set by `step`, read by `watch_loop`
-
-
-async def watch_loop(stall_s: float = LOOP_STALL_S, tick_s: float = 1.0, stuck_s: float = STEP_STUCK_S) -> None:
-    """Dump every thread's Python stack to stderr (the service's log) when the event loop stalls,
-    or when an engine step runs `stuck_s` in its worker thread.
-
-    A service whose loop is blocked (a native call that never returns, a lock never released)
-    stops heartbeating and is judged dead with no word of why. faulthandler's own thread, which
-    needs neither the loop nor the GIL, dumps the stacks once `stall_s` pass without this task
-    re-arming it; when the loop comes back, the stall's length is logged. A process paused with
-    SIGSTOP and continued reports a stall too, which is what it was. A step stuck in its thread
-    leaves the loop (and the heartbeats) running while its requests stop: the loop looks at
-    `STEP_CLOCK` each tick and dumps the stacks once per such step.
-    """
-    faulthandler.enable(sys.stderr)  # a crash in native code shows its Python stack as well
-    reported = 0.0  # the stuck step already dumped (its `since`)
-    try:
-        while True:
-            faulthandler.dump_traceback_later(stall_s, exit=False, file=sys.stderr)
-            start = time.monotonic()
-            await asyncio.sleep(tick_s)
-            now = time.monotonic()
-            late = now - start - tick_s
-            if late > tick_s:
-                log.warning("event loop stalled", seconds=round(late, 2))
-            since = STEP_CLOCK.since
-            if since and now - since > stuck_s and since != reported:
-                reported = since
-                log.error("engine step stuck", seconds=round(now - since, 1))
-                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-    finally:
-        faulthandler.cancel_dump_traceback_later()
+STEP_CLOCK = WorkClock()  # the engine step now running in its thread, for `watch_loop`
 
 
 def run_until_signalled(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]], grace_s: float = 4.0) -> None:
@@ -338,7 +296,7 @@ def run_until_signalled(main: Callable[[asyncio.Event], Coroutine[Any, Any, None
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal, sig)
-        watchdog = asyncio.create_task(watch_loop())
+        watchdog = asyncio.create_task(watch_loop(STEP_CLOCK))
         try:
             await main(stop)
         finally:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import socket
 import sys
 from types import FrameType
 
@@ -12,6 +14,7 @@ import uvicorn
 from common.errors import AdrenalineError
 from common.lifetime import exit_after, exit_now
 from common.logging import configure
+from common.watchdog import watch_loop
 from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
 
@@ -57,6 +60,15 @@ class BoundedServer(uvicorn.Server):
     """
 
     signalled = False
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's serve, under the services' loop watch: a stalled event loop dumps every
+        thread's stack into the gateway's log (`common.watchdog`)."""
+        watchdog = asyncio.create_task(watch_loop())
+        try:
+            await super().serve(sockets)
+        finally:
+            watchdog.cancel()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.signalled:

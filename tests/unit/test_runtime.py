@@ -1,14 +1,10 @@
 from __future__ import annotations
 
-import asyncio
-import faulthandler
 import time
-
-import pytest
 
 from common.messages import TokenBatch, encode
 from common.request import PromptLogprobs
-from services.runtime import STEP_CLOCK, Tombstones, prompt_logprob_events, watch_loop
+from services.runtime import Tombstones, prompt_logprob_events
 
 
 def test_tombstones_remember_aborts_for_their_ttl() -> None:
@@ -42,26 +38,3 @@ def test_prompt_logprobs_travel_in_messages_under_the_nats_payload_limit() -> No
     assert [x for e in events for x in e.prompt_logprobs] == prompt.logprobs
     assert [row for e in events for row in e.prompt_top_logprobs] == prompt.top
     assert prompt_logprob_events("r-1", PromptLogprobs([], [])) == []  # a one-token prompt: nothing to send
-
-
-def test_a_stuck_engine_step_has_the_stacks_dumped_once(
-    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A step stuck in its worker thread leaves the event loop running: the watch dumps every
-    thread's stack once for that step (the evidence a hang leaves), and not for a quick one."""
-    monkeypatch.setattr(faulthandler, "enable", lambda *args, **kwargs: None)  # pytest's own stays
-
-    async def scenario() -> None:
-        watch = asyncio.create_task(watch_loop(tick_s=0.01, stuck_s=0.1))
-        try:
-            STEP_CLOCK.since = time.monotonic()  # a step that just began: not stuck yet
-            await asyncio.sleep(0.05)
-            assert "Thread 0x" not in capfd.readouterr().err
-            await asyncio.sleep(0.3)  # now past stuck_s, for several ticks
-        finally:
-            STEP_CLOCK.since = 0.0
-            watch.cancel()
-
-    asyncio.run(scenario())
-    dumped = capfd.readouterr().err
-    assert dumped.count("Current thread 0x") == 1 and "in watch_loop" in dumped
