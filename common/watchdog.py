@@ -58,7 +58,7 @@ async def watch_loop(
             since = work.since if work is not None else 0.0
             if since and now - since > stuck_s and since != reported:
                 reported = since
-                log.error("worker thread stuck", seconds=round(now - since, 1))
+                log.warning("worker thread stuck", seconds=round(now - since, 1))  # or merely long: the stacks tell
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
     finally:
         faulthandler.cancel_dump_traceback_later()

@@ -20,6 +20,7 @@ import torch
 from common.tensor_channel import TensorChannel, TransferError, TransferTimeout
 from services.decode import step_channel
 from services.decode.step_channel import StepChannel
+from tests.integration.ucx_workers import NeverArms
 
 ROOT = Path(__file__).resolve().parents[2]
 Q_ELEMS, OUT_ELEMS = 6144, 2048  # 24 KiB of q/k/v out, 8 KiB of attention output back, as per layer
@@ -114,30 +115,12 @@ def test_a_dead_executor_ends_the_wait_at_once_and_only_one_thread_may_use_it() 
     assert len(refused) == 1 and "thread" in str(refused[0])
 
 
-class _NeverArms:
-    """A real worker whose events never run out, as a dead peer's transport can make them: every
-    progress call reports work done and `arm()` always finds events pending."""
-
-    def __init__(self, worker: object) -> None:
-        self.worker = worker
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.worker, name)
-
-    def progress_once(self) -> bool:
-        self.worker.progress_once()  # type: ignore[attr-defined]
-        return True
-
-    def arm(self) -> bool:
-        return False
-
-
 @pytest.mark.timeout(30)
 def test_a_worker_that_never_arms_still_ends_the_wait() -> None:
     """Cancellation and the deadline are looked at on every pass, not only before a sleep (a
     decode instance once waited minutes on a killed executor, past its transfer timeout)."""
     step = StepChannel()
-    step._worker = _NeverArms(step._ready())
+    step._worker = NeverArms(step._ready())
     started = time.monotonic()
     with pytest.raises(TransferTimeout):
         step.wait([step.post_recv(1, [torch.empty(4)])], timeout=0.2, cancelled=lambda: "")

@@ -24,6 +24,7 @@ from ucxx._lib.libucxx import UCXContext, UCXWorker
 from common import settings_catalog as catalog
 from common import tensor_channel
 from common.tensor_channel import Peer, TensorChannel, TransferError, TransferTimeout
+from tests.integration.ucx_workers import NeverArms
 
 ROOT = Path(__file__).resolve().parents[2]
 TAG_TO_PARENT, TAG_TO_CHILD, TAG_TOO_BIG, TAG_LATE, TAG_AFTER = 0x10, 0x20, 0x21, 0x30, 0x31
@@ -177,23 +178,6 @@ async def test_idle_after_traffic_sleeps_instead_of_spinning() -> None:
         assert used_ours < 0.2 and used_theirs < 0.2, (used_ours, used_theirs)
 
 
-class _NeverArms:
-    """A real worker whose events never run out, as a dead peer's transport can make them."""
-
-    def __init__(self, worker: object) -> None:
-        self.worker = worker
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.worker, name)
-
-    def progress_once(self) -> bool:
-        self.worker.progress_once()  # type: ignore[attr-defined]
-        return True
-
-    def arm(self) -> bool:
-        return False
-
-
 @pytest.mark.timeout(30)
 @pytest.mark.asyncio
 async def test_a_worker_that_never_arms_does_not_hold_the_event_loop() -> None:
@@ -201,7 +185,7 @@ async def test_a_worker_that_never_arms_does_not_hold_the_event_loop() -> None:
     timeout still run (a pass that looped until `arm()` succeeded would freeze the process)."""
     context = UCXContext({})
     worker = UCXWorker(context, enable_delayed_submission=False, enable_python_future=False)
-    channel = TensorChannel(context, _NeverArms(worker), asyncio.get_running_loop())
+    channel = TensorChannel(context, NeverArms(worker), asyncio.get_running_loop())
     try:
         ticks = 0
 
