@@ -20,12 +20,12 @@ def test_stuck_work_has_the_stacks_dumped_once(
     work = WorkClock()
 
     async def scenario() -> None:
-        watch = asyncio.create_task(watch_loop(work, tick_s=0.01, stuck_s=0.1))
+        watch = asyncio.create_task(watch_loop(work, tick_s=0.01, stuck_s=0.5))
         try:
             work.since = time.monotonic()  # work that just began: not stuck yet
             await asyncio.sleep(0.05)
             assert "Thread 0x" not in capfd.readouterr().err
-            await asyncio.sleep(0.3)  # now past stuck_s, for several ticks
+            await asyncio.sleep(1.0)  # now past stuck_s, for many ticks
         finally:
             watch.cancel()
 
