@@ -495,7 +495,6 @@ def _defaults(cls: type) -> dict[str, Any]:
     return defaults
 
 
-@functools.cache
 def _schema(cls: type) -> tuple[dict[str, Any], frozenset[str], frozenset[str]]:
     """A message class's field types, field names and required fields, worked out once: resolving
     the annotations (`get_type_hints`) on every decode was most of the scheduler's and the
@@ -513,7 +512,8 @@ Converter = Callable[[Any, str], Any]
 def _converter(hint: Any) -> Converter:
     """The checker-builder for one type, worked out once per type: interpreting the annotations
     for every value (`get_origin`, `is_dataclass` per field) was most of a decode's time, and
-    every token batch is decoded by its gateway and the scheduler."""
+    a gateway decodes every token batch of its requests. A message type's converter, built
+    here once, is the only caller of `_schema`."""
     origin = get_origin(hint)
     if origin in (Union, types.UnionType):
         options = tuple(_converter(option) for option in get_args(hint))

@@ -54,11 +54,22 @@ log = structlog.get_logger(__name__)
 
 # How long closing one endpoint may wait for its peer; a dead peer must not stall shutdown.
 _CLOSE_PERIOD_NS = 100_000_000
-# A progress pass gives up the loop after this many failed `arm()`s, each after at most
-# _PROGRESS_BURST progress calls, and comes back on the loop's next turn: a worker whose events
-# never run out must not hold the event loop (and with it NATS and the heartbeats) for ever.
+# A progress pass gives up the loop after this many failed `arm()`s, each after one
+# `progress_burst`, and comes back on the loop's next turn: a worker whose events never run out
+# must not hold the event loop (and with it NATS and the heartbeats) for ever.
 _ARM_TRIES = 16
 _PROGRESS_BURST = 64
+
+
+def progress_burst(worker: Any) -> None:
+    """Progress `worker` until it has nothing left to do, or _PROGRESS_BURST times: whoever calls
+    it then looks at its own bounds (a deadline, a cancellation, the loop's other work) before
+    progressing again, so a worker whose events never run out cannot keep it for ever."""
+    for _ in range(_PROGRESS_BURST):
+        if not worker.progress_once():
+            return
+
+
 MAX_PEERS = 256  # endpoints kept at once; far more than the instances one process talks to
 # Timed-out transfers kept posted (see the module's doc): given up on this long after their
 # timeout, and past this many the oldest first. A live peer finishes a transfer within seconds.
@@ -193,9 +204,7 @@ class TensorChannel:
             self._again.cancel()
             self._again = None
         for _ in range(_ARM_TRIES):
-            for _ in range(_PROGRESS_BURST):
-                if not worker.progress_once():
-                    break
+            progress_burst(worker)
             if worker.arm():
                 break
         else:  # events keep coming (as from a dead peer's transport): go on after what else the loop has

@@ -51,13 +51,13 @@ from common.tensor_channel import (
     TransferError,
     TransferTimeout,
     as_buffer,
+    progress_burst,
     sync_cuda,
 )
 
 log = structlog.get_logger("decode")
 
 _SLICE_S = 0.05  # the longest sleep between looks at `cancelled`
-_PROGRESS_BURST = 64  # progress calls between looks at the transfers, `cancelled` and the deadline
 _SWEEP_AT = 64  # transfers kept before the finished ones are forgotten (amortized: see `_keep`)
 _CLOSE_PERIOD_NS = 100_000_000
 
@@ -163,9 +163,7 @@ class StepChannel:
         worker = self._ready()
         deadline = time.monotonic() + timeout
         while True:
-            for _ in range(_PROGRESS_BURST):
-                if not worker.progress_once():
-                    break
+            progress_burst(worker)
             if all(t.done for t in transfers):
                 break
             # Looked at on every pass, not only before a sleep: a worker that never arms (events
